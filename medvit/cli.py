@@ -1,0 +1,96 @@
+"""Command-line entry point: `medvit <command> ...`.
+
+Each subcommand lives in its own module under `medvit/commands/` exposing
+`add_arguments(parser)` and `run(args) -> int`. Modules are imported only when their
+command runs (or for `--help` of that command), so `medvit --help` stays fast and one
+broken command cannot take down the others. This is the only place that configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from medvit.errors import MedvitError
+
+_log = logging.getLogger("medvit")
+
+# name -> (module under medvit.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("data", "inspect a labels CSV + image folder: per-finding counts, missing files, patient overlap"),
+    "prepare": ("prepare", "decode images once into a resized uint8 cache for training/evaluation"),
+    "train": ("train", "train a multi-label classifier from a YAML config"),
+    "calibrate": ("calibrate", "fit per-finding calibrators and operating thresholds for a run"),
+    "evaluate": ("evaluate", "per-finding metrics, bootstrap CIs and plots on a labelled set"),
+    "predict": ("predict", "per-finding calibrated probabilities for files or folders"),
+    "export": ("export", "export a run to ONNX (optionally int8) or TorchScript, verified against torch"),
+    "bench": ("bench", "measure inference speed, drift and end-to-end latency on this machine"),
+    "zeroshot": ("zeroshot", "score free-text prompts against an image with a CLIP model"),
+    "zeroshot-eval": ("zeroshot_eval", "per-finding zero-shot AUROC on a labelled set"),
+    "align": ("align", "contrastively fine-tune a CLIP model on image-text pairs"),
+    "review": ("review", "start the Streamlit review app for clinicians"),
+}
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage + exiting, so main() controls the exit code."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+def _load(command: str):
+    return importlib.import_module(f"medvit.commands.{COMMANDS[command][0]}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only `command`'s module is imported to add its arguments."""
+    parser = _Parser(prog="medvit", description="Chest X-ray review with vision transformers.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            _load(name).add_arguments(p)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Returns 0 on success, 2 on a user error (one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    try:
+        parser = build_parser(command)
+        args = parser.parse_args(argv)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.command is None:
+        parser.print_help()
+        return 0
+    _configure_logging(args.verbose)
+    try:
+        return int(_load(args.command).run(args) or 0)
+    except MedvitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
