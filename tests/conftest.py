@@ -1,0 +1,59 @@
+"""Shared fixtures: real development data from ../shared and real DICOMs from pydicom-data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DEV = Path(os.environ.get("MEDVIT_DEV_DATA", ROOT.parent / "shared" / "data" / "cxr14-dev"))
+
+
+@pytest.fixture(scope="session")
+def dev_data() -> Path:
+    """The real NIH ChestX-ray14 development subset (labels.csv + images/); skipped when absent."""
+    if not (SHARED_DEV / "labels.csv").is_file():
+        pytest.skip(f"real dev data not found at {SHARED_DEV} (set MEDVIT_DEV_DATA or check out ../shared)")
+    return SHARED_DEV
+
+
+@pytest.fixture(scope="session")
+def dev_labels(dev_data: Path) -> Path:
+    return dev_data / "labels.csv"
+
+
+@pytest.fixture(scope="session")
+def dev_images(dev_data: Path) -> Path:
+    return dev_data / "images"
+
+
+@pytest.fixture(scope="session")
+def dev_subset_csv(dev_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small labels CSV (24 train + 12 val real images) in the original NIH format, for fast end-to-end tests."""
+    import pandas as pd
+
+    df = pd.read_csv(dev_data / "labels.csv")
+    small = pd.concat([df[df["split"] == "train"].head(24), df[df["split"] == "val"].head(12)])
+    out = tmp_path_factory.mktemp("subset") / "labels.csv"
+    small.to_csv(out, index=False)
+    return out
+
+
+def testdata(name: str) -> str:
+    """Path of a real DICOM from pydicom's test files / pydicom-data; skips if the package is missing."""
+    try:
+        from pydicom.data import get_testdata_file
+    except ImportError:  # pragma: no cover
+        pytest.skip("pydicom not installed")
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} not available: install pydicom-data (`pip install -e .[dev]`)")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def cxr_dicom() -> str:
+    """RG1_UNCI.dcm: a real 15-bit MONOCHROME1 PA chest CR."""
+    return testdata("RG1_UNCI.dcm")
