@@ -1,0 +1,125 @@
+"""Image transforms: eval preprocessing derived from the model, and mild, anatomy-safe training augmentation.
+
+This is the only module that imports albumentations. Input is always the HxW float32 [0,1]
+array from `read_image`; output is a normalised 3xHxW tensor (grey replicated to 3 channels,
+because ImageNet-pretrained backbones expect RGB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+_INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
+
+
+class AugmentConfig(BaseModel):
+    """Training augmentation. Defaults are mild; horizontal flip is off because it moves the heart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    hflip: float = Field(0.0, ge=0, le=1, description="probability; changes anatomy (dextrocardia), so off")
+    crop_scale: tuple[float, float] = (0.85, 1.0)
+    crop_ratio: tuple[float, float] = (0.9, 1.1)
+    rotate: float = Field(7.0, ge=0, le=45, description="max degrees")
+    translate: float = Field(0.04, ge=0, le=0.3)
+    scale: tuple[float, float] = (0.92, 1.08)
+    affine_p: float = Field(0.7, ge=0, le=1)
+    brightness: float = Field(0.15, ge=0, le=1)
+    contrast: float = Field(0.15, ge=0, le=1)
+    gamma: tuple[float, float] = (85.0, 115.0)
+    photometric_p: float = Field(0.6, ge=0, le=1)
+    noise_std: float = Field(0.0, ge=0, le=0.2, description="Gaussian noise std in [0,1] units; 0 disables")
+    blur_p: float = Field(0.0, ge=0, le=1)
+
+
+def resolve_preprocessing(model: torch.nn.Module) -> dict[str, Any]:
+    """Preprocessing derived from the model's timm data config, saved in every checkpoint.
+
+    timm keeps the pretrained config's input size even when a ViT is built with another
+    `img_size`; the patch embedding knows the size the model really takes, so it wins.
+    """
+    from timm.data import resolve_model_data_config
+
+    cfg = resolve_model_data_config(model)
+    size = list(cfg["input_size"])
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:
+        size = [size[0], int(img_size[0]), int(img_size[1])]
+    return {
+        "input_size": size,
+        "mean": [float(x) for x in cfg["mean"]],
+        "std": [float(x) for x in cfg["std"]],
+        "interpolation": cfg.get("interpolation", "bicubic"),
+    }
+
+
+def _resize(h: int, w: int, interpolation: int) -> list[A.BasicTransform]:
+    # Keep the aspect ratio (no centre crop that would cut off costophrenic angles), pad the short side.
+    return [
+        A.LongestMaxSize(max_size=max(h, w), interpolation=interpolation),
+        A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0),
+    ]
+
+
+def _augment(h: int, w: int, aug: AugmentConfig, interpolation: int) -> list[A.BasicTransform]:
+    ops: list[A.BasicTransform] = [
+        A.RandomResizedCrop(
+            size=(h, w), scale=aug.crop_scale, ratio=aug.crop_ratio, interpolation=interpolation, p=1.0
+        ),
+        A.Affine(
+            scale=aug.scale,
+            translate_percent=(-aug.translate, aug.translate),
+            rotate=(-aug.rotate, aug.rotate),
+            interpolation=interpolation,
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            p=aug.affine_p,
+        ),
+        A.RandomBrightnessContrast(brightness_limit=aug.brightness, contrast_limit=aug.contrast, p=aug.photometric_p),
+        A.RandomGamma(gamma_limit=aug.gamma, p=aug.photometric_p),
+    ]
+    if aug.hflip > 0:
+        ops.append(A.HorizontalFlip(p=aug.hflip))
+    if aug.noise_std > 0:
+        ops.append(A.GaussNoise(std_range=(0.0, aug.noise_std), p=0.3))
+    if aug.blur_p > 0:
+        ops.append(A.GaussianBlur(blur_limit=(3, 5), p=aug.blur_p))
+    return ops
+
+
+def build_transforms(
+    preprocessing: dict[str, Any], train: bool, aug: AugmentConfig | None = None
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """The transform from `read_image` pixels to a model input tensor.
+
+    Args:
+        preprocessing: `resolve_preprocessing(model)` output, as stored in the run folder.
+        train: add augmentation (when `aug` is given and enabled).
+        aug: augmentation settings.
+    """
+    _, h, w = preprocessing["input_size"]
+    interpolation = _INTERPOLATION.get(preprocessing.get("interpolation", "bicubic"), cv2.INTER_CUBIC)
+    mean, std = preprocessing["mean"], preprocessing["std"]
+    spatial = _resize(h, w, interpolation)
+    if train and aug is not None and aug.enabled:
+        spatial = spatial + _augment(h, w, aug, interpolation)
+    pipeline = A.Compose(spatial)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def transform(pixels: np.ndarray) -> torch.Tensor:
+        if pixels.ndim != 2:
+            raise ValueError(f"expected an HxW grey image, got shape {pixels.shape}")
+        out = pipeline(image=np.ascontiguousarray(pixels, dtype=np.float32))["image"]
+        grey = torch.from_numpy(np.clip(out, 0.0, 1.0)).unsqueeze(0)
+        return (grey.expand(3, -1, -1) - mean_t) / std_t
+
+    return transform
