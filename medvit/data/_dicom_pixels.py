@@ -1,0 +1,184 @@
+"""The DICOM grayscale pixel chain: modality LUT -> VOI (LUT, window or min-max) -> inversion -> [0, 1].
+
+Kept apart from `dicom.py` (file handling, validation, metadata) so that the display maths can be read,
+tested and reused (the app's window sliders call `apply_window`) on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut, apply_voi
+
+# ITU-R BT.601 luma weights: the usual grey level of an RGB display image.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+_VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Result of the pixel chain, before it is wrapped into an `XrayImage`."""
+
+    pixels: np.ndarray  # HxW float32 [0, 1], display-ready
+    raw: np.ndarray  # HxW float32 after the modality LUT (grey level for colour images)
+    window_center: float | None
+    window_width: float | None
+    voi_source: str  # "voi_lut" | "window" | "minmax" | "none"
+    inverted: bool
+    warnings: tuple[str, ...]
+
+
+def apply_window(
+    raw: np.ndarray, center: float, width: float, invert: bool = False, *, function: str = "LINEAR"
+) -> np.ndarray:
+    """Window modality values into display values in [0, 1] (DICOM PS3.3 C.11.2.1.2).
+
+    This is the same function `read_image` uses, so calling it with an image's `meta.window_center`,
+    `meta.window_width` and `meta.inverted` reproduces `image.pixels` (for `voi_source` "window",
+    "minmax" and "none"); the app's sliders re-window `image.raw` with it.
+
+    Args:
+        raw: modality values (`XrayImage.raw`).
+        center: window centre, in modality units.
+        width: window width, in modality units (>= 1 for LINEAR, > 0 otherwise).
+        invert: flip the result (MONOCHROME1 / INVERSE presentation), applied after windowing.
+        function: the DICOM VOI LUT Function: "LINEAR" (default), "LINEAR_EXACT" or "SIGMOID".
+
+    Returns:
+        HxW float32 array in [0, 1].
+    """
+    x = np.asarray(raw, dtype=np.float32)
+    fn = function.strip().upper()
+    if fn not in _VOI_FUNCTIONS:
+        raise ValueError(f"VOI LUT function {function!r} is not one of {', '.join(_VOI_FUNCTIONS)}")
+    if fn == "LINEAR" and width < 1 or fn != "LINEAR" and width <= 0:
+        raise ValueError(f"window width {width} is too small for a {fn} window")
+    if fn == "SIGMOID":
+        out = 1.0 / (1.0 + np.exp(-4.0 * (x - np.float32(center)) / np.float32(width)))
+    elif fn == "LINEAR_EXACT":
+        out = (x - np.float32(center)) / np.float32(width) + np.float32(0.5)
+    elif width == 1:  # LINEAR with width 1 is a threshold at center - 0.5
+        out = (x > np.float32(center - 0.5)).astype(np.float32)
+    else:
+        out = (x - np.float32(center - 0.5)) / np.float32(width - 1) + np.float32(0.5)
+    out = np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+    return (1.0 - out).astype(np.float32) if invert else out
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """Grey level of an HxWx3 RGB array (BT.601 weights), as float32 in the input's units."""
+    return np.asarray(rgb, dtype=np.float32) @ _LUMA
+
+
+def minmax_window(lo: float, hi: float) -> tuple[float, float]:
+    """The LINEAR window (center, width) that maps [lo, hi] exactly onto [0, 1].
+
+    Expressing min-max and fixed-range scaling as a window lets `apply_window` reproduce every
+    non-LUT rendering, so the app's sliders start from exactly what is displayed.
+    """
+    return (lo + hi + 1.0) / 2.0, hi - lo + 1.0
+
+
+def render(ds: Dataset, arr: np.ndarray) -> Rendered:
+    """Turn a decoded single-frame pixel array into display-ready floats, following the DICOM chain.
+
+    Colour images (RGB, or YBR already converted to RGB by pydicom) become their luma, scaled by the
+    full range of their bits: they are display images, like a PNG. Grayscale images go through the
+    modality LUT, then the VOI LUT, else the first window, else min-max of the data, then the inversion.
+    """
+    if arr.ndim == 3:
+        grey = luma(arr)
+        center, width = minmax_window(0.0, float(2 ** int(ds.BitsStored) - 1))
+        note = f"{ds.PhotometricInterpretation} image converted to grayscale"
+        return Rendered(apply_window(grey, center, width), grey, center, width, "none", False, (note,))
+
+    warnings: list[str] = []
+    raw = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+    invert = _is_inverted(ds, warnings)
+    if _has_voi_lut(ds):
+        pixels, center, width = _voi_lut(ds, raw)
+        return Rendered(1.0 - pixels if invert else pixels, raw, center, width, "voi_lut", invert, tuple(warnings))
+
+    window = _first_window(ds, warnings)
+    if window is not None:
+        center, width, function = window
+        pixels = apply_window(raw, center, width, invert, function=function)
+        return Rendered(pixels, raw, center, width, "window", invert, tuple(warnings))
+
+    lo, hi = float(raw.min()), float(raw.max())
+    if hi == lo:
+        warnings.append(f"every pixel has the same value ({lo:g}): the image is blank")
+    center, width = minmax_window(lo, hi)
+    return Rendered(apply_window(raw, center, width, invert), raw, center, width, "minmax", invert, tuple(warnings))
+
+
+def _is_inverted(ds: Dataset, warnings: list[str]) -> bool:
+    """MONOCHROME1 (low values bright) and an INVERSE presentation shape both mean one inversion.
+
+    A MONOCHROME1 DX image *must* carry INVERSE (PS3.3 C.8.11.6.1.1), describing the same flip, so the two
+    are not applied twice.
+    """
+    if "PresentationLUTSequence" in ds:
+        warnings.append("Presentation LUT Sequence ignored (only the Presentation LUT Shape is applied)")
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return ds.PhotometricInterpretation == "MONOCHROME1" or shape == "INVERSE"
+
+
+def _has_voi_lut(ds: Dataset) -> bool:
+    seq = ds.get("VOILUTSequence")
+    return bool(seq) and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]
+
+
+def _voi_lut(ds: Dataset, raw: np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
+    """Apply the first VOI LUT, normalised by the range of the table's own entries.
+
+    The LUT's nominal bit depth is often larger than what the table uses (a 16-bit LUT holding 0..4095);
+    scaling by the entries' real range keeps the full display contrast.
+    """
+    n, first, _ = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor)
+    n = n or 2**16
+    # The LUT input is the integer modality output; clip first so pydicom's uint16 indexing cannot wrap.
+    iv = np.clip(np.rint(raw), first, first + n - 1).astype(np.int64)
+    out = apply_voi(iv, ds, 0).astype(np.float32)
+    table = apply_voi(np.arange(first, first + n, dtype=np.int64), ds, 0)
+    lo, hi = float(table.min()), float(table.max())
+    pixels = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+    # The centre/width reported (and used to seed the app's sliders) is the header window if any,
+    # else the LUT's input domain.
+    header = _first_window(ds, [])
+    center, width = header[:2] if header else minmax_window(float(first), float(first + n - 1))
+    return pixels.astype(np.float32), center, width
+
+
+def _first_window(ds: Dataset, warnings: list[str]) -> tuple[float, float, str] | None:
+    """The first (Window Center, Window Width, VOI LUT Function) of the header, or None if absent/unusable."""
+    if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
+        return None
+    try:
+        center = float(_first(ds.WindowCenter))
+        width = float(_first(ds.WindowWidth))
+    except (TypeError, ValueError):
+        warnings.append("unreadable Window Center/Width ignored: min-max scaling used")
+        return None
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
+    if function not in _VOI_FUNCTIONS:
+        warnings.append(f"unknown VOI LUT Function {function!r}: LINEAR window used")
+        function = "LINEAR"
+    elif function != "LINEAR":
+        warnings.append(f"VOI LUT Function {function}: pass function={function!r} to apply_window to re-window")
+    if not np.isfinite([center, width]).all() or width < 1 and function == "LINEAR" or width <= 0:
+        warnings.append(f"invalid window (center {center:g}, width {width:g}) ignored: min-max scaling used")
+        return None
+    return center, width, function
+
+
+def _first(value: object) -> object:
+    """First item of a multi-valued element (several windows may be offered), or the value itself."""
+    if isinstance(value, str | bytes):
+        return value
+    try:
+        return next(iter(value))  # type: ignore[call-overload]
+    except TypeError:
+        return value

@@ -1,0 +1,355 @@
+"""Read a chest radiograph (DICOM, PNG or JPEG; a path or uploaded bytes) into display-ready floats.
+
+`read_image` is the one entry point used by training, prediction, zero-shot scoring and the app, so every
+caller sees the same pixels: bright bone, dark lungs, float32 in [0, 1]. The format is detected from the
+content, never the file name. Problems a person can fix raise the typed errors of `medvit.errors` with a
+message naming the file and what to do; `docs/inputs.md` lists them.
+
+The DICOM pixel chain itself (modality LUT, VOI, inversion) lives in `_dicom_pixels.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageOps
+from pydicom.dataset import Dataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID
+
+from medvit.data._dicom_pixels import Rendered, apply_window, luma, render
+from medvit.errors import ImageReadError, ImageTooLargeError, MissingDecoderError, UnsupportedImageError
+
+__all__ = ["MAX_PIXELS", "ImageMeta", "XrayImage", "apply_window", "check_chest_frontal", "read_image"]
+
+_log = logging.getLogger(__name__)
+
+MAX_PIXELS = 50_000_000  # decompression-bomb guard on Rows x Columns, checked before decoding
+MAX_FILE_BYTES = 1 << 30  # a single-frame radiograph is < 200 MB even uncompressed
+MIN_SIDE = 32  # smaller than any real radiograph (thumbnails, icons, test patterns)
+
+RADIOGRAPH_MODALITIES = frozenset({"CR", "DX"})
+# Secondary captures (often a screenshot of a radiograph) carry OT or nothing: read, with a warning.
+UNCONFIRMED_MODALITIES = frozenset({"OT", ""})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LAT", "LATERAL", "LLO", "RLO"})
+CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "TORAX", "LUNG", "LUNGS"})
+
+_PHOTOMETRIC = frozenset(
+    {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
+)
+_DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_INSTALL_HINT = 'install the DICOM decoders with `pip install "medvit[dicom]"`'
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageMeta:
+    """What the app shows next to an image. Deliberately holds no patient identifiers."""
+
+    source: str  # "dicom" | "png" | "jpeg"
+    rows: int
+    columns: int
+    modality: str | None = None
+    body_part: str | None = None
+    view_position: str | None = None
+    photometric_interpretation: str | None = None
+    transfer_syntax: str | None = None  # the Transfer Syntax UID
+    sop_instance_uid: str | None = None
+    bits_stored: int | None = None
+    pixel_spacing: tuple[float, float] | None = None  # mm, (row, column)
+    pixel_spacing_source: str | None = None  # "ImagerPixelSpacing" | "PixelSpacing"
+    window_center: float | None = None  # the VOI actually applied (min-max expressed as a window)
+    window_width: float | None = None
+    voi_source: str = "none"  # "voi_lut" | "window" | "minmax" | "none"
+    inverted: bool = False  # MONOCHROME1 / INVERSE presentation handled
+    study_date: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (tuples become lists) for the app, logs and the review database."""
+        out = dataclasses.asdict(self)
+        out["pixel_spacing"] = list(self.pixel_spacing) if self.pixel_spacing else None
+        out["warnings"] = list(self.warnings)
+        return out
+
+
+@dataclass(frozen=True)
+class XrayImage:
+    """A decoded radiograph: display pixels, safe metadata and, for DICOM, the values to re-window."""
+
+    pixels: np.ndarray  # HxW float32 in [0, 1], display-ready: bright bone, dark lungs
+    meta: ImageMeta
+    raw: np.ndarray | None = None  # HxW float32 after the modality LUT, before VOI (DICOM only)
+
+
+def read_image(src: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PIXELS) -> XrayImage:
+    """Read a DICOM, PNG or JPEG radiograph from a path or from bytes.
+
+    DICOM follows the standard display chain: modality LUT, then the VOI LUT or the first window (min-max
+    when the header has neither), then the INVERSE presentation shape / MONOCHROME1 inversion, scaled by
+    the actual output range of that chain (never by 2**BitsStored, which is the container, not the data).
+    PNG and JPEG are already display images: 8-bit is divided by 255 and 16-bit by 65535, their real
+    output range, so a deliberately dark or low-contrast export is not stretched by min-max.
+
+    The modality is checked here (CT, MR, US... are refused), but not the view or body part: the app still
+    shows a lateral image with a warning, and the predictor calls `check_chest_frontal`.
+
+    Args:
+        src: a file path, or the file's bytes (an upload).
+        max_pixels: refuse images whose header claims more pixels than this, before decoding them.
+
+    Raises:
+        ImageReadError: missing, empty, truncated or corrupt file, or not DICOM/PNG/JPEG.
+        MissingDecoderError: compressed DICOM whose transfer syntax no installed plugin decodes.
+        UnsupportedImageError: no pixel data, multi-frame, non-radiograph modality, colour model or tiny image.
+        ImageTooLargeError: more than `max_pixels` pixels, or a file over `MAX_FILE_BYTES`.
+    """
+    data, name = _load(src)
+    if data[128:132] == b"DICM":
+        return _read_dicom(data, name, max_pixels, preamble=True)
+    if data.startswith(_PNG_MAGIC):
+        return _read_raster(data, name, "png", max_pixels)
+    if data.startswith(_JPEG_MAGIC):
+        return _read_raster(data, name, "jpeg", max_pixels)
+    if data[:2] in (b"\x02\x00", b"\x08\x00"):  # a DICOM dataset written without the 128-byte preamble
+        return _read_dicom(data, name, max_pixels, preamble=False)
+    raise ImageReadError(f"{name}: not a DICOM, PNG or JPEG file (format detected from the content, not the name)")
+
+
+def check_chest_frontal(meta: ImageMeta) -> None:
+    """Refuse lateral/oblique views and body parts that are given and not the chest.
+
+    A blank body part or view is accepted: PNG/JPEG and many DICOMs do not say.
+
+    Raises:
+        UnsupportedImageError: naming the view or body part found.
+    """
+    view = (meta.view_position or "").strip().upper()
+    if view in LATERAL_VIEWS:
+        raise UnsupportedImageError(
+            f"ViewPosition {view}: a lateral or oblique view; the models read frontal (PA/AP) chest radiographs"
+        )
+    body = (meta.body_part or "").strip().upper()
+    tokens = set("".join(c if c.isalnum() else " " for c in body).split())
+    if tokens and not tokens & CHEST_BODY_PARTS:
+        raise UnsupportedImageError(
+            f"Modality {meta.modality or 'not given'}, BodyPartExamined {body}: not a chest radiograph"
+        )
+
+
+def _load(src: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
+    """The file's bytes and a name for messages; size limits are checked before reading."""
+    if isinstance(src, bytes | bytearray | memoryview):
+        data, name = bytes(src), "uploaded image"
+    else:
+        path = Path(src)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise ImageReadError(f"{path}: no such file") from None
+        except OSError as exc:
+            raise ImageReadError(f"{path}: cannot be read ({exc.strerror})") from exc
+        if path.is_dir():
+            raise ImageReadError(f"{path}: is a directory, not an image file")
+        if size > MAX_FILE_BYTES:
+            raise ImageTooLargeError(f"{path}: {size / 2**20:.0f} MB is over the {MAX_FILE_BYTES >> 20} MB limit")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ImageReadError(f"{path}: cannot be read ({exc.strerror})") from exc
+        name = str(path)
+    if not data:
+        raise ImageReadError(f"{name}: the file is empty (0 bytes)")
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageTooLargeError(f"{name}: {len(data) / 2**20:.0f} MB is over the {MAX_FILE_BYTES >> 20} MB limit")
+    return data, name
+
+
+def _check_size(rows: int, columns: int, name: str, max_pixels: int) -> None:
+    if rows * columns > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: {rows} x {columns} = {rows * columns:,} pixels is over the limit of {max_pixels:,} "
+            "(corrupt header or decompression bomb?); pass max_pixels to read larger images"
+        )
+    if min(rows, columns) < MIN_SIDE:
+        raise UnsupportedImageError(f"{name}: {rows} x {columns} pixels is too small for a radiograph")
+
+
+def _read_dicom(data: bytes, name: str, max_pixels: int, *, preamble: bool) -> XrayImage:
+    try:
+        ds = pydicom.dcmread(BytesIO(data), force=not preamble)
+    except Exception as exc:  # pydicom raises many types for malformed files
+        raise ImageReadError(f"{name}: not a readable DICOM file (truncated or corrupt?): {_first_line(exc)}") from exc
+    warnings = _validate(ds, name, max_pixels)
+    arr = _decode(ds, name)
+    rendered = render(ds, arr)
+    meta = _dicom_meta(ds, rendered, warnings + list(rendered.warnings))
+    for warning in meta.warnings:
+        _log.warning("%s: %s", name, warning)
+    return XrayImage(pixels=rendered.pixels, meta=meta, raw=rendered.raw)
+
+
+def _validate(ds: Dataset, name: str, max_pixels: int) -> list[str]:
+    """Everything checkable from the header, before paying for decoding; returns warnings."""
+    modality = _text(ds, "Modality") or ""
+    if "PixelData" not in ds:
+        sop = UID(str(ds.get("SOPClassUID", "")))
+        kind = sop.name if sop else "unknown SOP class"
+        raise UnsupportedImageError(f"{name}: no pixel data ({kind}, Modality {modality or 'not given'}): not an image")
+    warnings = []
+    if modality not in RADIOGRAPH_MODALITIES | UNCONFIRMED_MODALITIES:
+        body = _text(ds, "BodyPartExamined") or "not given"
+        raise UnsupportedImageError(
+            f"{name}: Modality {modality}, BodyPartExamined {body}: not a chest radiograph "
+            "(medvit reads CR and DX radiographs, and OT secondary captures)"
+        )
+    if modality in UNCONFIRMED_MODALITIES:
+        warnings.append(f"Modality {modality or 'not given'}: cannot confirm this is a radiograph")
+    if str(ds.get("SOPClassUID", "")) == _DX_FOR_PROCESSING:
+        warnings.append("DX 'For Processing' image: raw detector data, not processed for display")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise UnsupportedImageError(f"{name}: {frames} frames; medvit reads single-frame images (export one frame)")
+    rows, columns = ds.get("Rows"), ds.get("Columns")
+    if not rows or not columns:
+        raise ImageReadError(f"{name}: the header has no Rows/Columns (corrupt file?)")
+    _check_size(int(rows), int(columns), name, max_pixels)
+    photometric = _text(ds, "PhotometricInterpretation")
+    if photometric not in _PHOTOMETRIC:
+        raise UnsupportedImageError(f"{name}: Photometric Interpretation {photometric} is not supported")
+    return warnings
+
+
+def _decode(ds: Dataset, name: str) -> np.ndarray:
+    """Decode the pixel data once, turning plugin and truncation failures into actionable errors."""
+    tsyntax = ds.file_meta.get("TransferSyntaxUID")
+    if tsyntax is None:
+        raise ImageReadError(f"{name}: the file meta has no Transfer Syntax UID (corrupt file?)")
+    tsyntax = UID(str(tsyntax))
+    if not tsyntax.is_transfer_syntax:
+        raise ImageReadError(f"{name}: unknown transfer syntax {tsyntax}: convert the file to a standard syntax")
+    try:
+        available = get_decoder(tsyntax).is_available
+    except NotImplementedError:  # a standard syntax pydicom cannot decode at all
+        available = False
+    if not available:
+        raise MissingDecoderError(
+            f"{name}: no installed decoder for the transfer syntax {tsyntax.name} ({tsyntax}): {_INSTALL_HINT}"
+        )
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoder plugins raise many types
+        raise ImageReadError(
+            f"{name}: the {tsyntax.name} pixel data cannot be decoded (truncated or corrupt?): {_first_line(exc)}"
+        ) from exc
+    expected = (int(ds.Rows), int(ds.Columns))
+    if arr.shape[:2] != expected or arr.ndim not in (2, 3):
+        raise ImageReadError(f"{name}: decoded pixels have shape {arr.shape}, the header says {expected}")
+    return arr
+
+
+def _dicom_meta(ds: Dataset, rendered: Rendered, warnings: list[str]) -> ImageMeta:
+    modality = _text(ds, "Modality")
+    spacing, spacing_source = _pixel_spacing(ds, modality, warnings)
+    return ImageMeta(
+        source="dicom",
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        modality=modality,
+        body_part=_text(ds, "BodyPartExamined"),
+        view_position=_text(ds, "ViewPosition"),
+        photometric_interpretation=_text(ds, "PhotometricInterpretation"),
+        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        bits_stored=int(ds.BitsStored) if "BitsStored" in ds else None,
+        pixel_spacing=spacing,
+        pixel_spacing_source=spacing_source,
+        window_center=rendered.window_center,
+        window_width=rendered.window_width,
+        voi_source=rendered.voi_source,
+        inverted=rendered.inverted,
+        study_date=_text(ds, "StudyDate"),
+        warnings=tuple(warnings),
+    )
+
+
+def _pixel_spacing(
+    ds: Dataset, modality: str | None, warnings: list[str]
+) -> tuple[tuple[float, float] | None, str | None]:
+    """Spacing in mm and the tag it came from.
+
+    For CR/DX, ImagerPixelSpacing (at the detector) is the defined attribute; PixelSpacing there may be a
+    calibrated or a copied value, so it is only the fallback.
+    """
+    tags = ["ImagerPixelSpacing", "PixelSpacing"]
+    if modality not in RADIOGRAPH_MODALITIES:
+        tags.reverse()
+    for tag in tags:
+        value = ds.get(tag)
+        if value is None:
+            continue
+        try:
+            row, col = (float(v) for v in value)
+        except (TypeError, ValueError):
+            warnings.append(f"unreadable {tag} ignored")
+            continue
+        if np.isfinite([row, col]).all() and row > 0 and col > 0:
+            return (row, col), tag
+        warnings.append(f"{tag} {row:g}\\{col:g} is not a valid spacing: ignored")
+    return None, None
+
+
+def _read_raster(data: bytes, name: str, kind: str, max_pixels: int) -> XrayImage:
+    """PNG/JPEG through Pillow; the size is checked from the header before the pixels are decoded."""
+    warnings = []
+    try:
+        with Image.open(BytesIO(data)) as im:  # lazy: only the header has been parsed here
+            _check_size(im.height, im.width, name, max_pixels)
+            im.load()
+            img = ImageOps.exif_transpose(im)  # phone photos of films carry their rotation in EXIF
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{name}: {exc}") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for corrupt/truncated files
+        raise ImageReadError(f"{name}: cannot decode this {kind.upper()} (truncated or corrupt?): {exc}") from exc
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        bits, arr = 16, np.asarray(img, dtype=np.float32)
+    else:
+        bits, arr = 8, _grey8(img, warnings, kind)
+    pixels = np.clip(arr / np.float32(2**bits - 1), 0.0, 1.0).astype(np.float32)
+    meta = ImageMeta(
+        source=kind, rows=pixels.shape[0], columns=pixels.shape[1], bits_stored=bits, warnings=tuple(warnings)
+    )
+    for warning in warnings:
+        _log.warning("%s: %s", name, warning)
+    return XrayImage(pixels=pixels, meta=meta, raw=None)
+
+
+def _grey8(img: Image.Image, warnings: list[str], kind: str) -> np.ndarray:
+    """8-bit grey levels as float32; colour is reduced to luma, with a warning only if it was really colour."""
+    if img.mode in ("L", "LA", "1"):
+        return np.asarray(img.convert("L"), dtype=np.float32)
+    rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
+    if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+        warnings.append(f"colour {kind.upper()} ({img.mode}) converted to grayscale")
+    return luma(rgb)
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    """A header string, stripped; None when absent or blank."""
+    value = ds.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
