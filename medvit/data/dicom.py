@@ -23,7 +23,7 @@ import pydicom
 from PIL import Image, ImageOps
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medvit.data._dicom_pixels import Rendered, apply_window, luma, render
 from medvit.errors import ImageReadError, ImageTooLargeError, MissingDecoderError, UnsupportedImageError
@@ -48,6 +48,11 @@ _PHOTOMETRIC = frozenset(
 _DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_NATIVE_SYNTAXES = {  # (implicit VR, little endian) -> syntax, for datasets written without file meta
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
 _INSTALL_HINT = 'install the DICOM decoders with `pip install "medvit[dicom]"`'
 
 
@@ -189,6 +194,8 @@ def _read_dicom(data: bytes, name: str, max_pixels: int, *, preamble: bool) -> X
         ds = pydicom.dcmread(BytesIO(data), force=not preamble)
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageReadError(f"{name}: not a readable DICOM file (truncated or corrupt?): {_first_line(exc)}") from exc
+    if len(ds) == 0:  # pydicom drops the whole dataset, with only a UserWarning, when the file ends mid-element
+        raise ImageReadError(f"{name}: no DICOM elements could be read: the file is truncated or corrupt")
     warnings = _validate(ds, name, max_pixels)
     arr = _decode(ds, name)
     rendered = render(ds, arr)
@@ -202,8 +209,11 @@ def _validate(ds: Dataset, name: str, max_pixels: int) -> list[str]:
     """Everything checkable from the header, before paying for decoding; returns warnings."""
     modality = _text(ds, "Modality") or ""
     if "PixelData" not in ds:
-        sop = UID(str(ds.get("SOPClassUID", "")))
-        kind = sop.name if sop else "unknown SOP class"
+        kind = _sop_class_name(ds)
+        # A truncated file often parses up to an element boundary, without error: an image class, image
+        # attributes or an unreadable SOP class mean the pixels were lost, not that there never were any.
+        if kind is None or "Image Storage" in kind or "Rows" in ds:
+            raise ImageReadError(f"{name}: {kind or 'DICOM'} without pixel data: the file is truncated or corrupt")
         raise UnsupportedImageError(f"{name}: no pixel data ({kind}, Modality {modality or 'not given'}): not an image")
     warnings = []
     if modality not in RADIOGRAPH_MODALITIES | UNCONFIRMED_MODALITIES:
@@ -231,10 +241,7 @@ def _validate(ds: Dataset, name: str, max_pixels: int) -> list[str]:
 
 def _decode(ds: Dataset, name: str) -> np.ndarray:
     """Decode the pixel data once, turning plugin and truncation failures into actionable errors."""
-    tsyntax = ds.file_meta.get("TransferSyntaxUID")
-    if tsyntax is None:
-        raise ImageReadError(f"{name}: the file meta has no Transfer Syntax UID (corrupt file?)")
-    tsyntax = UID(str(tsyntax))
+    tsyntax = UID(str(ds.file_meta.get("TransferSyntaxUID") or _guess_syntax(ds, name)))
     if not tsyntax.is_transfer_syntax:
         raise ImageReadError(f"{name}: unknown transfer syntax {tsyntax}: convert the file to a standard syntax")
     try:
@@ -255,6 +262,24 @@ def _decode(ds: Dataset, name: str) -> np.ndarray:
     if arr.shape[:2] != expected or arr.ndim not in (2, 3):
         raise ImageReadError(f"{name}: decoded pixels have shape {arr.shape}, the header says {expected}")
     return arr
+
+
+def _sop_class_name(ds: Dataset) -> str | None:
+    """Registered name of the SOP class (dataset or file meta), or None when neither is a known UID."""
+    for value in (ds.get("SOPClassUID"), ds.file_meta.get("MediaStorageSOPClassUID")):
+        uid = UID(str(value or ""))
+        if uid and uid.name != str(uid):
+            return uid.name
+    return None
+
+
+def _guess_syntax(ds: Dataset, name: str) -> UID:
+    """The native syntax a file without file meta was parsed with, recorded so pydicom can decode it."""
+    syntax = _NATIVE_SYNTAXES.get(ds.original_encoding)
+    if syntax is None:
+        raise ImageReadError(f"{name}: the file has no Transfer Syntax UID and its encoding cannot be inferred")
+    ds.file_meta.TransferSyntaxUID = syntax
+    return syntax
 
 
 def _dicom_meta(ds: Dataset, rendered: Rendered, warnings: list[str]) -> ImageMeta:
