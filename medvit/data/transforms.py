@@ -69,7 +69,7 @@ def _resize(h: int, w: int, interpolation: int) -> list[A.BasicTransform]:
     ]
 
 
-def _augment(h: int, w: int, aug: AugmentConfig, interpolation: int) -> list[A.BasicTransform]:
+def _spatial_augment(h: int, w: int, aug: AugmentConfig, interpolation: int) -> list[A.BasicTransform]:
     ops: list[A.BasicTransform] = [
         A.RandomResizedCrop(
             size=(h, w), scale=aug.crop_scale, ratio=aug.crop_ratio, interpolation=interpolation, p=1.0
@@ -83,11 +83,18 @@ def _augment(h: int, w: int, aug: AugmentConfig, interpolation: int) -> list[A.B
             fill=0,
             p=aug.affine_p,
         ),
-        A.RandomBrightnessContrast(brightness_limit=aug.brightness, contrast_limit=aug.contrast, p=aug.photometric_p),
-        A.RandomGamma(gamma_limit=aug.gamma, p=aug.photometric_p),
     ]
     if aug.hflip > 0:
         ops.append(A.HorizontalFlip(p=aug.hflip))
+    return ops
+
+
+def _photometric_augment(aug: AugmentConfig) -> list[A.BasicTransform]:
+    # Runs on pixels clipped to [0,1]: gamma of a negative value (bicubic overshoot) would be NaN.
+    ops: list[A.BasicTransform] = [
+        A.RandomGamma(gamma_limit=aug.gamma, p=aug.photometric_p),
+        A.RandomBrightnessContrast(brightness_limit=aug.brightness, contrast_limit=aug.contrast, p=aug.photometric_p),
+    ]
     if aug.noise_std > 0:
         ops.append(A.GaussNoise(std_range=(0.0, aug.noise_std), p=0.3))
     if aug.blur_p > 0:
@@ -109,17 +116,21 @@ def build_transforms(
     interpolation = _INTERPOLATION.get(preprocessing.get("interpolation", "bicubic"), cv2.INTER_CUBIC)
     mean, std = preprocessing["mean"], preprocessing["std"]
     spatial = _resize(h, w, interpolation)
+    photometric: list[A.BasicTransform] = []
     if train and aug is not None and aug.enabled:
-        spatial = spatial + _augment(h, w, aug, interpolation)
-    pipeline = A.Compose(spatial)
+        spatial += _spatial_augment(h, w, aug, interpolation)
+        photometric = _photometric_augment(aug)
+    spatial_pipe, photometric_pipe = A.Compose(spatial), A.Compose(photometric)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def transform(pixels: np.ndarray) -> torch.Tensor:
         if pixels.ndim != 2:
             raise ValueError(f"expected an HxW grey image, got shape {pixels.shape}")
-        out = pipeline(image=np.ascontiguousarray(pixels, dtype=np.float32))["image"]
-        grey = torch.from_numpy(np.clip(out, 0.0, 1.0)).unsqueeze(0)
+        out = np.clip(spatial_pipe(image=np.ascontiguousarray(pixels, dtype=np.float32))["image"], 0.0, 1.0)
+        if photometric:
+            out = np.clip(photometric_pipe(image=out)["image"], 0.0, 1.0)
+        grey = torch.from_numpy(out).unsqueeze(0)
         return (grey.expand(3, -1, -1) - mean_t) / std_t
 
     return transform

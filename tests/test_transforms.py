@@ -1,0 +1,43 @@
+import numpy as np
+import timm
+import torch
+
+from medvit.data.transforms import AugmentConfig, build_transforms, resolve_preprocessing
+
+
+def test_preprocessing_from_timm_data_config():
+    model = timm.create_model("deit3_base_patch16_384", pretrained=False, depth=1, num_classes=2)
+    pre = resolve_preprocessing(model)
+    assert pre["input_size"] == [3, 384, 384]
+    assert np.allclose(pre["mean"], [0.485, 0.456, 0.406]) and np.allclose(pre["std"], [0.229, 0.224, 0.225])
+
+
+def test_preprocessing_follows_real_img_size():
+    model = timm.create_model("deit3_small_patch16_384", pretrained=False, embed_dim=64, depth=1, num_heads=2,
+                              img_size=96, num_classes=2)
+    assert resolve_preprocessing(model)["input_size"] == [3, 96, 96]
+
+
+def test_eval_transform_resizes_keeps_aspect_and_normalises():
+    pre = {"input_size": [3, 64, 64], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    img = np.ones((100, 50), dtype=np.float32)  # tall white image
+    x = build_transforms(pre, train=False)(img)
+    assert x.shape == (3, 64, 64)
+    # grey replicated to 3 channels, then per-channel ImageNet normalisation
+    centre = x[:, 32, 32]
+    assert torch.allclose(centre, (1 - torch.tensor(pre["mean"])) / torch.tensor(pre["std"]), atol=1e-4)
+    # aspect ratio kept: the padded side columns are black (0 before normalisation)
+    assert torch.allclose(x[:, 32, 0], (0 - torch.tensor(pre["mean"])) / torch.tensor(pre["std"]), atol=1e-4)
+
+
+def test_train_augmentation_is_random_and_flip_off_by_default():
+    pre = {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3}
+    rng = np.random.default_rng(0)
+    img = rng.random((80, 80), dtype=np.float32)
+    t = build_transforms(pre, train=True, aug=AugmentConfig())
+    assert not torch.equal(t(img), t(img))
+    for _ in range(50):  # photometric ops on float images must never produce NaN
+        assert torch.isfinite(t(img)).all()
+    assert AugmentConfig().hflip == 0.0
+    off = build_transforms(pre, train=True, aug=AugmentConfig(enabled=False))
+    assert torch.equal(off(img), build_transforms(pre, train=False)(img))
