@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine (see README): `make review` and `make test`.
+# pip, not uv/poetry: only pip sees the local torch 2.14.1 / torchvision 0.29.1 wheels here.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.medvit-installed
+
+.PHONY: install review predict test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+# The main job on the embedded default: the review app with the demo model, opened on RG1_UNCI.dcm.
+review: $(STAMP)
+	$(BIN)/medvit review
+
+# Batch prediction with the demo model on the same example, printed as a table.
+predict: $(STAMP)
+	$(BIN)/medvit predict --example
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow and not e2e"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/medvit bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
