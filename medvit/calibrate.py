@@ -1,0 +1,409 @@
+"""Per-finding probability calibration and operating thresholds, stored as plain JSON (no pickles).
+
+A multi-label model trained with class weighting gives scores that rank well but are not probabilities. Each
+finding gets a monotone map from its logit to a calibrated probability:
+
+* temperature: p = sigmoid(z / T). With small calib sets per-finding temperatures overfit, so the fit also
+  considers one *shared* temperature and per-finding temperatures *shrunk* towards it, and picks among them by
+  patient-grouped cross-validation;
+* Platt: p = sigmoid(a z + b) (scikit-learn LogisticRegression on the logit), which can also correct the
+  prevalence shift that class weighting causes;
+* isotonic: scikit-learn IsotonicRegression, serialised as its breakpoints and applied with np.interp.
+
+`method="auto"` picks among the three by the same cross-validated NLL. The operating threshold of each finding
+is chosen on the calibrated probabilities (target sensitivity, Youden J or max F1); a finding is flagged when
+`prob >= threshold`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit, logit, logsumexp
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import precision_recall_curve, roc_curve
+from sklearn.model_selection import GroupKFold
+
+from medvit.errors import CheckpointError, DatasetError
+
+_log = logging.getLogger(__name__)
+
+METHODS = ("temperature", "isotonic", "platt", "auto")
+THRESHOLD_RULES = ("sensitivity", "youden", "f1")
+SHRINKAGE_GRID = (0.0, 1.0, 4.0, 16.0, 64.0, math.inf)  # prior strength in pseudo-images; inf = shared temperature
+ISOTONIC_EPS = 1e-3  # isotonic never outputs exactly 0 or 1: one unseen case must not cost infinite log-loss
+_LOG_T_BOUNDS = (math.log(0.02), math.log(50.0))
+FORMAT_VERSION = 1
+
+
+class Calibrator(Protocol):
+    kind: str
+
+    def apply(self, z: np.ndarray) -> np.ndarray: ...
+
+    def params(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Temperature:
+    temperature: float
+    kind: str = field(default="temperature", init=False)
+
+    def apply(self, z: np.ndarray) -> np.ndarray:
+        return expit(np.asarray(z, dtype=np.float64) / self.temperature)
+
+    def params(self) -> dict[str, Any]:
+        return {"temperature": self.temperature}
+
+
+@dataclass(frozen=True)
+class Platt:
+    a: float
+    b: float
+    kind: str = field(default="platt", init=False)
+
+    def apply(self, z: np.ndarray) -> np.ndarray:
+        return expit(self.a * np.asarray(z, dtype=np.float64) + self.b)
+
+    def params(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b}
+
+
+@dataclass(frozen=True)
+class Isotonic:
+    x: tuple[float, ...]  # IsotonicRegression.X_thresholds_ (logits, ascending)
+    y: tuple[float, ...]  # IsotonicRegression.y_thresholds_ (probabilities)
+    kind: str = field(default="isotonic", init=False)
+
+    def apply(self, z: np.ndarray) -> np.ndarray:
+        # np.interp clamps outside [x0, xn], like IsotonicRegression(out_of_bounds="clip")
+        return np.interp(np.asarray(z, dtype=np.float64), self.x, self.y)
+
+    def params(self) -> dict[str, Any]:
+        return {"x": list(self.x), "y": list(self.y)}
+
+
+def _calibrator_from_json(d: dict[str, Any]) -> Calibrator:
+    kind = d.get("calibrator")
+    if kind == "temperature":
+        return Temperature(float(d["temperature"]))
+    if kind == "platt":
+        return Platt(float(d["a"]), float(d["b"]))
+    if kind == "isotonic":
+        return Isotonic(tuple(map(float, d["x"])), tuple(map(float, d["y"])))
+    raise CheckpointError(f"calibration.json: unknown calibrator {kind!r}; expected temperature, platt or isotonic")
+
+
+# ---------------------------------------------------------------------------------------------------- fitting
+
+
+def _bce_sum(z: np.ndarray, y: np.ndarray) -> float:
+    """Sum of binary cross-entropy of logits z against 0/1 labels y (numerically stable)."""
+    return float(np.sum(np.logaddexp(0.0, z) - y * z))
+
+
+def _fit_log_t(objective) -> float:
+    res = minimize_scalar(objective, bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-5})
+    return float(res.x)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T minimising the NLL of the scaled logits; reusable for any scores.
+
+    * `logits` and `labels` of the same shape (1-D, or (N, K) multi-label with NaN = unknown): sigmoid(z / T),
+      one T shared by all entries;
+    * `logits` (N, C) with integer class `labels` (N,): softmax(z / T). For a zero-shot prompt pair pass
+      [s_pos, s_neg] columns with label 0 for positive images, or equivalently 1-D `s_pos - s_neg` with label 1.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.float64)
+    if z.ndim == 2 and y.ndim == 1 and z.shape[0] == y.shape[0]:
+        cls = y.astype(int)
+        picked = z[np.arange(len(cls)), cls]
+        return math.exp(
+            _fit_log_t(lambda lt: float(np.sum(logsumexp(z / math.exp(lt), axis=1) - picked / math.exp(lt))))
+        )
+    if z.shape != y.shape:
+        raise ValueError(f"logits {z.shape} and labels {y.shape} must have the same shape (or (N, C) and (N,))")
+    m = ~np.isnan(y)
+    if not m.any():
+        raise ValueError("fit_temperature needs at least one labelled entry")
+    z, y = z[m], y[m]
+    return math.exp(_fit_log_t(lambda lt: _bce_sum(z / math.exp(lt), y)))
+
+
+def _fit_temperatures(z: np.ndarray, y: np.ndarray, strength: float) -> tuple[float, list[float]]:
+    """Shared temperature and per-finding temperatures shrunk towards it with a Gaussian prior on log T.
+
+    Per finding: minimise sum BCE(z / T) + strength * (log T - log T_shared)^2. strength 0 = independent
+    per-finding fits; inf = the shared temperature for all. Rare findings (few labelled cases) shrink the most.
+    """
+    shared = fit_temperature(z, y)
+    if math.isinf(strength):
+        return shared, [shared] * z.shape[1]
+    log_shared = math.log(shared)
+    temps = []
+    for k in range(z.shape[1]):
+        m = ~np.isnan(y[:, k])
+
+        def objective(lt: float, zk: np.ndarray = z[m, k], yk: np.ndarray = y[m, k]) -> float:
+            return _bce_sum(zk / math.exp(lt), yk) + strength * (lt - log_shared) ** 2
+
+        temps.append(math.exp(_fit_log_t(objective)))
+    return shared, temps
+
+
+def fit_platt(z: np.ndarray, y: np.ndarray) -> Platt:
+    """Platt scaling via LogisticRegression on the logit; falls back to the (smoothed) prevalence when the fit
+    is impossible (one class) or would reverse the model's ranking (negative slope)."""
+    n_pos = int(np.sum(y == 1))
+    if 0 < n_pos < len(y):
+        lr = LogisticRegression(C=1.0).fit(z.reshape(-1, 1), y.astype(int))
+        a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+        if a > 0:
+            return Platt(a, b)
+    return Platt(0.0, float(logit((n_pos + 0.5) / (len(y) + 1.0))))
+
+
+def fit_isotonic(z: np.ndarray, y: np.ndarray) -> Isotonic:
+    """Isotonic regression of the label on the logit, kept as its breakpoints."""
+    iso = IsotonicRegression(y_min=ISOTONIC_EPS, y_max=1 - ISOTONIC_EPS, increasing=True, out_of_bounds="clip")
+    iso.fit(z, y)
+    return Isotonic(tuple(map(float, iso.X_thresholds_)), tuple(map(float, iso.y_thresholds_)))
+
+
+def _fit_family(family: str, z: np.ndarray, y: np.ndarray, strength: float = math.inf) -> list[Calibrator]:
+    """One calibrator per finding column of z/y (NaN labels are left out)."""
+    if family == "temperature":
+        _, temps = _fit_temperatures(z, y, strength)
+        return [Temperature(t) for t in temps]
+    fit = fit_platt if family == "platt" else fit_isotonic
+    out: list[Calibrator] = []
+    for k in range(z.shape[1]):
+        m = ~np.isnan(y[:, k])
+        out.append(fit(z[m, k], y[m, k]))
+    return out
+
+
+def _heldout_nll(cals: Sequence[Calibrator], z: np.ndarray, y: np.ndarray) -> float:
+    total = 0.0
+    for k, cal in enumerate(cals):
+        m = ~np.isnan(y[:, k])
+        p = np.clip(cal.apply(z[m, k]), 1e-7, 1 - 1e-7)
+        total -= float(np.sum(y[m, k] * np.log(p) + (1 - y[m, k]) * np.log1p(-p)))
+    return total
+
+
+def _candidates(method: str) -> list[tuple[str, float]]:
+    temps = [("temperature", s) for s in SHRINKAGE_GRID]
+    if method == "temperature":
+        return temps
+    if method == "auto":
+        return [*temps, ("platt", math.inf), ("isotonic", math.inf)]
+    return [(method, math.inf)]
+
+
+def _candidate_name(family: str, strength: float) -> str:
+    if family != "temperature":
+        return family
+    if math.isinf(strength):
+        return "temperature/shared"
+    return "temperature/per_finding" if strength == 0 else f"temperature/shrink_{strength:g}"
+
+
+def cross_validated_nll(
+    z: np.ndarray, y: np.ndarray, groups: np.ndarray, method: str, n_folds: int = 5
+) -> dict[str, float]:
+    """Mean held-out NLL per labelled entry of each candidate calibrator, with folds that keep patients together."""
+    n_groups = len(np.unique(groups))
+    folds = GroupKFold(n_splits=min(n_folds, n_groups)).split(z, groups=groups)
+    totals: dict[str, float] = {_candidate_name(f, s): 0.0 for f, s in _candidates(method)}
+    for train, test in folds:
+        for family, strength in _candidates(method):
+            cals = _fit_family(family, z[train], y[train], strength)
+            totals[_candidate_name(family, strength)] += _heldout_nll(cals, z[test], y[test])
+    n = int(np.sum(~np.isnan(y)))
+    return {name: total / n for name, total in totals.items()}
+
+
+# ------------------------------------------------------------------------------------------------- thresholds
+
+
+def choose_threshold(
+    probs: np.ndarray, labels: np.ndarray, rule: str = "sensitivity", target_sensitivity: float = 0.9
+) -> tuple[float, str | None]:
+    """Operating threshold on the calibrated probabilities (flag when prob >= threshold) and a note if it is
+    a fallback. `sensitivity`: the highest threshold whose sensitivity on these data is >= the target."""
+    p, y = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    n_pos = int(np.sum(y == 1))
+    if n_pos == 0 or n_pos == len(y):
+        return 0.5, f"{'no positive' if n_pos == 0 else 'no negative'} labels in the calibration data; threshold 0.5"
+    if rule == "sensitivity":
+        pos = np.sort(p[y == 1])[::-1]
+        return float(pos[math.ceil(target_sensitivity * n_pos) - 1]), None
+    if rule == "youden":
+        fpr, tpr, thr = roc_curve(y, p)
+        best = int(np.argmax(tpr[1:] - fpr[1:])) + 1  # thr[0] is +inf (nothing flagged)
+        return float(thr[best]), None
+    if rule == "f1":
+        prec, rec, thr = precision_recall_curve(y, p)
+        f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)
+        return float(thr[int(np.argmax(f1))]), None
+    raise ValueError(f"unknown threshold rule {rule!r}; expected one of {THRESHOLD_RULES}")
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Per-finding calibrators and thresholds; `apply` maps model logits (N, K) to calibrated probabilities."""
+
+    findings: tuple[str, ...]
+    calibrators: tuple[Calibrator, ...]
+    thresholds: np.ndarray
+    method: str
+    info: dict[str, Any] = field(default_factory=dict)  # selection scores, fitted-on data, per-finding notes
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        z = np.asarray(logits, dtype=np.float64)
+        if z.ndim != 2 or z.shape[1] != len(self.findings):
+            raise ValueError(f"logits must be (N, {len(self.findings)}), got {z.shape}")
+        return np.stack([cal.apply(z[:, k]) for k, cal in enumerate(self.calibrators)], axis=1)
+
+    def flags(self, probs: np.ndarray) -> np.ndarray:
+        return np.asarray(probs) >= self.thresholds
+
+    def check_findings(self, findings: Sequence[str]) -> None:
+        """Refuse a calibration fitted for another finding list (order matters: columns map to findings)."""
+        if tuple(findings) != self.findings:
+            raise CheckpointError(
+                f"calibration.json is for findings {list(self.findings)} but the model predicts {list(findings)}; "
+                "re-run `medvit calibrate --run RUN_DIR`"
+            )
+
+    @classmethod
+    def identity(cls, findings: Sequence[str], threshold: float = 0.5) -> Calibration:
+        """Uncalibrated sigmoid with a fixed threshold, for runs that were never calibrated."""
+        k = len(findings)
+        return cls(tuple(findings), tuple(Temperature(1.0) for _ in range(k)), np.full(k, threshold), "none")
+
+    def to_json(self) -> str:
+        per = self.info.get("findings", {})
+        findings = {
+            name: {"calibrator": cal.kind, **cal.params(), "threshold": float(t), **per.get(name, {})}
+            for name, cal, t in zip(self.findings, self.calibrators, self.thresholds, strict=True)
+        }
+        rest = {key: v for key, v in self.info.items() if key != "findings"}
+        return json.dumps({"version": FORMAT_VERSION, "method": self.method, **rest, "findings": findings}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Calibration:
+        try:
+            d = json.loads(text)
+            names = tuple(d["findings"])
+            cals = tuple(_calibrator_from_json(d["findings"][n]) for n in names)
+            thresholds = np.array([float(d["findings"][n]["threshold"]) for n in names])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"calibration.json is malformed ({e!r}); re-run `medvit calibrate`") from e
+        params = {"calibrator", "temperature", "a", "b", "x", "y", "threshold"}
+        per = {n: {k: v for k, v in d["findings"][n].items() if k not in params} for n in names}
+        info = {k: v for k, v in d.items() if k not in ("version", "method", "findings")} | {"findings": per}
+        return cls(names, cals, thresholds, str(d.get("method", "unknown")), info)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically (temp file + fsync + rename) so a crash never leaves a half-written file."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Calibration:
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError as e:
+            raise CheckpointError(f"{path} not found; run `medvit calibrate --run RUN_DIR` first") from e
+        return cls.from_json(text)
+
+
+def fit_calibration(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    findings: Sequence[str],
+    groups: np.ndarray,
+    *,
+    method: str = "temperature",
+    threshold_rule: str = "sensitivity",
+    target_sensitivity: float = 0.9,
+    n_folds: int = 5,
+) -> Calibration:
+    """Fit per-finding calibrators and thresholds on a calibration set.
+
+    Args:
+        logits: (N, K) raw model outputs. labels: (N, K) 0/1 with NaN = unknown. groups: (N,) patient ids, so
+            cross-validation never splits one patient's images across folds.
+        method: temperature (shared / shrunk / per-finding, picked by CV), isotonic, platt, or auto (CV over all).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if threshold_rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {threshold_rule!r}; expected one of {THRESHOLD_RULES}")
+    z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    groups = np.asarray(groups)
+    if z.shape != y.shape or z.shape[1] != len(findings) or len(groups) != len(z):
+        raise ValueError(
+            f"shapes differ: logits {z.shape}, labels {y.shape}, {len(findings)} findings, groups {len(groups)}"
+        )
+    if np.isnan(y).all():
+        raise DatasetError("the calibration set has no labels for any finding; check the labels CSV and --split")
+
+    n_patients = len(np.unique(groups))
+    candidates = _candidates(method)
+    cv: dict[str, float] = {}
+    if len(candidates) > 1 and n_patients >= 2:
+        cv = cross_validated_nll(z, y, groups, method, n_folds)
+        family, strength = min(candidates, key=lambda c: cv[_candidate_name(*c)])
+    else:  # nothing to cross-validate with: the least flexible candidate
+        family, strength = ("temperature", math.inf) if method in ("temperature", "auto") else candidates[0]
+    chosen = _candidate_name(family, strength)
+    _log.info("calibration: chose %s (CV NLL per label: %s)", chosen, {k: round(v, 4) for k, v in cv.items()})
+
+    cals = _fit_family(family, z, y, strength)
+    probs = np.stack([c.apply(z[:, k]) for k, c in enumerate(cals)], axis=1)
+    thresholds, per = [], {}
+    for k, name in enumerate(findings):
+        m = ~np.isnan(y[:, k])
+        t, note = choose_threshold(probs[m, k], y[m, k], threshold_rule, target_sensitivity)
+        thresholds.append(t)
+        per[name] = {"n_labelled": int(m.sum()), "n_pos": int(np.sum(y[m, k] == 1))} | ({"note": note} if note else {})
+    info: dict[str, Any] = {
+        "chosen": chosen,
+        "threshold_rule": threshold_rule,
+        "target_sensitivity": target_sensitivity if threshold_rule == "sensitivity" else None,
+        "selection": {"cv_nll_per_label": cv, "folds": min(n_folds, n_patients), "grouped_by": "patient"},
+        "fitted_on": {"n_images": int(len(z)), "n_patients": n_patients},
+        "findings": per,
+    }
+    if family == "temperature":
+        info["shared_temperature"] = fit_temperature(z, y)
+        info["shrinkage_strength"] = None if math.isinf(strength) else strength
+    return Calibration(tuple(findings), tuple(cals), np.asarray(thresholds), family, info)
