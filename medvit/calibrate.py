@@ -266,6 +266,21 @@ def choose_threshold(
 # ------------------------------------------------------------------------------------------------ calibration
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file in the same folder + fsync + rename, so readers never see a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Per-finding calibrators and thresholds; `apply` maps model logits (N, K) to calibrated probabilities."""
@@ -323,18 +338,7 @@ class Calibration:
         return cls(names, cals, thresholds, str(d.get("method", "unknown")), info)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temp file + fsync + rename) so a crash never leaves a half-written file."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:

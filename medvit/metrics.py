@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 _log = logging.getLogger(__name__)
@@ -56,6 +57,32 @@ def auprc(probs: np.ndarray, labels: np.ndarray) -> float | None:
     if undefined_reason(labels) is not None:
         return None
     return float(average_precision_score(labels, probs))
+
+
+def fast_auroc(probs: np.ndarray, labels: np.ndarray) -> float | None:
+    """AUROC by the Mann-Whitney rank sum (ties get average ranks, as in sklearn): the same value as
+    `roc_auc_score` without its input validation, which dominates the cost of thousands of bootstrap calls."""
+    pos = labels == 1
+    n_pos = int(pos.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = rankdata(probs)
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def fast_auprc(probs: np.ndarray, labels: np.ndarray) -> float | None:
+    """Average precision as sklearn defines it (sum over distinct thresholds of recall step x precision)."""
+    n_pos = int((labels == 1).sum())
+    if n_pos == 0 or n_pos == labels.size:
+        return None
+    order = np.argsort(-probs, kind="mergesort")
+    p, y = probs[order], labels[order] == 1
+    last = np.r_[np.flatnonzero(np.diff(p)), p.size - 1]  # last index of each distinct score
+    tp = np.cumsum(y)[last]
+    precision = tp / (last + 1)
+    recall_step = np.diff(np.r_[0, tp]) / n_pos
+    return float(np.sum(recall_step * precision))
 
 
 @dataclass(frozen=True)
@@ -193,8 +220,8 @@ def finding_metrics(
     out: dict[str, object] = {
         "auroc": auroc(p_raw, y),
         "auprc": auprc(p_raw, y),
-        "auroc_ci": bootstrap_ci(auroc, p_raw, y, masked_resamples) if masked_resamples else None,
-        "auprc_ci": bootstrap_ci(auprc, p_raw, y, masked_resamples) if masked_resamples else None,
+        "auroc_ci": bootstrap_ci(fast_auroc, p_raw, y, masked_resamples) if masked_resamples else None,
+        "auprc_ci": bootstrap_ci(fast_auprc, p_raw, y, masked_resamples) if masked_resamples else None,
         "ece": ece(p_cal, y),
         "ece_uncalibrated": ece(p_raw, y),
         "brier": brier(p_cal, y),

@@ -86,15 +86,15 @@ def test_bootstrap_ci_brackets_the_auroc_and_widens_with_fewer_patients():
     p = rng.normal(y, 1.0)
     point = roc_auc_score(y, p)
     per_image = metrics.patient_bootstrap_indices(np.arange(400), 500, seed=0)
-    lo, hi = metrics.bootstrap_ci(metrics.auroc, p, y, per_image)
+    lo, hi = metrics.bootstrap_ci(metrics.fast_auroc, p, y, per_image)
     assert lo < point < hi and 0.05 < hi - lo < 0.2
     # the same images as 40 patients of 10 correlated images each: far fewer independent units, wider CI
     p_corr = np.repeat(p[:40], 10)
     y_corr = np.repeat(y[:40], 10)
     by_patient = metrics.patient_bootstrap_indices(np.repeat(np.arange(40), 10), 500, seed=0)
     by_image = metrics.patient_bootstrap_indices(np.arange(400), 500, seed=0)
-    lo_p, hi_p = metrics.bootstrap_ci(metrics.auroc, p_corr, y_corr, by_patient)
-    lo_i, hi_i = metrics.bootstrap_ci(metrics.auroc, p_corr, y_corr, by_image)
+    lo_p, hi_p = metrics.bootstrap_ci(metrics.fast_auroc, p_corr, y_corr, by_patient)
+    lo_i, hi_i = metrics.bootstrap_ci(metrics.fast_auroc, p_corr, y_corr, by_image)
     assert hi_p - lo_p > 2 * (hi_i - lo_i)
 
 
@@ -102,9 +102,9 @@ def test_bootstrap_ci_is_none_with_too_few_positive_patients():
     p = np.random.default_rng(0).random(60)
     resamples = metrics.patient_bootstrap_indices(np.arange(60), 300, seed=0)
     one_pos = np.array([1.0] + [0.0] * 59)  # ~37% of resamples miss the only positive patient
-    assert metrics.bootstrap_ci(metrics.auroc, p, one_pos, resamples) is None
+    assert metrics.bootstrap_ci(metrics.fast_auroc, p, one_pos, resamples) is None
     five_pos = np.array([1.0] * 5 + [0.0] * 55)
-    lo, hi = metrics.bootstrap_ci(metrics.auroc, p, five_pos, resamples)
+    lo, hi = metrics.bootstrap_ci(metrics.fast_auroc, p, five_pos, resamples)
     assert 0 <= lo < hi <= 1
 
 
@@ -120,3 +120,16 @@ def test_finding_metrics_maps_shared_resamples_through_the_nan_mask():
     assert out["auroc"] == pytest.approx(roc_auc_score(y[keep], p[keep]))
     lo, hi = out["auroc_ci"]
     assert lo < out["auroc"] < hi
+
+
+def test_fast_bootstrap_auroc_and_auprc_equal_sklearn_including_ties():
+    from sklearn.metrics import average_precision_score
+
+    rng = np.random.default_rng(4)
+    for n in (5, 40, 300):
+        y = rng.integers(0, 2, n).astype(float)
+        y[0], y[1] = 0, 1
+        p = np.round(rng.random(n), 1)  # many ties
+        assert metrics.fast_auroc(p, y) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+        assert metrics.fast_auprc(p, y) == pytest.approx(average_precision_score(y, p), abs=1e-12)
+    assert metrics.fast_auroc(p, np.zeros(n)) is None and metrics.fast_auprc(p, np.ones(n)) is None

@@ -1,0 +1,98 @@
+"""medvit.evaluate: metrics.json schema and content on real dev labels, plots, and the run-level commands."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from medvit import evaluate
+from medvit.calibrate import Calibration, fit_calibration
+from medvit.findings import NIH_FINDINGS
+
+
+@pytest.fixture(scope="module")
+def val_set(dev_labels, dev_images):
+    """Real labels and patient ids of the dev val split, with synthetic logits that carry some signal."""
+    from medvit.data.datasets import label_matrix, load_labels
+
+    df = load_labels(dev_labels, dev_images, check_files=False)
+    val = df[df["split"] == "val"]
+    y = label_matrix(val, NIH_FINDINGS).astype(np.float64)
+    rng = np.random.default_rng(0)
+    z = 1.2 * rng.normal(0, 1, y.shape) + 1.5 * y + 1.0  # over-predicting, like a pos_weight-trained model
+    return z, y, val["patient_id"].to_numpy()
+
+
+def test_report_matches_the_schema_and_means_are_over_defined_findings(val_set):
+    z, y, patients = val_set
+    y = y.copy()
+    y[:, NIH_FINDINGS.index("Hernia")] = 0  # no positives left: AUROC must be null with a reason
+    cal = fit_calibration(z, y, NIH_FINDINGS, patients, method="platt")
+    report = evaluate.build_report(z, y, NIH_FINDINGS, patients, cal, n_boot=100)
+    report = json.loads(json.dumps(report, allow_nan=False))  # strict JSON, as written to disk
+    jsonschema.validate(report, evaluate.METRICS_SCHEMA)
+
+    assert report["n_images"] == 51 and report["n_patients"] == 51
+    hernia = report["findings"]["Hernia"]
+    assert hernia["auroc"] is None and hernia["auprc"] is None and hernia["auroc_ci"] is None
+    assert hernia["reason"] == "no positive labels among 51 labelled images"
+    assert isinstance(hernia["ece"], float) and hernia["n_pos"] == 0
+
+    defined = [f for f in NIH_FINDINGS if f != "Hernia"]
+    k = NIH_FINDINGS.index("Effusion")
+    assert report["findings"]["Effusion"]["auroc"] == pytest.approx(roc_auc_score(y[:, k], z[:, k]))
+    assert report["findings"]["Effusion"]["n_pos"] == 9
+    assert report["mean_auroc"] == pytest.approx(np.mean([report["findings"][f]["auroc"] for f in defined]))
+    assert report["mean_ece"] == pytest.approx(np.mean([report["findings"][f]["ece"] for f in defined]))
+    assert report["n_findings_in_means"] == 13
+    lo, hi = report["mean_auroc_ci"]
+    assert lo < report["mean_auroc"] < hi
+    # fitted and evaluated on the same images, Platt must improve calibration of the over-predicting logits
+    assert report["mean_ece"] < report["mean_ece_uncalibrated"]
+
+
+def test_schema_validator_rejects_missing_keys_and_wrong_types(val_set):
+    z, y, patients = val_set
+    report = evaluate.build_report(z, y, NIH_FINDINGS, patients, Calibration.identity(NIH_FINDINGS), n_boot=0)
+    jsonschema.validate(report, evaluate.METRICS_SCHEMA)
+    broken = json.loads(json.dumps(report))
+    del broken["findings"]["Mass"]["ece_uncalibrated"]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, evaluate.METRICS_SCHEMA)
+    broken = json.loads(json.dumps(report))
+    broken["n_images"] = "51"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, evaluate.METRICS_SCHEMA)
+
+
+def test_unlabelled_findings_are_skipped_and_all_single_class_raises(val_set):
+    from medvit.errors import DatasetError
+
+    z, y, patients = val_set
+    y = y.copy()
+    y[:, 0] = np.nan  # e.g. a wide CSV without an Atelectasis column
+    report = evaluate.build_report(z, y, NIH_FINDINGS, patients, Calibration.identity(NIH_FINDINGS), n_boot=0)
+    assert "Atelectasis" not in report["findings"]
+    assert "no labelled images" in report["skipped_findings"]["Atelectasis"]
+    with pytest.raises(DatasetError, match="no finding has both positive and negative labels"):
+        evaluate.build_report(z, np.zeros_like(y), NIH_FINDINGS, patients, Calibration.identity(NIH_FINDINGS))
+
+
+def test_plots_are_written_for_every_labelled_finding(val_set, tmp_path):
+    z, y, patients = val_set
+    findings = NIH_FINDINGS[:3]
+    cal = fit_calibration(z[:, :3], y[:, :3], findings, patients)
+    written = evaluate.plot_curves(tmp_path, z[:, :3], y[:, :3], findings, cal)
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in written)
+    assert names == [
+        "reliability/Atelectasis.png",
+        "reliability/Cardiomegaly.png",
+        "reliability/Effusion.png",
+        "roc.png",
+    ]
+    for p in written:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
