@@ -1,0 +1,218 @@
+"""Typed training configuration: a YAML file validated by pydantic, plus dotted `--set` overrides.
+
+Every model forbids unknown keys, so a typo such as `train.lrr` fails loudly instead of silently
+training with a default. Relative paths are resolved against the current working directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medvit.data.transforms import AugmentConfig
+from medvit.errors import ConfigError
+from medvit.findings import DEFAULT_FINDINGS
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "deit3_base_patch16_384.fb_in22k_ft_in1k"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class SplitConfig(_Strict):
+    """How images are assigned to train / val / calib (always patient-wise)."""
+
+    policy: Literal["column", "assign"] = Field(
+        "column", description="'column': use the CSV's 'split' column; 'assign': patient-wise random split"
+    )
+    val: float = Field(0.15, ge=0, lt=1)
+    calib: float = Field(0.15, ge=0, lt=1)
+    seed: int = 0
+    train_name: str = "train"
+    val_name: str = "val"
+
+
+class DataConfig(_Strict):
+    labels_csv: Path
+    images_root: Path
+    split_files: dict[str, Path] | None = Field(
+        None, description="optional official split lists, e.g. {train_val: train_val_list.txt, test: test_list.txt}"
+    )
+    findings: list[str] = Field(default_factory=lambda: list(DEFAULT_FINDINGS))
+    uncertainty: str = Field("ignore", description="how uncertain (-1) labels are mapped (see datasets.load_labels)")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    cache: bool = Field(False, description="keep decoded images in RAM (small datasets only)")
+    num_workers: int = Field(0, ge=0)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class ModelConfig(_Strict):
+    name: str = Field(DEFAULT_BACKBONE, description="any timm model name; pin the pretrained tag")
+    pretrained: bool = Field(True, description="load pretrained weights (from weights_file, else the HF hub)")
+    weights_file: Path | None = Field(None, description="local pretrained weights (.safetensors or .pth)")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="passed to timm.create_model, e.g. embed_dim, depth, num_heads, img_size"
+    )
+    freeze_stem: bool = True
+    freeze_blocks: int = Field(6, ge=0, description="number of leading blocks/stages frozen (after the stem)")
+    head: Literal["linear", "mlp"] = "linear"
+    head_hidden: int = Field(512, ge=1)
+    head_dropout: float = Field(0.1, ge=0, lt=1)
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+    grad_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.freeze_blocks and not self.freeze_stem:
+            raise ValueError("freeze_blocks > 0 needs freeze_stem: true (frozen layers are a prefix)")
+        return self
+
+
+class LossConfig(_Strict):
+    name: Literal["bce", "asymmetric", "focal"] = "bce"
+    pos_weight: bool = Field(True, description="per-finding pos_weight = negatives / positives on the train split")
+    pos_weight_max: float = Field(20.0, ge=1)
+    gamma_pos: float = Field(0.0, ge=0, description="asymmetric: focusing on positives")
+    gamma_neg: float = Field(4.0, ge=0, description="asymmetric: focusing on negatives")
+    clip: float = Field(0.05, ge=0, lt=1, description="asymmetric: probability margin for negatives")
+    gamma: float = Field(2.0, ge=0, description="focal: focusing parameter")
+    alpha: float = Field(0.25, gt=0, lt=1, description="focal: weight of positives")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+
+class MixupConfig(_Strict):
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    prob: float = Field(1.0, ge=0, le=1)
+    switch_prob: float = Field(0.5, ge=0, le=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
+
+
+class EmaConfig(_Strict):
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0, lt=1)
+    warmup: bool = True
+    evaluate: bool = Field(True, description="validate and save the EMA weights instead of the raw ones")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1, description="global batch per optimizer micro-step (split across ranks)")
+    accum_steps: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0, description="peak learning rate (scale ~ batch_size * accum_steps / 256)")
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    layer_decay: float | None = Field(0.75, gt=0, le=1)
+    opt: str = Field("adamw", description="timm optimizer name")
+    clip_grad: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    early_stopping_patience: int | None = Field(5, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    mixup: MixupConfig = Field(default_factory=MixupConfig)
+    ema: EmaConfig = Field(default_factory=EmaConfig)
+    deterministic: bool = True
+
+
+class LogConfig(_Strict):
+    tensorboard: bool = False
+    progress: bool = True
+
+
+class Config(_Strict):
+    """The whole run: `data`, `model`, `train`, `log`, plus where to write it."""
+
+    seed: int = 0
+    out_dir: Path = Path("runs/run")
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.train.batch_size % self.train.accum_steps:
+            raise ValueError("train.batch_size must be divisible by train.accum_steps")
+        return self
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides in place; values are parsed as YAML scalars (`1e-4`, `true`, `[a, b]`)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {key}: {first['msg']}{extra}"
+
+
+def validate_config(tree: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw mapping; raises ConfigError naming the first offending key."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply dotted overrides, validate.
+
+    Args:
+        path: YAML file (None: start from an empty mapping, everything from overrides).
+        overrides: `key.sub=value` strings, applied in order.
+
+    Raises:
+        ConfigError: unreadable YAML, bad override syntax, unknown keys or invalid values.
+    """
+    tree: dict[str, Any] = {}
+    source = "overrides"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        tree = loaded or {}
+    apply_overrides(tree, list(overrides or []))
+    cfg = validate_config(tree, source)
+    _log.debug("config %s resolved: %s", source, cfg.model_dump(mode="json"))
+    return cfg

@@ -1,0 +1,191 @@
+"""Build the classifier: a timm backbone (any name), a partially frozen prefix and a multi-label head.
+
+The network is `Classifier(backbone, head)`: the backbone is created by `timm.create_model` with
+`num_classes=0` (pooled features), the head maps features to one logit per finding. Freezing uses
+the backbone's own `group_matcher` (the grouping timm uses for layer decay), so "stem + first N
+blocks" means the same thing for ViT/DeiT (blocks), Swin and ConvNeXt (stages). For ViT-style
+backbones the frozen prefix runs under `torch.no_grad`, so no activations are kept for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from medvit.config import ModelConfig
+from medvit.errors import CheckpointError, WeightsNotFoundError
+
+_log = logging.getLogger(__name__)
+
+
+class MlpHead(nn.Module):
+    """LayerNorm -> Dropout -> Linear -> GELU -> Dropout -> Linear, as in the reference MedicalViT head."""
+
+    def __init__(self, in_features: int, hidden: int, num_classes: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(in_features)
+        self.drop1 = nn.Dropout(dropout)
+        self.fc1 = nn.Linear(in_features, hidden)
+        self.act = nn.GELU()
+        self.drop2 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.drop2(self.act(self.fc1(self.drop1(self.norm(x))))))
+
+
+def _layer_map(backbone: nn.Module) -> dict[str, int]:
+    """Parameter name -> layer id (0 = stem, i+1 = block/stage i) from timm's own grouping."""
+    from timm.models import group_parameters
+
+    if not hasattr(backbone, "group_matcher"):
+        return {}
+    return group_parameters(backbone, backbone.group_matcher(coarse=False), reverse=True)
+
+
+class Classifier(nn.Module):
+    """timm backbone + multi-label head, with an optional frozen prefix run without autograd."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, *, frozen_layers: int = 0,
+                 grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.grad_checkpointing = grad_checkpointing
+        self._layers = _layer_map(backbone)
+        self.frozen_layers = 0
+        self._split_blocks = 0  # leading ViT blocks run under no_grad
+        self.freeze(frozen_layers)
+        if grad_checkpointing and not self._is_vit and hasattr(backbone, "set_grad_checkpointing"):
+            backbone.set_grad_checkpointing(True)
+
+    @property
+    def _is_vit(self) -> bool:
+        b = self.backbone
+        return all(hasattr(b, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head"))
+
+    def freeze(self, n_layers: int) -> None:
+        """Freeze layer groups 0..n_layers-1 (group 0 is the stem: patch embedding, cls and pos tokens)."""
+        n_groups = max(self._layers.values(), default=-1) + 1
+        if n_layers > n_groups:
+            raise ValueError(f"cannot freeze {n_layers} layer groups: the backbone has {n_groups}")
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad = self._layers.get(name, math.inf) >= n_layers
+        self.frozen_layers = n_layers
+        self._split_blocks = max(0, n_layers - 1) if self._is_vit and n_layers > 0 else 0
+        if n_layers and not self._is_vit:
+            _log.debug("%s is not ViT-style: frozen params get no grads but the forward is not split",
+                       type(self.backbone).__name__)
+        self.train(self.training)
+
+    def _frozen_modules(self) -> list[nn.Module]:
+        if not (self._is_vit and self.frozen_layers):
+            return []
+        b = self.backbone
+        return [b.patch_embed, b.patch_drop, b.norm_pre, *b.blocks[: self._split_blocks]]
+
+    def train(self, mode: bool = True) -> Classifier:
+        """Frozen modules stay in eval mode: no dropout/drop-path noise in a part that cannot adapt to it."""
+        super().train(mode)
+        for m in self._frozen_modules():
+            m.eval()
+        return self
+
+    def _vit_features(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        with torch.no_grad() if self.frozen_layers else torch.enable_grad():
+            x = b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(x))))
+            for blk in b.blocks[: self._split_blocks]:
+                x = blk(x)
+        for blk in b.blocks[self._split_blocks :]:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return b.forward_head(b.norm(x), pre_logits=True)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, num_features) fed to the head."""
+        if self._is_vit and torch.is_grad_enabled():
+            return self._vit_features(x)
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+    def group_matcher(self, coarse: bool = False):
+        """timm layer-decay grouping: the backbone's groups, with the head in the last group."""
+        layers = self._layers
+
+        def _group(name: str) -> float:
+            return layers.get(name.removeprefix("backbone."), math.inf)
+
+        return _group
+
+    def no_weight_decay(self) -> set[str]:
+        nwd = getattr(self.backbone, "no_weight_decay", None)
+        return {f"backbone.{n}" for n in (nwd() if nwd else ())}
+
+
+def _hub_hint(name: str) -> str:
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if repo:
+        return f"download model.safetensors from https://huggingface.co/{repo} (repo id {repo})"
+    return f"download the pretrained weights of {name!r} (timm has no Hugging Face hub id for it)"
+
+
+def _create_backbone(cfg: ModelConfig, kwargs: dict[str, Any]) -> nn.Module:
+    if not cfg.pretrained:
+        return timm.create_model(cfg.name, pretrained=False, **kwargs)
+    if cfg.weights_file is not None:
+        path = Path(cfg.weights_file).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"model.weights_file {path} does not exist: {_hub_hint(cfg.name)} and put it at that path"
+            )
+        _log.info("loading pretrained %s from %s", cfg.name, path)
+        return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+    try:
+        return timm.create_model(cfg.name, pretrained=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:  # offline hub errors are OSError subclasses
+        if isinstance(e, RuntimeError) and "size mismatch" in str(e):
+            raise
+        raise WeightsNotFoundError(
+            f"pretrained weights for {cfg.name} are not available offline ({type(e).__name__}): "
+            f"{_hub_hint(cfg.name)}, then set model.weights_file: /path/to/model.safetensors "
+            f"(or --set model.weights_file=...), or train from scratch with model.pretrained: false"
+        ) from None
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
+    """Create the classifier described by `cfg` with `num_classes` outputs (one per finding).
+
+    Raises:
+        WeightsNotFoundError: pretrained weights requested but unavailable (message says what to download).
+        CheckpointError: `cfg.name` is not a timm model.
+    """
+    base = cfg.name.split(".")[0]
+    if not timm.is_model(base):
+        raise CheckpointError(f"unknown timm model {cfg.name!r}; see timm.list_models()")
+    kwargs = {"drop_path_rate": cfg.drop_path_rate, **cfg.model_kwargs, "num_classes": 0}
+    backbone = _create_backbone(cfg, kwargs)
+    width = backbone.num_features
+    if cfg.head == "mlp":
+        head: nn.Module = MlpHead(width, cfg.head_hidden, num_classes, cfg.head_dropout)
+    else:
+        head = nn.Linear(width, num_classes)
+    frozen = 1 + cfg.freeze_blocks if cfg.freeze_stem else 0
+    model = Classifier(backbone, head, frozen_layers=frozen, grad_checkpointing=cfg.grad_checkpointing)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    _log.info("built %s: %.2fM params, %.2fM trainable (%d frozen layer groups)",
+              cfg.name, n_all / 1e6, n_train / 1e6, frozen)
+    return model
