@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -81,34 +81,50 @@ def rollout(attentions: Sequence[torch.Tensor], head_fusion: HeadFusion = "mean"
     return result
 
 
-def _grid(model: nn.Module, x: torch.Tensor, n_patches: int) -> tuple[int, int]:
-    patch = cast(Any, model).patch_embed.patch_size
+def vit_backbone(model: nn.Module) -> Any:
+    """The timm ViT inside `model`: the model itself, or its `.backbone` (medvit.model.Classifier)."""
+    for candidate in (model, getattr(model, "backbone", None)):
+        if candidate is not None and all(hasattr(candidate, a) for a in ("patch_embed", "blocks", "num_prefix_tokens")):
+            return candidate
+    raise ValueError(f"{type(model).__name__} is not a timm VisionTransformer (nor wraps one as .backbone)")
+
+
+def _grid(vit: Any, x: torch.Tensor, n_patches: int) -> tuple[int, int]:
+    patch = vit.patch_embed.patch_size
     grid = (int(x.shape[-2]) // patch[0], int(x.shape[-1]) // patch[1])
     if grid[0] * grid[1] != n_patches:
         raise ValueError(f"{n_patches} patch tokens do not form the {grid} grid of a {tuple(x.shape[-2:])} input")
     return grid
 
 
-def _query_rows(model: nn.Module, relevance: torch.Tensor) -> torch.Tensor:
+def _query_rows(vit: Any, relevance: torch.Tensor) -> torch.Tensor:
     """Relevance of each token to the pooled output: the class token's row, or the mean over patches (avg pool)."""
-    prefix = model.num_prefix_tokens
-    if getattr(model, "cls_token", None) is not None and getattr(model, "global_pool", "token") == "token":
+    prefix = vit.num_prefix_tokens
+    if getattr(vit, "cls_token", None) is not None and getattr(vit, "global_pool", "token") == "token":
         return relevance[:, 0, prefix:]
     return relevance[:, prefix:, prefix:].mean(dim=1)
 
 
 @torch.no_grad()
 def attention_rollout(model: nn.Module, x: torch.Tensor, head_fusion: HeadFusion = "mean") -> torch.Tensor:
-    """Per-patch rollout relevance on the token grid, (B, gh, gw), unnormalised."""
-    with _eval(model), capture_attention(model) as attentions:
-        model(x)
-    rel = _query_rows(model, rollout(attentions, head_fusion))
-    return rel.reshape(x.shape[0], *_grid(model, x, rel.shape[-1]))
+    """Per-patch rollout relevance on the token grid, (B, gh, gw), unnormalised.
+
+    `model` is a timm ViT or a module wrapping one as `.backbone`.
+    """
+    vit = vit_backbone(model)
+    with _eval(model), capture_attention(vit) as attentions:
+        vit(x)
+    rel = _query_rows(vit, rollout(attentions, head_fusion))
+    return rel.reshape(x.shape[0], *_grid(vit, x, rel.shape[-1]))
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
-    """Grad-CAM for output `target` (a finding's logit) on the token grid, (B, gh, gw), ReLU'd and unnormalised."""
-    layer: nn.Module = cast(Any, model).blocks[-1].norm1
+    """Grad-CAM for output `target` (a finding's logit) on the token grid, (B, gh, gw), ReLU'd and unnormalised.
+
+    `model` maps images to per-finding logits: a timm ViT or a module wrapping one as `.backbone`.
+    """
+    vit = vit_backbone(model)
+    layer: nn.Module = vit.blocks[-1].norm1
     acts: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda _m, _i, out: acts.append(out))
     try:
@@ -119,10 +135,10 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
             (grads,) = torch.autograd.grad(logits[:, target].sum(), acts[0])
     finally:
         handle.remove()
-    prefix = model.num_prefix_tokens
+    prefix = vit.num_prefix_tokens
     tokens, grads = acts[0][:, prefix:].detach(), grads[:, prefix:]
     cam = F.relu((tokens * grads.mean(dim=1, keepdim=True)).sum(dim=-1))
-    return cam.reshape(x.shape[0], *_grid(model, x, cam.shape[-1]))
+    return cam.reshape(x.shape[0], *_grid(vit, x, cam.shape[-1]))
 
 
 @contextmanager

@@ -148,3 +148,21 @@ def test_overlay_blends_with_opacity():
     assert np.all(np.abs(half - (overlay(image, heat, 0.0).astype(int) + full) / 2) <= 1)
     with pytest.raises(ValueError, match="differ in size"):
         overlay(image, heat[:2])
+
+
+def test_maps_work_on_the_medvit_classifier(x):
+    """The app passes medvit's Classifier (timm backbone + MLP head), as rebuilt by load_run."""
+    from medvit.config import ModelConfig
+    from medvit.model import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        name="deit3_small_patch16_384", pretrained=False, freeze_stem=False, freeze_blocks=0, head="mlp",
+        head_hidden=32, model_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2, "img_size": 64},
+    )  # fmt: skip
+    model = build_model(cfg, K).eval()
+    before = _fused(model)
+    assert attention_rollout(model, x).shape == (1, 4, 4)
+    cams = [grad_cam(model, x, k) for k in range(K)]
+    assert all(c.abs().sum() > 0 for c in cams) and not torch.allclose(cams[0], cams[2])
+    assert _fused(model) == before
