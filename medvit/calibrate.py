@@ -222,12 +222,24 @@ def _candidate_name(family: str, strength: float) -> str:
     return "temperature/per_finding" if strength == 0 else f"temperature/shrink_{strength:g}"
 
 
+def _parse_candidate(name: str) -> tuple[str, float]:
+    family, _, variant = name.partition("/")
+    if variant == "per_finding":
+        return family, 0.0
+    if variant.startswith("shrink_"):
+        return family, float(variant.removeprefix("shrink_"))
+    return family, math.inf
+
+
+def _group_folds(groups: np.ndarray, n_folds: int):
+    return GroupKFold(n_splits=min(n_folds, len(np.unique(groups)))).split(groups, groups=groups)
+
+
 def cross_validated_nll(
     z: np.ndarray, y: np.ndarray, groups: np.ndarray, method: str, n_folds: int = 5
 ) -> dict[str, float]:
     """Mean held-out NLL per labelled entry of each candidate calibrator, with folds that keep patients together."""
-    n_groups = len(np.unique(groups))
-    folds = GroupKFold(n_splits=min(n_folds, n_groups)).split(z, groups=groups)
+    folds = _group_folds(groups, n_folds)
     totals: dict[str, float] = {_candidate_name(f, s): 0.0 for f, s in _candidates(method)}
     for train, test in folds:
         for family, strength in _candidates(method):
@@ -411,3 +423,22 @@ def fit_calibration(
         info["shared_temperature"] = fit_temperature(z, y)
         info["shrinkage_strength"] = None if math.isinf(strength) else strength
     return Calibration(tuple(findings), tuple(cals), np.asarray(thresholds), family, info)
+
+
+def cross_validated_probs(
+    logits: np.ndarray, labels: np.ndarray, groups: np.ndarray, calibration: Calibration, n_folds: int = 5
+) -> np.ndarray:
+    """Out-of-fold calibrated probabilities on the calibration set itself.
+
+    Each patient's probabilities come from the chosen calibrator refitted without that patient's fold, so the
+    ECE computed from them estimates calibration on unseen patients rather than the (optimistic) in-sample fit.
+    """
+    z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    if calibration.method == "none":
+        return expit(z)
+    family, strength = _parse_candidate(str(calibration.info.get("chosen", calibration.method)))
+    out = np.empty_like(z)
+    for train, test in _group_folds(np.asarray(groups), n_folds):
+        cals = _fit_family(family, z[train], y[train], strength)
+        out[test] = np.stack([c.apply(z[test, k]) for k, c in enumerate(cals)], axis=1)
+    return out

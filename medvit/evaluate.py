@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+from scipy.special import expit
 
 from medvit import metrics
 from medvit.calibrate import Calibration, atomic_write_text
@@ -102,13 +104,20 @@ def build_report(
     *,
     n_boot: int = 1000,
     seed: int = 0,
+    probs_calibrated: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The metrics.json content: per-finding metrics before/after calibration plus means over findings with a
-    defined AUROC. Findings without any labelled image are listed under `skipped_findings` with a reason."""
+    defined AUROC. Findings without any labelled image are listed under `skipped_findings` with a reason.
+
+    `probs_calibrated` replaces `calibration.apply(logits)` for ECE/Brier/NLL, e.g. with out-of-fold
+    probabilities when the report is computed on the calibration set itself; threshold statistics always use
+    `calibration.apply(logits)`, the scale the thresholds were chosen on.
+    """
     calibration.check_findings(findings)
     z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.float64)
-    raw = 1.0 / (1.0 + np.exp(-z))
-    cal = calibration.apply(z)
+    raw = expit(z)
+    applied = calibration.apply(z)
+    cal = applied if probs_calibrated is None else np.asarray(probs_calibrated, dtype=np.float64)
     resamples = metrics.patient_bootstrap_indices(groups, n_boot, seed) if n_boot > 0 else []
     per: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
@@ -116,7 +125,9 @@ def build_report(
         if not metrics.known(y[:, k]).any():
             skipped[name] = "no labelled images for this finding in the labels CSV"
             continue
-        per[name] = metrics.finding_metrics(raw[:, k], cal[:, k], y[:, k], float(calibration.thresholds[k]), resamples)
+        per[name] = metrics.finding_metrics(
+            raw[:, k], cal[:, k], y[:, k], float(calibration.thresholds[k]), resamples, probs_flag=applied[:, k]
+        )
     defined = [k for k, name in enumerate(findings) if name in per and per[name]["auroc"] is not None]
     if not defined:
         raise DatasetError(
@@ -170,7 +181,7 @@ def plot_curves(
     out = Path(out_dir)
     (out / "reliability").mkdir(parents=True, exist_ok=True)
     z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.float64)
-    raw, cal = 1.0 / (1.0 + np.exp(-z)), calibration.apply(z)
+    raw, cal = expit(z), calibration.apply(z)
     written = []
     cols = 4
     rows = -(-len(findings) // cols)
@@ -210,3 +221,115 @@ def plot_curves(
         fig.savefig(written[-1], dpi=80)
         plt.close(fig)
     return written
+
+
+# -------------------------------------------------------------------------------------------- orchestration
+
+
+def labelled_frame(
+    labels_csv: str | os.PathLike, images_dir: str | os.PathLike, findings: Sequence[str], split: str | None = None
+) -> pd.DataFrame:
+    """Rows of a labels CSV (NIH Data_Entry or wide format) to evaluate, optionally one split only."""
+    from medvit.data.datasets import load_labels
+
+    df = load_labels(labels_csv, images_dir, findings)
+    if split is not None:
+        available = sorted(df["split"].dropna().unique()) if "split" in df.columns else []
+        df = df[df["split"] == split]
+        if df.empty:
+            raise DatasetError(f"no rows with split {split!r} in {labels_csv} (splits present: {available or 'none'})")
+    return df.reset_index(drop=True)
+
+
+def run_split_frame(info: Any, split: str | None = None) -> tuple[pd.DataFrame, str]:
+    """The run's own held-out rows: `split`, else 'calib' when the run's split has one, else its val split.
+
+    The split is rebuilt exactly as training did (the CSV's column, or the seeded patient-wise assignment).
+    """
+    from medvit.data.datasets import assign_splits, load_labels
+
+    data = info.config.get("data")
+    if not data:
+        raise DatasetError(f"{info.run_dir}/config.json records no training data; pass --labels CSV --images DIR")
+    csv, root = Path(data["labels_csv"]), Path(data["images_root"])
+    if not csv.is_file() or not root.is_dir():
+        raise DatasetError(
+            f"the run's labels {csv} / images {root} are not found from {Path.cwd()}; pass --labels CSV --images DIR"
+        )
+    split_files = data.get("split_files")
+    df = load_labels(csv, root, info.findings, uncertainty=data.get("uncertainty", "ignore"), split_files=split_files)
+    policy = data.get("split", {})
+    if policy.get("policy") == "assign":
+        df = assign_splits(df, seed=policy.get("seed", 0), val=policy.get("val", 0.15), calib=policy.get("calib", 0.15))
+    if split is None:
+        split = "calib" if (df["split"] == "calib").any() else policy.get("val_name", "val")
+    out = df[df["split"] == split].reset_index(drop=True)
+    if out.empty:
+        raise DatasetError(f"the run's data ({csv}) has no {split!r} rows to calibrate or evaluate on")
+    return out, split
+
+
+def model_logits(model: Any, info: Any, df: pd.DataFrame, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of a run's model on the rows of `df`, with the run's own eval preprocessing."""
+    from medvit.data.datasets import XrayDataset
+    from medvit.data.transforms import build_transforms
+
+    dataset = XrayDataset(df, info.findings, build_transforms(info.preprocessing, train=False))
+    return collect_logits(model, dataset, batch_size)
+
+
+def load_calibration(run_dir: str | os.PathLike, findings: Sequence[str]) -> Calibration:
+    """The run's calibration.json, or the identity (raw sigmoid, threshold 0.5) with a warning when absent."""
+    path = Path(run_dir) / "calibration.json"
+    if not path.is_file():
+        _log.warning("%s not found: reporting uncalibrated probabilities with threshold 0.5", path)
+        return Calibration.identity(findings)
+    cal = Calibration.load(path)
+    cal.check_findings(findings)
+    return cal
+
+
+def evaluate_run(
+    run_dir: str | os.PathLike,
+    labels_csv: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    split: str | None = None,
+    batch_size: int = 32,
+    n_boot: int = 1000,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a run on a labelled set; writes OUT_DIR/metrics.json (and plots) and returns the report."""
+    from medvit.checkpoint import load_run
+
+    model, info = load_run(run_dir)
+    calibration = load_calibration(run_dir, info.findings)
+    df = labelled_frame(labels_csv, images_dir, info.findings, split)
+    logits, labels = model_logits(model, info, df, batch_size)
+    report = build_report(logits, labels, info.findings, df["patient_id"].to_numpy(), calibration, n_boot=n_boot)
+    fitted = calibration.info.get("fitted_on", {})
+    in_sample = fitted.get("labels") == Path(labels_csv).name and fitted.get("split") == split and split is not None
+    if in_sample:
+        _log.warning("evaluating on the split the calibrators were fitted on: 'after' metrics are optimistic")
+    report["evaluation"] = {
+        "description": f"{Path(labels_csv).name}" + (f", split {split!r}" if split else ", all rows"),
+        "labels": str(labels_csv),
+        "split": split,
+        "calibration_in_sample": in_sample,
+    }
+    report["run"] = {"dir": str(run_dir), "model": info.model_name, "weights_sha256": info.weights_sha256}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_metrics(report, out / "metrics.json")
+    if plots:
+        plot_curves(out, logits, labels, info.findings, calibration)
+    _log.info(
+        "mean AUROC %.3f, mean ECE %.3f (uncalibrated %.3f) on %d images -> %s",
+        report["mean_auroc"],
+        report["mean_ece"],
+        report["mean_ece_uncalibrated"],
+        report["n_images"],
+        out / "metrics.json",
+    )
+    return report

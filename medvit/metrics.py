@@ -203,12 +203,14 @@ def finding_metrics(
     labels: np.ndarray,
     threshold: float,
     resamples: Sequence[np.ndarray] = (),
+    probs_flag: np.ndarray | None = None,
 ) -> dict[str, object]:
     """All metrics of one finding, before (raw) and after (calibrated) calibration, NaN labels left out.
 
     AUROC/AUPRC and their CIs use the raw model output (the model's ranking, which temperature and Platt scaling
     do not change); ECE/Brier/NLL are reported for both; threshold statistics use the calibrated probabilities,
-    as the threshold is stored on that scale. `resamples` are image indices from `patient_bootstrap_indices`.
+    as the threshold is stored on that scale (`probs_flag` overrides them, e.g. in-sample probabilities when
+    `probs_cal` are out-of-fold). `resamples` are image indices from `patient_bootstrap_indices`.
     """
     mask = known(labels)
     y, p_raw, p_cal = np.asarray(labels)[mask], np.asarray(probs_raw)[mask], np.asarray(probs_cal)[mask]
@@ -232,7 +234,7 @@ def finding_metrics(
         "n_neg": int((y == 0).sum()),
         "n_labelled": int(y.size),
         "threshold": float(threshold),
-        **threshold_stats(p_cal, y, threshold),
+        **threshold_stats(p_cal if probs_flag is None else np.asarray(probs_flag)[mask], y, threshold),
     }
     reason = undefined_reason(y)
     if reason is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -96,3 +97,86 @@ def test_plots_are_written_for_every_labelled_finding(val_set, tmp_path):
     ]
     for p in written:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+
+
+@pytest.fixture(scope="module")
+def smoke_run(dev_subset_csv, dev_images, tmp_path_factory):
+    """A real smoke run (tiny DeiT3) trained and calibrated through the CLI on 24 + 12 real dev images."""
+    from medvit.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path_factory.mktemp("smoke") / "run"
+    overrides = ["--set", f"data.labels_csv={dev_subset_csv}", "--set", f"data.images_root={dev_images}"]
+    assert main(["train", "-c", str(root / "configs" / "smoke.yaml"), *overrides, "--out", str(run)]) == 0
+    assert main(["calibrate", "--run", str(run), "--method", "auto", "--n-boot", "100"]) == 0
+    return run
+
+
+def test_calibrate_writes_calibration_metrics_and_model_card(smoke_run):
+    cal = Calibration.load(smoke_run / "calibration.json")
+    config = json.loads((smoke_run / "config.json").read_text())
+    cal.check_findings(config["findings"])
+    assert cal.info["fitted_on"]["split"] == "val" and cal.info["fitted_on"]["n_images"] == 12  # no calib split
+    assert cal.info["chosen"] in cal.info["selection"]["cv_nll_per_label"]
+
+    report = json.loads((smoke_run / "metrics.json").read_text())
+    jsonschema.validate(report, evaluate.METRICS_SCHEMA)
+    assert report["evaluation"]["cross_validated"] is True
+    for name, m in report["findings"].items():
+        assert m["threshold"] == pytest.approx(cal.thresholds[cal.findings.index(name)])
+        if m["n_pos"] > 0:  # the threshold reaches the 0.9 target sensitivity on the data it was fitted on
+            assert m["sensitivity"] >= 0.9, name
+
+    card = (smoke_run / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: timm")
+    for section in (
+        "Not a diagnostic device",
+        "## Intended use",
+        "## Training data",
+        "## Evaluation",
+        "24 training images of 24 patients",
+        "Demonstration model",
+        "| Effusion |",
+    ):
+        assert section in card, section
+
+
+def test_evaluate_cli_writes_schema_valid_metrics_and_plots(smoke_run, dev_subset_csv, dev_images, tmp_path, capsys):
+    from medvit.cli import main
+
+    out = tmp_path / "eval"
+    args = ["--run", str(smoke_run), "--images", str(dev_images), "--split", "val", "--n-boot", "100"]
+    assert main(["evaluate", *args, "--labels", str(dev_subset_csv), "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = json.loads((out / "metrics.json").read_text())
+    jsonschema.validate(report, evaluate.METRICS_SCHEMA)
+    assert printed["mean_auroc"] == report["mean_auroc"] and report["n_images"] == 12
+    assert report["evaluation"]["calibration_in_sample"] is True  # same split the calibrators were fitted on
+    defined = [m["auroc"] for m in report["findings"].values() if m["auroc"] is not None]
+    assert report["mean_auroc"] == pytest.approx(np.mean(defined))
+    assert (out / "roc.png").is_file() and len(list((out / "reliability").glob("*.png"))) == 14
+
+    # the same images in the wide format (one column per finding) give the same metrics
+    import pandas as pd
+
+    nih = pd.read_csv(dev_subset_csv)
+    wide = pd.DataFrame({"Path": nih["Image Index"], "Patient ID": nih["Patient ID"], "split": nih["split"]})
+    for finding in NIH_FINDINGS:
+        wide[finding] = nih["Finding Labels"].str.split("|").apply(lambda labels, f=finding: float(f in labels))
+    wide.to_csv(tmp_path / "wide.csv", index=False)
+    assert (
+        main(["evaluate", *args, "--labels", str(tmp_path / "wide.csv"), "--out", str(tmp_path / "w"), "--no-plots"])
+        == 0
+    )
+    again = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert again["mean_auroc"] == pytest.approx(report["mean_auroc"])
+    for key in ("auroc", "auprc", "ece", "ece_uncalibrated", "brier", "n_pos", "threshold", "sensitivity"):
+        assert again["findings"]["Effusion"][key] == pytest.approx(report["findings"]["Effusion"][key]), key
+
+    assert (
+        main(
+            ["evaluate", *args[:-4], "--split", "calib", "--labels", str(dev_subset_csv), "--out", str(tmp_path / "x")]
+        )
+        == 2
+    )
+    assert "no rows with split 'calib'" in capsys.readouterr().err
