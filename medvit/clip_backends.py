@@ -263,7 +263,7 @@ def _check_open_clip_source(spec: ModelSpec, allow_random_init: bool) -> None:
         if not (path / "open_clip_config.json").is_file():
             raise WeightsNotFoundError(f"{path} has no open_clip_config.json; expected a folder from `hf download` "
                                        "of an open_clip repo or from `medvit align`")
-        has_weights = any(path.glob(p) for p in ("*.safetensors", "*.bin", "*.pth"))
+        has_weights = any(any(path.glob(p)) for p in ("*.safetensors", "*.bin", "*.pth"))
     elif spec.name.startswith("hf-hub:"):
         return
     else:
