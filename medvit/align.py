@@ -79,7 +79,7 @@ def load_pairs(
         if "split" not in df.columns or df["split"].isna().all():
             raise DatasetError(f"{csv_path} has no 'split' column; drop --split or add one")
         df = df[df["split"] == split]
-    df = df[df["text"].astype(str).str.strip() != ""].reset_index(drop=True)
+    df = df[df["text"].fillna("").astype(str).str.strip() != ""].reset_index(drop=True)
     if len(df) < 2:
         raise DatasetError(f"{csv_path}: need at least 2 image-text pairs (split={split!r}), found {len(df)}")
     return df[["path", "text"]]
