@@ -9,6 +9,7 @@ bad file, the good file still predicted) and the review app (`st.error`).
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -78,7 +79,7 @@ def test_the_corpus_is_big_and_covers_the_issue_list():
     assert all(c.expect is None or issubclass(c.expect, MedvitError) for c in CASES)
 
 
-@pytest.mark.timeout(PER_CASE_TIMEOUT)
+@pytest.mark.timeout(PER_CASE_TIMEOUT, func_only=True)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_library_gives_the_typed_error(case, bad_inputs):
     path = bad_inputs[case.name]
@@ -96,7 +97,7 @@ def test_library_gives_the_typed_error(case, bad_inputs):
         assert str(path) in message  # the message names the file
 
 
-@pytest.mark.timeout(PER_CASE_TIMEOUT)
+@pytest.mark.timeout(PER_CASE_TIMEOUT, func_only=True)
 @pytest.mark.parametrize("case", IMAGE_CASES, ids=lambda c: c.name)
 def test_image_bytes_upload_gives_the_typed_error(case, bad_inputs):
     """The app passes uploads as bytes: the same error, and no file name to leak or rely on."""
@@ -112,7 +113,7 @@ def test_image_bytes_upload_gives_the_typed_error(case, bad_inputs):
     assert type(info.value) is case.expect, f"{type(info.value).__name__}: {info.value}"
 
 
-@pytest.mark.timeout(PER_CASE_TIMEOUT)
+@pytest.mark.timeout(PER_CASE_TIMEOUT, func_only=True)
 @pytest.mark.parametrize("case", LABEL_CASES, ids=lambda c: c.name)
 def test_cli_data_check_exits_2_with_one_line(case, bad_inputs, capsys):
     path = bad_inputs[case.name]
@@ -127,3 +128,67 @@ def test_cli_data_check_exits_2_with_one_line(case, bad_inputs, capsys):
         _assert_one_line_error(err, case)
     elif code == 1:  # `data check` reports missing files in its summary rather than failing
         assert "missing image files: 1" in out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny random-init DeiT3 run folder written through the real checkpoint code."""
+    from _inference_run import make_tiny_run
+
+    return make_tiny_run(tmp_path_factory.mktemp("run") / "run")
+
+
+def _predict_argv(run: Path, *inputs: Path) -> list[str]:
+    return ["predict", "--run", str(run), "--backend", "torch", "--workers", "0", *map(str, inputs)]
+
+
+@pytest.mark.timeout(PER_CASE_TIMEOUT, func_only=True)
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=lambda c: c.name)
+def test_cli_predict_one_file_exits_2_with_one_line(case, bad_inputs, tiny_run, capsys):
+    code = cli_main(_predict_argv(tiny_run, bad_inputs[case.name]))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert code == case.exit_code, (out, err)
+    if code == 2:
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, err
+        assert (case.cli_fragment or case.fragment).lower() in errors[0].lower()
+
+
+@pytest.mark.timeout(120, func_only=True)
+def test_cli_predict_folder_records_an_error_row_per_file_and_goes_on(bad_inputs, tiny_run, tmp_path, capsys):
+    """The whole image corpus plus one good radiograph in one folder: one error row per bad image file,
+    the good files predicted, files that are not images (by name) left out, the run never stopped."""
+    import pandas as pd
+
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    for case in IMAGE_CASES:
+        src = bad_inputs[case.name]
+        if src.is_file():
+            shutil.copy(src, folder / case.name)
+    (folder / "good.dcm").write_bytes(corpus.dicom_bytes(corpus.small_cr()))
+    out_csv = tmp_path / "preds.csv"
+
+    code = cli_main([*_predict_argv(tiny_run, folder), "--out", str(out_csv)])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Traceback" not in out + err
+    rows = pd.read_csv(out_csv, keep_default_na=False)
+    by_file = {Path(f).name: g for f, g in rows.groupby("file")}
+
+    good = by_file.pop("good.dcm")
+    assert (good["error"] == "").all() and len(good) == len(good["finding"].unique()) >= 14
+    assert good["prob"].astype(float).between(0, 1).all()
+    picked = {".dcm", ".png", ".jpg", ".jpeg"}
+    for case in IMAGE_CASES:
+        if not (folder / case.name).is_file() or Path(case.name).suffix not in picked:
+            assert case.name not in by_file  # not an image by name: left out, as find_images documents
+            continue
+        table = by_file.pop(case.name)
+        if case.expect is None:
+            assert (table["error"] == "").all(), table["error"].iloc[0]
+        else:
+            assert len(table) == 1, f"{case.name}: predicted, expected an error row"
+            assert case.fragment.lower() in table["error"].iloc[0].lower(), table["error"].iloc[0]
+    assert not by_file  # nothing unexpected

@@ -54,6 +54,7 @@ class Case:
     why: str = ""
     cli_exit: int | None = None  # exit code of the CLI when not the default (2 for errors, 0 when accepted)
     kwargs: dict = field(default_factory=dict)  # extra arguments for the library call (labels: findings=...)
+    cli_fragment: str | None = None  # when the CLI words it differently (it sees a folder, not a file)
 
     @property
     def exit_code(self) -> int:
@@ -335,7 +336,8 @@ CASES: tuple[Case, ...] = (
          _lazy(lambda: _pil_bytes("TIFF"), "image.tiff"), "a TIFF (unsupported raster format)"),
     Case("preamble_only.dcm", "image", ImageReadError, "", _write(b"\x00" * 128 + b"DICM", "preamble_only.dcm"),
          "a DICOM preamble and nothing else"),
-    Case("a_folder.dcm", "image", ImageReadError, "is a directory", _directory, "a directory named .dcm"),
+    Case("a_folder.dcm", "image", ImageReadError, "is a directory", _directory, "a directory named .dcm",
+         cli_fragment="no DICOM/PNG/JPEG files found"),
     Case("named_pipe.dcm", "image", ImageReadError, "", _fifo,
          "a FIFO with no writer: must be refused, not read forever"),
     # --- broken DICOM
