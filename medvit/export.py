@@ -48,6 +48,9 @@ def _atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an export is meant to be shared
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

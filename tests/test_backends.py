@@ -1,0 +1,81 @@
+"""Every backend gives the fp32 table on a real image; `auto` only picks backends that match, and caches that."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _inference_run import make_tiny_run
+
+from medvit import backends
+from medvit.backends import BACKENDS, available_backends, self_check
+from medvit.data.dicom import read_image
+from medvit.errors import ConfigError
+from medvit.export import reference_inputs
+from medvit.inference import Predictor, load_model
+
+# bf16 keeps 8 bits of mantissa and int8 quantises activations: both may move a probability a little.
+TOLERANCE = {"torch": 1e-5, "torch-compile": 1e-4, "onnx": 1e-4, "torch-bf16": 0.02, "onnx-int8": 0.02}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDVIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MEDVIT_BACKEND", raising=False)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, dev_data):
+    return make_tiny_run(tmp_path_factory.mktemp("run") / "tiny", dev_data)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_backend_table_matches_fp32_on_real_dicom(name, run, cxr_dicom):
+    if name not in available_backends():
+        pytest.skip(f"{name}: {backends.unavailable_reason(name)}")
+    image = read_image(cxr_dicom)
+    ref = Predictor.from_dir(run, backend="torch").predict(image).table
+    pred = Predictor.from_dir(run, backend=name).predict(image)
+    assert pred.backend == name
+    table = pred.table
+    assert list(table["finding"]) == list(ref["finding"])
+    assert np.abs(table["prob_raw"] - ref["prob_raw"]).max() <= TOLERANCE[name]
+    assert np.abs(table["prob"] - ref["prob"]).max() <= TOLERANCE[name]
+    clear = ref["margin"].abs() > TOLERANCE[name]  # flags can only differ right at the threshold
+    assert (table["flag"][clear] == ref["flag"][clear]).all()
+    assert ref["prob_raw"].std() > 0.01, "the tiny model must give image-dependent, non-constant outputs"
+
+
+def test_auto_picks_a_matching_backend_and_caches_the_choice(run):
+    first = Predictor.from_dir(run)
+    check = first.self_check
+    assert check is not None and check.backend == first.backend.name
+    assert check.results[check.backend]["ok"]
+    assert check.results[check.backend]["max_abs_dp"] <= backends.AUTO_TOLERANCE
+    assert set(check.results) == set(available_backends())
+    second = Predictor.from_dir(run)
+    assert second.self_check is None, "the second start must reuse the cached self-check"
+    assert second.backend.name == first.backend.name
+
+
+def test_self_check_rejects_drifting_and_failing_backends(run, monkeypatch):
+    model, info = load_model(run)
+    sample = reference_inputs(info.config, info.preprocessing, n=2)
+    real_create = backends.create_backend
+
+    def flaky(name, *args, **kwargs):
+        if name == "onnx":
+            raise RuntimeError("simulated broken ORT build")
+        return real_create(name, *args, **kwargs)
+
+    monkeypatch.setattr(backends, "create_backend", flaky)
+    candidates = [b for b in ("torch", "torch-bf16", "onnx") if b in available_backends()]
+    check, engine = self_check(model, sample, candidates=candidates, tolerance=1e-9)
+    assert check.backend == "torch" and engine.name == "torch"
+    if "torch-bf16" in candidates:
+        assert not check.results["torch-bf16"]["ok"] and "tolerance" in check.results["torch-bf16"]["reason"]
+    assert not check.results["onnx"]["ok"] and "simulated" in check.results["onnx"]["reason"]
+
+
+def test_unknown_backend_is_a_config_error(run):
+    with pytest.raises(ConfigError, match="unknown backend"):
+        Predictor.from_dir(run, backend="tensorrt")
