@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import brentq, minimize_scalar
 from scipy.special import expit, logit, logsumexp
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
@@ -173,7 +173,42 @@ def fit_platt(z: np.ndarray, y: np.ndarray) -> Platt:
         a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
         if a > 0:
             return Platt(a, b)
-    return Platt(0.0, float(logit((n_pos + 0.5) / (len(y) + 1.0))))
+    return Platt(0.0, _prevalence_logit(y))
+
+
+def _prevalence_logit(y: np.ndarray) -> float:
+    return float(logit((np.sum(y == 1) + 0.5) / (len(y) + 1.0)))
+
+
+def fit_platt_shared_slope(z: np.ndarray, y: np.ndarray) -> list[Platt]:
+    """Platt scaling with one slope for all findings and one intercept per finding (NaN labels left out).
+
+    LogisticRegression on long-format rows [logit, one-hot finding]: rare findings borrow the slope from
+    common ones and only estimate their prevalence. A finding with one class gets its smoothed prevalence.
+    """
+    n, k = z.shape
+    rows, cols = np.nonzero(~np.isnan(y))
+    x = np.zeros((len(rows), 1 + k))
+    x[:, 0] = z[rows, cols]
+    x[np.arange(len(rows)), 1 + cols] = 1.0
+    target = y[rows, cols].astype(int)
+    slope, intercepts = 0.0, np.zeros(k)
+    if 0 < target.sum() < len(target):
+        lr = LogisticRegression(C=100.0, fit_intercept=False).fit(x, target)
+        slope, intercepts = max(float(lr.coef_[0, 0]), 0.0), lr.coef_[0, 1:]
+    out = []
+    for j in range(k):
+        known = ~np.isnan(y[:, j])
+        yj, zj = y[known, j], z[known, j]
+        if slope > 0 and yj.size and yj.min() < yj.max():
+            out.append(Platt(slope, float(intercepts[j])))
+        elif yj.size:  # one class: the intercept whose mean probability is the smoothed prevalence
+            target_p = expit(_prevalence_logit(yj))
+            b = brentq(lambda b, zj=zj, t=target_p: float(np.mean(expit(slope * zj + b))) - t, -60.0, 60.0)
+            out.append(Platt(slope, float(b)))
+        else:
+            out.append(Platt(0.0, 0.0))
+    return out
 
 
 def fit_isotonic(z: np.ndarray, y: np.ndarray) -> Isotonic:
@@ -183,11 +218,14 @@ def fit_isotonic(z: np.ndarray, y: np.ndarray) -> Isotonic:
     return Isotonic(tuple(map(float, iso.X_thresholds_)), tuple(map(float, iso.y_thresholds_)))
 
 
-def _fit_family(family: str, z: np.ndarray, y: np.ndarray, strength: float = math.inf) -> list[Calibrator]:
-    """One calibrator per finding column of z/y (NaN labels are left out)."""
+def _fit_family(family: str, z: np.ndarray, y: np.ndarray, strength: float = 0.0) -> list[Calibrator]:
+    """One calibrator per finding column of z/y (NaN labels are left out); `strength` inf shares the
+    temperature or the Platt slope across findings, 0 fits each finding alone."""
     if family == "temperature":
         _, temps = _fit_temperatures(z, y, strength)
         return [Temperature(t) for t in temps]
+    if family == "platt" and math.isinf(strength):
+        return list(fit_platt_shared_slope(z, y))
     fit = fit_platt if family == "platt" else fit_isotonic
     out: list[Calibrator] = []
     for k in range(z.shape[1]):
@@ -207,14 +245,19 @@ def _heldout_nll(cals: Sequence[Calibrator], z: np.ndarray, y: np.ndarray) -> fl
 
 def _candidates(method: str) -> list[tuple[str, float]]:
     temps = [("temperature", s) for s in SHRINKAGE_GRID]
+    platts = [("platt", 0.0), ("platt", math.inf)]
     if method == "temperature":
         return temps
+    if method == "platt":
+        return platts
     if method == "auto":
-        return [*temps, ("platt", math.inf), ("isotonic", math.inf)]
-    return [(method, math.inf)]
+        return [*temps, *platts, ("isotonic", 0.0)]
+    return [(method, 0.0)]
 
 
 def _candidate_name(family: str, strength: float) -> str:
+    if family == "platt":
+        return "platt/shared_slope" if math.isinf(strength) else "platt"
     if family != "temperature":
         return family
     if math.isinf(strength):
@@ -228,7 +271,7 @@ def _parse_candidate(name: str) -> tuple[str, float]:
         return family, 0.0
     if variant.startswith("shrink_"):
         return family, float(variant.removeprefix("shrink_"))
-    return family, math.inf
+    return family, (math.inf if variant in ("shared", "shared_slope") else 0.0)
 
 
 def _group_folds(groups: np.ndarray, n_folds: int):
@@ -399,7 +442,7 @@ def fit_calibration(
         cv = cross_validated_nll(z, y, groups, method, n_folds)
         family, strength = min(candidates, key=lambda c: cv[_candidate_name(*c)])
     else:  # nothing to cross-validate with: the least flexible candidate
-        family, strength = ("temperature", math.inf) if method in ("temperature", "auto") else candidates[0]
+        family, strength = ("temperature", math.inf) if method in ("temperature", "auto") else candidates[-1]
     chosen = _candidate_name(family, strength)
     _log.info("calibration: chose %s (CV NLL per label: %s)", chosen, {k: round(v, 4) for k, v in cv.items()})
 

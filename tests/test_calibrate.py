@@ -70,7 +70,7 @@ def test_platt_recovers_slope_and_intercept_and_round_trips():
     y = (rng.random(20000) < expit(0.5 * z - 1.0)).astype(float)
     cal = calibrate.fit_platt(z, y)
     assert cal.a == pytest.approx(0.5, rel=0.05) and cal.b == pytest.approx(-1.0, abs=0.07)
-    full = fit_calibration(z[:, None], y[:, None], ["Mass"], np.arange(20000), method="platt")
+    full = fit_calibration(z[:2000, None], y[:2000, None], ["Mass"], np.arange(2000), method="platt")
     loaded = Calibration.from_json(full.to_json())
     np.testing.assert_allclose(loaded.apply(z[:100, None]), full.apply(z[:100, None]))
 
@@ -201,3 +201,19 @@ def test_identity_is_the_plain_sigmoid():
     z = np.array([[-2.0, 0.0], [1.0, 3.0]])
     np.testing.assert_allclose(cal.apply(z), expit(z))
     assert cal.flags(cal.apply(z)).tolist() == [[False, True], [True, True]]
+
+
+def test_platt_shared_slope_borrows_the_slope_and_keeps_per_finding_prevalence():
+    rng = np.random.default_rng(13)
+    z = rng.normal(0, 2, size=(6000, 3))
+    y = (rng.random((6000, 3)) < expit(0.6 * z + np.array([-3.0, -1.0, 0.5]))).astype(float)
+    y[:, 2] = 0.0  # a finding without positives in the calibration data
+    cals = calibrate.fit_platt_shared_slope(z, y)
+    assert cals[0].a == cals[1].a == cals[2].a == pytest.approx(0.6, rel=0.08)
+    assert [c.b for c in cals[:2]] == pytest.approx([-3.0, -1.0], abs=0.12)
+    assert cals[2].apply(z[:, 2]).mean() == pytest.approx(0.5 / 6001, rel=0.05)  # smoothed prevalence
+    cal = fit_calibration(z[:1500], y[:1500], ["a", "b", "c"], np.arange(1500), method="platt")
+    assert set(cal.info["selection"]["cv_nll_per_label"]) == {"platt", "platt/shared_slope"}
+    loaded = Calibration.from_json(cal.to_json())
+    oof = calibrate.cross_validated_probs(z[:1500], y[:1500], np.arange(1500), loaded)
+    assert oof.shape == (1500, 3) and metrics.ece(oof[:, 0], y[:1500, 0]) < 0.03
