@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +47,10 @@ FORMAT_VERSION = 1
 
 
 class Calibrator(Protocol):
-    kind: str
+    """Maps one finding's logits to calibrated probabilities; `params` is its JSON form."""
+
+    @property
+    def kind(self) -> str: ...
 
     def apply(self, z: np.ndarray) -> np.ndarray: ...
 
@@ -321,21 +323,6 @@ def choose_threshold(
 # ------------------------------------------------------------------------------------------------ calibration
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same folder + fsync + rename, so readers never see a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @dataclass(frozen=True)
 class Calibration:
     """Per-finding calibrators and thresholds; `apply` maps model logits (N, K) to calibrated probabilities."""
@@ -393,7 +380,10 @@ class Calibration:
         return cls(names, cals, thresholds, str(d.get("method", "unknown")), info)
 
     def save(self, path: str | os.PathLike) -> None:
-        atomic_write_text(path, self.to_json())
+        """Write atomically (temp file + fsync + rename): a crash never leaves a half-written calibration."""
+        from medvit.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(path, self.to_json().encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:

@@ -18,7 +18,7 @@ import pandas as pd
 from scipy.special import expit
 
 from medvit import metrics
-from medvit.calibrate import Calibration, atomic_write_text
+from medvit.calibrate import Calibration
 from medvit.errors import DatasetError
 
 _log = logging.getLogger(__name__)
@@ -79,14 +79,13 @@ def _mean_auroc_ci(
     probs: np.ndarray, labels: np.ndarray, defined: Sequence[int], resamples: Sequence[np.ndarray]
 ) -> tuple[float, float] | None:
     """Patient-bootstrap CI of the mean AUROC; a resample averages over the findings defined in it."""
+    known = ~np.isnan(labels)
     means = []
     for idx in resamples:
-        vals = [
-            metrics.fast_auroc(probs[idx, k][m], labels[idx, k][m])
-            for k in defined
-            if (m := metrics.known(labels[idx, k])).any()
+        aurocs = [
+            metrics.fast_auroc(probs[idx, k][m], labels[idx, k][m]) for k in defined if (m := known[idx, k]).any()
         ]
-        vals = [v for v in vals if v is not None]
+        vals = [v for v in aurocs if v is not None]
         if vals:
             means.append(float(np.mean(vals)))
     if len(means) < 0.9 * len(resamples) or not means:
@@ -161,7 +160,9 @@ def build_report(
 
 def write_metrics(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Write metrics.json atomically; NaN/inf are refused so the file is strict JSON."""
-    atomic_write_text(path, json.dumps(report, indent=2, allow_nan=False))
+    from medvit.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(report, indent=2, allow_nan=False).encode())
 
 
 def plot_curves(

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from medvit.calibrate import atomic_write_text
+from medvit.checkpoint import atomic_write_bytes
 
 _log = logging.getLogger(__name__)
 
@@ -215,6 +215,6 @@ def render_model_card(run_dir: str | os.PathLike, notes: str | None = None) -> s
 def write_model_card(run_dir: str | os.PathLike, notes: str | None = None) -> Path:
     """Write run_dir/README.md atomically and return its path."""
     path = Path(run_dir) / CARD
-    atomic_write_text(path, render_model_card(run_dir, notes))
+    atomic_write_bytes(path, render_model_card(run_dir, notes).encode())
     _log.info("model card written to %s", path)
     return path

@@ -53,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.labels is None) != (args.images is None):
         raise ConfigError("--labels and --images go together")
+    if args.notes is not None and not args.notes.is_file():
+        raise ConfigError(f"--notes {args.notes}: file not found")
     if not 0 < args.target_sensitivity <= 1:
         raise ConfigError(f"--target-sensitivity must be in (0, 1], got {args.target_sensitivity}")
     model, info = load_run(args.run)
