@@ -171,6 +171,8 @@ def patient_bootstrap_indices(groups: Sequence | np.ndarray, n_boot: int, seed: 
     members = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
     rng = np.random.default_rng(seed)
     n_groups = len(members)
+    # int32 halves the memory of 1000 resamples of a large test set
+    members = [m.astype(np.int32) for m in members]
     return [np.concatenate([members[g] for g in rng.integers(0, n_groups, n_groups)]) for _ in range(n_boot)]
 
 

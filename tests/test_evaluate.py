@@ -180,3 +180,32 @@ def test_evaluate_cli_writes_schema_valid_metrics_and_plots(smoke_run, dev_subse
         == 2
     )
     assert "no rows with split 'calib'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy, expected", [("column", "val"), ("assign", "calib")])
+def test_run_split_frame_rebuilds_the_runs_held_out_split(dev_labels, dev_images, tmp_path, policy, expected):
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    if policy == "assign":  # a CSV without a split column, so training assigned train/val/calib itself
+        pd.read_csv(dev_labels).drop(columns=["split"]).to_csv(tmp_path / "labels.csv", index=False)
+        dev_labels = tmp_path / "labels.csv"
+    split = {"policy": policy, "val": 0.15, "calib": 0.2, "seed": 3, "train_name": "train", "val_name": "val"}
+    data = {"labels_csv": str(dev_labels), "images_root": str(dev_images), "split": split}
+    info = SimpleNamespace(config={"data": data}, findings=NIH_FINDINGS, run_dir=Path("run"))
+    df, name = evaluate.run_split_frame(info)
+    assert name == expected and set(df["split"]) == {expected}
+    if policy == "column":
+        assert len(df) == 51
+    else:  # the same seeded patient-wise assignment as training: 20% of the 337 patients
+        from medvit.data.datasets import assign_splits, load_labels
+
+        full = assign_splits(load_labels(dev_labels, dev_images), seed=3, val=0.15, calib=0.2)
+        assert sorted(df["image_id"]) == sorted(full.loc[full["split"] == "calib", "image_id"])
+        assert len(df) == round(337 * 0.2)
+    info.config["data"]["labels_csv"] = "/nonexistent/labels.csv"
+    from medvit.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="pass --labels CSV --images DIR"):
+        evaluate.run_split_frame(info)
