@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from medvit.config import ModelConfig
-from medvit.errors import CheckpointError, WeightsNotFoundError
+from medvit.errors import CheckpointError, ConfigError, WeightsNotFoundError
 
 _log = logging.getLogger(__name__)
 
@@ -75,7 +75,8 @@ class Classifier(nn.Module):
         """Freeze layer groups 0..n_layers-1 (group 0 is the stem: patch embedding, cls and pos tokens)."""
         n_groups = max(self._layers.values(), default=-1) + 1
         if n_layers > n_groups:
-            raise ValueError(f"cannot freeze {n_layers} layer groups: the backbone has {n_groups}")
+            raise ConfigError(f"model.freeze_blocks={n_layers - 1} but {type(self.backbone).__name__} has only "
+                              f"{n_groups - 1} blocks/stages after the stem; lower model.freeze_blocks")
         for name, p in self.backbone.named_parameters():
             p.requires_grad = self._layers.get(name, math.inf) >= n_layers
         self.frozen_layers = n_layers

@@ -112,6 +112,8 @@ class _Trainer:
         if t.batch_size % (info.world_size * t.accum_steps):
             raise ConfigError(f"train.batch_size {t.batch_size} must be divisible by world size {info.world_size} "
                               f"x accum_steps {t.accum_steps}")
+        if t.num_threads is not None:
+            torch.set_num_threads(t.num_threads)
         seed_everything(cfg.seed, t.deterministic)
         self.splits = load_splits(cfg)
         self.findings = list(cfg.data.findings)
@@ -142,7 +144,8 @@ class _Trainer:
         self.dtype = resolve_precision(t.precision, info.device)
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         self.state: dict[str, Any] = {"epoch": 0, "global_step": 0, "best_score": -math.inf, "best_epoch": -1,
-                                      "best_val_mean_auroc": math.nan, "bad_epochs": 0, "elapsed_s": 0.0}
+                                      "best_val_mean_auroc": math.nan, "bad_epochs": 0,
+                                      "saved_epoch": -1, "saved_val_mean_auroc": math.nan, "elapsed_s": 0.0}
 
     # ---- setup / teardown ----
 
@@ -205,10 +208,11 @@ class _Trainer:
         if self.ema is not None:
             self.ema.update(self.net, step=self.state["global_step"])
 
+    def _eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None and self.cfg.train.ema.evaluate else self.net
+
     def _validate(self) -> tuple[float, float, dict[str, float]]:
-        use_ema = self.ema is not None and self.cfg.train.ema.evaluate
-        model = self.ema.module if use_ema else self.net
-        probs, labels = predict_probs(model, self.val_loader, self.info.device, self.dtype)
+        probs, labels = predict_probs(self._eval_model(), self.val_loader, self.info.device, self.dtype)
         logits = torch.logit(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6))
         val_loss = float(self.criterion(logits, torch.from_numpy(labels).to(logits.device)))
         auroc, per = mean_auroc(labels, probs, self.findings)
@@ -225,10 +229,11 @@ class _Trainer:
             st.update(epoch=epoch + 1, elapsed_s=st["elapsed_s"] + seconds)
             if improved:
                 st.update(best_score=score, best_epoch=epoch + 1, best_val_mean_auroc=auroc, bad_epochs=0)
-                best = self.ema.module if self.ema is not None and self.cfg.train.ema.evaluate else self.net
-                ckpt.save_weights(self.run_dir / ckpt.WEIGHTS, best)
             else:
                 st["bad_epochs"] += 1
+            if improved or self.cfg.train.select == "last":
+                ckpt.save_weights(self.run_dir / ckpt.WEIGHTS, self._eval_model())
+                st["saved_epoch"], st["saved_val_mean_auroc"] = epoch + 1, auroc
             log.write({"epoch": epoch + 1, "step": st["global_step"], "lr": self.optimizer.param_groups[-1]["lr"],
                        "train_loss": train_loss, "val_loss": val_loss, "val_mean_auroc": auroc,
                        "best": int(improved), "seconds": round(seconds, 1),
@@ -265,7 +270,9 @@ class _Trainer:
         sp, st = self.splits, self.state
         return {
             "epochs_run": st["epoch"], "best_epoch": st["best_epoch"], "best_val_mean_auroc": st["best_val_mean_auroc"],
-            "selection_weights": "ema" if self.ema is not None and self.cfg.train.ema.evaluate else "raw",
+            "select": self.cfg.train.select, "saved_epoch": st["saved_epoch"],
+            "saved_val_mean_auroc": st["saved_val_mean_auroc"],
+            "weights": "ema" if self.ema is not None and self.cfg.train.ema.evaluate else "raw",
             "train_images": len(sp.train), "train_patients": int(sp.train["patient_id"].nunique()),
             "val_images": len(sp.val), "val_patients": int(sp.val["patient_id"].nunique()),
             "train_seconds": round(st["elapsed_s"], 1), "world_size": self.info.world_size,
