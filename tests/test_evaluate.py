@@ -209,3 +209,26 @@ def test_run_split_frame_rebuilds_the_runs_held_out_split(dev_labels, dev_images
 
     with pytest.raises(DatasetError, match="pass --labels CSV --images DIR"):
         evaluate.run_split_frame(info)
+
+
+def test_collect_logits_runs_in_order_without_grad_and_restores_training_mode():
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+            self.seen_grad = []
+
+        def forward(self, x):
+            self.seen_grad.append(torch.is_grad_enabled())
+            return self.fc(x.flatten(1))
+
+    x = torch.randn(10, 1, 2, 2)
+    y = torch.tensor([[1.0, float("nan")]] * 10)
+    model = Tiny().train()
+    logits, labels = evaluate.collect_logits(model, list(zip(x, y, strict=True)), batch_size=4)
+    assert logits.shape == (10, 2) and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, model.fc(x.flatten(1)).detach().numpy(), rtol=1e-6)
+    assert np.isnan(labels[:, 1]).all() and (labels[:, 0] == 1).all()
+    assert model.seen_grad == [False, False, False] and model.training
