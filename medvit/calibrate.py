@@ -34,6 +34,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import precision_recall_curve, roc_curve
 from sklearn.model_selection import GroupKFold
 
+from medvit import metrics
 from medvit.errors import CheckpointError, DatasetError
 
 _log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ def fit_platt_shared_slope(z: np.ndarray, y: np.ndarray) -> list[Platt]:
     LogisticRegression on long-format rows [logit, one-hot finding]: rare findings borrow the slope from
     common ones and only estimate their prevalence. A finding with one class gets its smoothed prevalence.
     """
-    n, k = z.shape
+    k = z.shape[1]
     rows, cols = np.nonzero(~np.isnan(y))
     x = np.zeros((len(rows), 1 + k))
     x[:, 0] = z[rows, cols]
@@ -237,11 +238,12 @@ def _fit_family(family: str, z: np.ndarray, y: np.ndarray, strength: float = 0.0
 
 
 def _heldout_nll(cals: Sequence[Calibrator], z: np.ndarray, y: np.ndarray) -> float:
+    """Summed NLL over the labelled entries of held-out rows."""
     total = 0.0
     for k, cal in enumerate(cals):
         m = ~np.isnan(y[:, k])
-        p = np.clip(cal.apply(z[m, k]), 1e-7, 1 - 1e-7)
-        total -= float(np.sum(y[m, k] * np.log(p) + (1 - y[m, k]) * np.log1p(-p)))
+        if m.any():
+            total += metrics.nll(cal.apply(z[m, k]), y[m, k]) * int(m.sum())
     return total
 
 
