@@ -1,0 +1,117 @@
+"""medvit review: a clinician opens a chest X-ray and sees calibrated findings, saliency and zero-shot probes,
+and records agreement. UI only — decoding, prediction, saliency and storage live in medvit.
+
+Start with `medvit review` (settings arrive as MEDVIT_* environment variables; see docs/app.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import streamlit as st
+from _widgets import (
+    BANNER,
+    feedback_form,
+    findings_panel,
+    history_panel,
+    image_panel,
+    patient_panel,
+    reported,
+    zero_shot_panel,
+)
+
+from medvit.review_service import AppSettings, ReviewService, load_zero_shot
+from medvit.review_store import ReviewStore
+from medvit.worklist import list_worklist, patient_identifiers
+
+_log = logging.getLogger("medvit.app")
+
+
+@st.cache_resource(show_spinner="Loading the model…")
+def get_service(run_dir: str | None) -> ReviewService:
+    return ReviewService.load(run_dir)
+
+
+@st.cache_resource(show_spinner=False)
+def get_store(db_url: str | None) -> ReviewStore:
+    return ReviewStore(db_url)
+
+
+@st.cache_resource(show_spinner="Loading the CLIP model…")
+def get_zero_shot():
+    return load_zero_shot()
+
+
+def choose_file(settings: AppSettings) -> tuple[bytes, str] | None:
+    """The image to review: an upload, else the worklist selection, else the default example."""
+    st.sidebar.header("Image")
+    upload = st.sidebar.file_uploader(
+        "Upload a DICOM, PNG or JPEG", key="upload", max_upload_size=settings.max_upload_mb,
+        help=f"Up to {settings.max_upload_mb} MB; the format is recognised from the content.",
+    )  # fmt: skip
+    if upload is not None:
+        return upload.getvalue(), upload.name
+    if settings.worklist is not None:
+        with reported("Worklist"):
+            listing = list_worklist(settings.worklist)
+            st.sidebar.caption(f"Worklist: {settings.worklist} ({len(listing)} files)")
+            st.sidebar.dataframe(listing, hide_index=True, key="worklist_table")
+            names = ["—", *listing["file"]]
+            choice = st.sidebar.selectbox("Open from worklist", names, key="worklist_choice")
+            if choice != "—":
+                path = settings.worklist / choice
+                return path.read_bytes(), choice
+    if settings.default_file is not None:
+        path = Path(settings.default_file)
+        with reported("Default image"):
+            return path.read_bytes(), path.name
+    st.info("Upload an image to start.")
+    return None
+
+
+def main() -> None:
+    st.set_page_config(page_title="medvit review", layout="wide")
+    st.warning(BANNER, icon="⚠️")
+    st.title("Chest X-ray review")
+    settings = service = store = analysis = None
+    with reported("Settings"):
+        settings = AppSettings.from_env()
+    if settings is None:
+        return
+    with reported("Model"):
+        service = get_service(settings.run_dir)
+    with reported("Review database"):
+        store = get_store(settings.db_url)
+    if service is None:
+        return
+    info = service.predictor.info
+    st.sidebar.caption(
+        f"Model **{info.model_name}** · backend {service.predictor.backend.name} · "
+        f"weights {info.weights_sha256[:12]} · {'calibrated' if service.predictor.calibrated else 'uncalibrated'}"
+    )
+    chosen = choose_file(settings)
+    if chosen is None:
+        return
+    data, name = chosen
+    with reported(f"Cannot read {name}"):
+        analysis = service.analyze(data, name, max_bytes=settings.max_upload_bytes)
+    if analysis is None:
+        return
+
+    left, right = st.columns([5, 4], gap="large")
+    with left:
+        with reported("Image"):
+            image_panel(service, analysis)
+        patient_panel(patient_identifiers(data))
+    with right:
+        table = findings_panel(service, analysis)
+        if table is not None and store is not None:
+            feedback_form(store, analysis, table, info.model_name)
+        if store is not None:
+            history_panel(store, analysis)
+    zero_shot_panel(get_zero_shot, analysis)
+
+
+with reported("medvit review"):
+    main()

@@ -1,0 +1,87 @@
+"""`medvit review`: start the Streamlit review app (apps/review.py) on this machine.
+
+Settings reach the app through environment variables (read by `medvit.review_service.AppSettings`), so
+`streamlit run apps/review.py` and the AppTest harness see exactly the same configuration.
+The server binds to localhost unless --host says otherwise: the app shows patient images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from medvit.errors import ConfigError
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_MB = 64
+
+
+def app_path() -> Path:
+    """apps/review.py of this source checkout (the app is not part of the installed package)."""
+    return Path(__file__).resolve().parents[2] / "apps" / "review.py"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", help="run folder to serve (default: $MEDVIT_RUN, else the demo model in models/demo)")
+    parser.add_argument("--worklist", help="folder of DICOM/PNG/JPEG files to list in the app")
+    parser.add_argument("--file", help="image to open at start (default: RG1_UNCI.dcm from pydicom-data)")
+    parser.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    parser.add_argument("--host", default="localhost", help="address to bind (default localhost; 0.0.0.0 exposes it)")
+    parser.add_argument("--db", help="review database URL (default: $MEDVIT_DB_URL, else SQLite in the user data dir)")
+    parser.add_argument(
+        "--max-upload-mb", type=int, default=DEFAULT_MAX_UPLOAD_MB, help="largest upload accepted, in MB"
+    )
+
+
+def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The streamlit command line and the environment for the app; validated, not yet run."""
+    script = app_path()
+    if not script.is_file():
+        raise ConfigError(f"{script} not found: `medvit review` runs from a source checkout of medvit")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: not a TCP port")
+    if args.max_upload_mb < 1:
+        raise ConfigError("--max-upload-mb must be at least 1")
+    env = dict(os.environ)
+    for flag, name, is_dir in (("run", "MEDVIT_RUN", True), ("worklist", "MEDVIT_WORKLIST", True),
+                               ("file", "MEDVIT_FILE", False)):  # fmt: skip
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        path = Path(value).expanduser().resolve()
+        if not (path.is_dir() if is_dir else path.is_file()):
+            raise ConfigError(f"--{flag} {value}: {'folder' if is_dir else 'file'} not found")
+        env[name] = str(path)
+    if args.db:
+        env["MEDVIT_DB_URL"] = args.db
+    env["MEDVIT_MAX_UPLOAD_MB"] = str(args.max_upload_mb)
+    # The app never downloads weights mid-session; huggingface_hub reads these once, at import.
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(script),
+        "--server.address", args.host,
+        "--server.port", str(args.port),
+        "--server.maxUploadSize", str(args.max_upload_mb),
+        "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
+        "--client.showErrorDetails", "none",
+        "--client.toolbarMode", "minimal",
+    ]  # fmt: skip
+    return cmd, env
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd, env = build_command(args)
+    if args.host not in ("localhost", "127.0.0.1", "::1"):
+        _log.warning("binding to %s: the app will be reachable from other machines", args.host)
+    print(f"medvit review: http://{args.host}:{args.port}  (Ctrl+C to stop)", flush=True)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 130

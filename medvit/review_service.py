@@ -1,0 +1,367 @@
+"""Everything the review app does that is not drawing: file bytes -> image + findings + saliency, cached by hash.
+
+The Streamlit app (apps/review.py) only lays these results out; the benchmark (benchmarks/app_latency.py)
+times the same `ReviewService.analyze` call, so the number it reports is the app's upload -> table latency.
+One `ReviewService` is shared by all browser sessions (st.cache_resource), hence the locks: the model is
+not re-entrant while saliency hooks are attached to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from medvit.data.dicom import XrayImage, apply_window, check_chest_frontal, read_image
+from medvit.errors import ImageReadError, ImageTooLargeError, MedvitError, UnsupportedImageError
+from medvit.inference import Prediction, Predictor, resolve_run_dir
+from medvit.review_store import ShownFinding
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_MB = 64
+DEFAULT_EXAMPLE = "RG1_UNCI.dcm"  # a real 15-bit MONOCHROME1 PA chest CR from pydicom-data
+DISPLAY_MAX_SIDE = 1024
+SaliencyMethod = Literal["rollout", "gradcam"]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """The app's configuration, from the environment `medvit review` sets up."""
+
+    run_dir: str | None = None  # None: $MEDVIT_RUN, else the demo model
+    worklist: Path | None = None
+    default_file: Path | None = None
+    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+    db_url: str | None = None  # None: $MEDVIT_DB_URL, else SQLite in the user data dir
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+    @classmethod
+    def from_env(cls) -> AppSettings:
+        env = os.environ
+        try:
+            max_mb = int(env.get("MEDVIT_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB))
+        except ValueError:
+            raise MedvitError(f"MEDVIT_MAX_UPLOAD_MB={env['MEDVIT_MAX_UPLOAD_MB']!r} is not a whole number") from None
+        file = env.get("MEDVIT_FILE")
+        return cls(
+            run_dir=env.get("MEDVIT_RUN") or None,
+            worklist=Path(env["MEDVIT_WORKLIST"]) if env.get("MEDVIT_WORKLIST") else None,
+            default_file=Path(file) if file else default_example(),
+            max_upload_mb=max_mb,
+            db_url=env.get("MEDVIT_DB_URL") or None,
+        )
+
+
+def default_example() -> Path | None:
+    """RG1_UNCI.dcm from pydicom-data, the image a fresh install opens on (None if the package is missing)."""
+    try:
+        from pydicom.data import get_testdata_file
+
+        path = get_testdata_file(DEFAULT_EXAMPLE)
+    except Exception:  # noqa: BLE001 - optional data package: any failure just means "no example"
+        _log.warning("pydicom-data not available: the app starts without an example image")
+        return None
+    return Path(path) if path else None
+
+
+def check_upload(data: bytes, name: str, max_bytes: int) -> None:
+    """Refuse empty and oversized uploads before decoding them.
+
+    Raises:
+        ImageReadError: the file is empty.
+        ImageTooLargeError: the file exceeds `max_bytes`.
+    """
+    if not data:
+        raise ImageReadError(f"{name}: the file is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(
+            f"{name}: {len(data) / 2**20:.1f} MB exceeds the upload limit of {max_bytes / 2**20:.0f} MB "
+            "(raise it with `medvit review --max-upload-mb N`)"
+        )
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One file, read and (unless refused) scored; what the app shows for it."""
+
+    name: str
+    sha256: str
+    image: XrayImage
+    image_uid: str  # SOP Instance UID, or the SHA-256 of the bytes for PNG/JPEG: the review database key
+    image_uid_kind: Literal["sop_instance_uid", "sha256"]
+    prediction: Prediction | None
+    refusal: str | None  # why there are no numbers (lateral view, not a chest...)
+    notes: tuple[str, ...]  # reader warnings and caveats to show beside the image
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def shown(self) -> dict[str, ShownFinding]:
+        """The numbers on screen, in the form the review database stores them."""
+        if self.prediction is None:
+            return {}
+        return {
+            r.finding: ShownFinding(prob=float(r.prob), threshold=float(r.threshold), prob_raw=float(r.prob_raw))
+            for r in self.prediction.table.itertuples()
+        }
+
+
+def findings_table(prediction: Prediction, card: dict[str, dict[str, float | None]] | None = None) -> pd.DataFrame:
+    """The findings panel: sorted by how far each finding sits past its threshold, model-card metrics alongside."""
+    table = prediction.table.sort_values("margin", ascending=False, kind="stable").reset_index(drop=True)
+    if card:
+        table["auroc"] = [card.get(f, {}).get("auroc") for f in table["finding"]]
+        table["ece"] = [card.get(f, {}).get("ece") for f in table["finding"]]
+    return table
+
+
+def model_card_metrics(run_dir: Path) -> dict[str, dict[str, float | None]]:
+    """Per-finding AUROC and ECE from the run's metrics.json ({} when the run was never evaluated)."""
+    from medvit.checkpoint import read_json
+
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return {}
+    try:
+        doc = read_json(path)
+        return {f: {"auroc": m.get("auroc"), "ece": m.get("ece")} for f, m in doc["findings"].items()}
+    except (MedvitError, KeyError, TypeError, AttributeError) as e:
+        _log.warning("ignoring unreadable model card metrics %s: %s", path, e)
+        return {}
+
+
+class _Lru:
+    """A small thread-safe LRU of computed results (errors are not cached)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._items, self._lock = size, OrderedDict[Any, Any](), threading.Lock()
+
+    def get_or_compute(self, key: Any, compute: Callable[[], _T]) -> _T:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+
+class ReviewService:
+    """One loaded model plus the per-file caches the app reads from."""
+
+    def __init__(self, predictor: Predictor, *, cache_size: int = 32) -> None:
+        self.predictor = predictor
+        self.run_dir = predictor.info.run_dir
+        self.model_card = model_card_metrics(self.run_dir)
+        self._model_lock = threading.Lock()
+        self._analyses = _Lru(cache_size)
+        self._saliency = _Lru(4 * cache_size)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str] | None = None) -> ReviewService:
+        """Load the run (`run_dir`, else $MEDVIT_RUN, else the demo model) once for the app's lifetime."""
+        return cls(Predictor.from_dir(resolve_run_dir(run_dir)))
+
+    @property
+    def findings(self) -> tuple[str, ...]:
+        return self.predictor.findings
+
+    def analyze(self, data: bytes, name: str, *, max_bytes: int = DEFAULT_MAX_UPLOAD_MB * 2**20) -> Analysis:
+        """Decode and score one file; a second call with the same bytes returns the cached result.
+
+        Raises:
+            MedvitError: empty, oversized, corrupt or unsupported file (the message names the problem).
+        """
+        check_upload(data, name, max_bytes)
+        digest = hashlib.sha256(data).hexdigest()
+        return self._analyses.get_or_compute(digest, lambda: self._analyze(data, name, digest))
+
+    def _analyze(self, data: bytes, name: str, digest: str) -> Analysis:
+        t0 = time.perf_counter()
+        image = read_image(data)
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        meta = image.meta
+        notes = list(meta.warnings)
+        if meta.source != "dicom":
+            notes.append(
+                f"{meta.source.upper()} has no DICOM header: view and body part cannot be checked; "
+                "the model reads frontal (PA/AP) chest radiographs only"
+            )
+        prediction, refusal = None, None
+        try:
+            check_chest_frontal(meta)
+            with self._model_lock:
+                prediction = self.predictor.predict(image)
+        except UnsupportedImageError as e:
+            refusal = str(e)
+        timings = {"decode": decode_ms, **(prediction.timings_ms if prediction else {})}
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        timings["overhead"] = timings["total"] - sum(v for k, v in timings.items() if k != "total")
+        uid = meta.sop_instance_uid
+        use_uid = meta.source == "dicom" and uid is not None and _is_dicom_uid(uid)
+        _log.info("analyzed %s in %.0f ms%s", name, timings["total"], f" (refused: {refusal})" if refusal else "")
+        return Analysis(
+            name=name, sha256=digest, image=image, image_uid=uid if use_uid else digest,  # type: ignore[arg-type]
+            image_uid_kind="sop_instance_uid" if use_uid else "sha256", prediction=prediction, refusal=refusal,
+            notes=tuple(notes), timings_ms=timings,
+        )  # fmt: skip
+
+    def saliency(
+        self, analysis: Analysis, method: SaliencyMethod, finding: str | None, size: tuple[int, int]
+    ) -> np.ndarray:
+        """An (H, W) map in [0, 1] of where the model looked: rollout, or Grad-CAM for `finding`."""
+        from medvit.saliency import attention_rollout, grad_cam, to_image
+
+        if method == "gradcam" and finding not in self.findings:
+            raise MedvitError(f"choose one of the model's findings for Grad-CAM (got {finding!r})")
+        key = (analysis.sha256, method, finding if method == "gradcam" else None)
+
+        def compute() -> torch.Tensor:
+            x = self.predictor.transform(analysis.image.pixels).unsqueeze(0)
+            model = self.predictor.model
+            with self._model_lock:
+                if method == "rollout":
+                    return attention_rollout(model, x)[0]
+                return grad_cam(model, x, self.findings.index(finding))[0]  # type: ignore[arg-type]
+
+        grid = self._saliency.get_or_compute(key, compute)
+        _, h_in, w_in = self.predictor.info.preprocessing["input_size"]
+        return to_image(grid, (int(h_in), int(w_in)), size)
+
+
+def _is_dicom_uid(uid: str) -> bool:
+    return 0 < len(uid) <= 64 and all(part.isdigit() for part in uid.split("."))
+
+
+@dataclass(frozen=True)
+class WindowDefaults:
+    """Slider set-up for re-windowing: the values to window, their range and the header's VOI."""
+
+    values: np.ndarray
+    low: float
+    high: float
+    center: float
+    width: float
+    base_invert: bool  # MONOCHROME1 / INVERSE: inverted already in the default display
+
+
+def window_defaults(image: XrayImage) -> WindowDefaults:
+    """DICOM: modality values and the VOI the reader applied; PNG/JPEG: their 0-255 display values."""
+    if image.raw is not None:
+        raw = image.raw
+        low, high = float(raw.min()), float(raw.max())
+        center = image.meta.window_center if image.meta.window_center is not None else (low + high) / 2
+        width = image.meta.window_width if image.meta.window_width is not None else max(high - low, 1.0)
+        return WindowDefaults(raw, low, high, float(center), float(width), image.meta.inverted)
+    return WindowDefaults(image.pixels * 255.0, 0.0, 255.0, 127.5, 255.0, False)
+
+
+def display_pixels(image: XrayImage, center: float, width: float, invert: bool) -> np.ndarray:
+    """The image as the reader wants to see it, at most `DISPLAY_MAX_SIDE` pixels on a side.
+
+    At the header's own VOI the reader's pixels are shown unchanged (this also covers VOI LUT tables,
+    which a linear window only approximates); otherwise `apply_window` re-windows the modality values.
+    """
+    d = window_defaults(image)
+    if np.isclose(center, d.center) and np.isclose(width, d.width):
+        pixels = 1.0 - image.pixels if invert else image.pixels
+    else:
+        pixels = apply_window(d.values, center, max(width, 1.0), invert=d.base_invert != invert)
+    return downscale(pixels, DISPLAY_MAX_SIDE)
+
+
+def downscale(pixels: np.ndarray, max_side: int) -> np.ndarray:
+    """Area-style (antialiased) downscale so the longest side is at most `max_side`; float32 in [0, 1]."""
+    h, w = pixels.shape
+    scale = max_side / max(h, w)
+    if scale >= 1:
+        return pixels.astype(np.float32, copy=False)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    t = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
+    out = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0]
+    return out.clamp(0, 1).numpy()
+
+
+def load_zero_shot() -> Any:
+    """The CLIP scorer named by $MEDVIT_CLIP, with $MEDVIT_CLIP_TEMPERATURES applied when set.
+
+    Always offline: a review session must not stall on (or depend on) a download, so the weights have to be
+    a local folder or already in the Hugging Face cache.
+
+    Raises:
+        ConfigError: no CLIP model configured.
+        WeightsNotFoundError: the configured weights are not available offline.
+    """
+    from medvit.zeroshot import ZeroShotScorer
+
+    return ZeroShotScorer.load(offline=True, temperatures=os.environ.get("MEDVIT_CLIP_TEMPERATURES") or None)
+
+
+def zero_shot_table(scorer: Any, image: XrayImage, prompts: list[str], pairs: list[str]) -> pd.DataFrame:
+    """Free-text prompts (cosine similarity, and a softmax across them when there are several) and
+    "positive | negative" pairs (negative optional: the positive is negated). Columns: mode, prompt, prob,
+    similarity, calibration ("uncalibrated" unless a fitted temperature exists for that pair)."""
+    parts = []
+    prompts = [p.strip() for p in prompts if p.strip()]
+    if prompts:
+        sims = scorer.similarity([image], prompts)[0]
+        rows = pd.DataFrame({"mode": "prompt", "prompt": prompts, "similarity": sims, "calibration": "uncalibrated"})
+        rows["prob"] = scorer.multiclass([image], [[p] for p in prompts])[0] if len(prompts) > 1 else np.nan
+        parts.append(rows)
+    pair_objs = []
+    for line in pairs:
+        pos, sep, neg = line.partition("|")
+        if pos.strip():
+            pair_objs.append(scorer.prompts.custom_pair(pos.strip(), neg.strip() if sep and neg.strip() else None))
+    if pair_objs:
+        table = scorer.score_pairs(image, pair_objs)
+        parts.append(pd.DataFrame({
+            "mode": "pair", "prompt": [f"{p.positive[0]} | {p.negative[0]}" for p in pair_objs], "prob": table["prob"],
+            "similarity": table["s_pos"] - table["s_neg"], "calibration": table["calibration"],
+        }))  # fmt: skip
+    if not parts:
+        return pd.DataFrame(columns=["mode", "prompt", "prob", "similarity", "calibration"])
+    return pd.concat(parts, ignore_index=True)[["mode", "prompt", "prob", "similarity", "calibration"]]
+
+
+def metadata_rows(meta: Any) -> dict[str, str]:
+    """The metadata panel of one image (`ImageMeta`), as label -> text; no patient identifiers."""
+    from pydicom.uid import UID
+
+    def text(value: object) -> str:
+        return "not given" if value in (None, "") else str(value)
+
+    spacing = "not given"
+    if meta.pixel_spacing:
+        spacing = f"{meta.pixel_spacing[0]:.4g} × {meta.pixel_spacing[1]:.4g} mm ({meta.pixel_spacing_source})"
+    syntax = text(meta.transfer_syntax)
+    if meta.transfer_syntax:
+        name = UID(meta.transfer_syntax).name
+        syntax = f"{name} ({meta.transfer_syntax})" if name != meta.transfer_syntax else syntax
+    voi = meta.voi_source
+    if meta.window_center is not None and meta.window_width is not None:
+        voi = f"C {meta.window_center:g} / W {meta.window_width:g} ({meta.voi_source})"
+    return {
+        "Format": meta.source.upper(), "Modality": text(meta.modality), "View position": text(meta.view_position),
+        "Body part": text(meta.body_part), "Pixel spacing": spacing, "Transfer syntax": syntax,
+        "Photometric": text(meta.photometric_interpretation), "Bits stored": text(meta.bits_stored),
+        "Size": f"{meta.columns} × {meta.rows} px", "VOI applied": voi, "Study date": text(meta.study_date),
+    }  # fmt: skip

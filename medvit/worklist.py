@@ -1,0 +1,97 @@
+"""Header-only reads for the review app: a worklist folder's studies, and the patient identifiers it masks.
+
+Only DICOM headers are parsed (`stop_before_pixels`), so listing a folder of large studies stays fast.
+Patient identifiers are read on demand, for display behind a deliberate toggle; they never enter
+`ImageMeta`, logs or the review database.
+"""
+
+from __future__ import annotations
+
+import logging
+from io import BytesIO
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from medvit.errors import DatasetError
+
+_log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ""})
+WORKLIST_COLUMNS = ("file", "format", "modality", "view", "body_part", "date")
+PATIENT_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber")
+_HEADER_TAGS = ("Modality", "ViewPosition", "BodyPartExamined", "StudyDate", "SeriesDate", "AcquisitionDate")
+_MAGIC = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg"}
+
+
+def _kind(path: Path) -> str | None:
+    with path.open("rb") as f:
+        head = f.read(132)
+    if head[128:132] == b"DICM":
+        return "dicom"
+    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+
+
+def list_worklist(folder: str | Path, limit: int = 1000) -> pd.DataFrame:
+    """One row per DICOM/PNG/JPEG file in `folder` (not recursive), sorted by name, with header fields.
+
+    The format is detected from the content; other files are skipped.
+
+    Raises:
+        DatasetError: `folder` is not a readable directory.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"worklist folder not found: {folder}")
+    rows: list[dict[str, str | None]] = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+        if len(rows) >= limit:
+            _log.warning("worklist %s: listing only the first %d files", folder, limit)
+            break
+        try:
+            kind = _kind(path)
+        except OSError as e:
+            _log.warning("worklist: cannot read %s: %s", path, e)
+            continue
+        if kind is None:
+            continue
+        row = {"file": path.name, "format": kind, "modality": None, "view": None, "body_part": None, "date": None}
+        if kind == "dicom":
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+            except (InvalidDicomError, OSError, ValueError) as e:
+                _log.warning("worklist: unreadable DICOM header %s: %s", path, e)
+                continue
+            row |= {
+                "modality": _text(ds, "Modality"), "view": _text(ds, "ViewPosition"),
+                "body_part": _text(ds, "BodyPartExamined"),
+                "date": _date(_text(ds, "StudyDate") or _text(ds, "SeriesDate") or _text(ds, "AcquisitionDate")),
+            }  # fmt: skip
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(WORKLIST_COLUMNS))
+
+
+def patient_identifiers(data: bytes) -> dict[str, str]:
+    """Patient name, ID, birth date, sex and accession number from a DICOM's header ({} for PNG/JPEG)."""
+    if data[128:132] != b"DICM":
+        return {}
+    try:
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=list(PATIENT_TAGS))
+    except (InvalidDicomError, OSError, ValueError):
+        return {}
+    return {tag: value for tag in PATIENT_TAGS if (value := _text(ds, tag))}
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    text = str(value).strip() if value is not None else ""
+    return text or None
+
+
+def _date(value: str | None) -> str | None:
+    """DICOM DA (YYYYMMDD) as ISO YYYY-MM-DD; anything else unchanged."""
+    if value and len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value
