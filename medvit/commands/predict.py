@@ -2,7 +2,8 @@
 
 Per image and finding: raw probability, calibrated probability, threshold, flag. Without --out the
 tables are printed; with --out rows are appended per batch (long format, one row per image x finding,
-one error row per unreadable or unsuitable file). The model defaults to $MEDVIT_RUN, then the demo.
+one error row per unreadable or unsuitable file); a single bad file without --out is an error (exit 2).
+The model defaults to $MEDVIT_RUN, then the demo.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def run(args: argparse.Namespace) -> int:
     if not paths:
         raise MedvitError(f"no DICOM/PNG/JPEG files found in {' '.join(args.inputs)}")
     predictor = Predictor.from_dir(args.run, backend=args.backend)
+    if out is None and len(paths) == 1:  # one image on screen: a bad file is the command's error (exit 2)
+        from medvit.data.dicom import read_image
+
+        table = predictor.predict(read_image(paths[0])).table
+        print(table.to_string(index=False, float_format="%.3f"))
+        return 0
     skip = done_files(out) if (out is not None and args.resume) else set()
 
     printed: list[pd.DataFrame] = []
