@@ -1,0 +1,400 @@
+"""Security: no pickles are ever loaded, the app is not exposed by default, inputs are capped, and free text is
+stored as data, never as SQL.
+
+Malicious pickles here are real: unpickling them would create a marker file, so "refused" is checked by the
+marker's absence as well as by the error.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medvit import checkpoint as ckpt
+from medvit.cli import main as cli_main
+from medvit.errors import CheckpointError, ImageTooLargeError, MedvitError
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE_DIRS = ("medvit", "apps", "benchmarks", "tests")
+PG_URL = os.environ.get("MEDVIT_TEST_PG_URL", "")
+
+
+class _Exploit:
+    """Unpickling this runs `touch marker`: the pickle payload of a hostile checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _evil_pickle(path: Path, marker: Path) -> Path:
+    import torch
+
+    torch.save({"state_dict": _Exploit(marker)}, path)  # a torch zip pickle, as .pt/.pth/.bin files are
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    from _inference_run import make_tiny_run
+
+    return make_tiny_run(tmp_path_factory.mktemp("run") / "run")
+
+
+# ------------------------------------------------------------------------------------------- model loading
+
+
+@pytest.mark.parametrize("name", ["model.pt", "model.pth", "pytorch_model.bin", "model.ckpt"])
+def test_a_run_folder_with_only_a_pickle_is_refused(name, tiny_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ckpt.CONFIG).write_bytes((tiny_run / ckpt.CONFIG).read_bytes())
+    marker = tmp_path / "pwned"
+    _evil_pickle(run / name, marker)
+    with pytest.raises(CheckpointError, match=f"pickle.*{name}.*refuses|{name}.*refuses"):
+        ckpt.load_run(run)
+    with pytest.raises(CheckpointError, match="refuses"):
+        ckpt.load_tensors(run / name)
+    assert not marker.exists()
+
+
+def test_a_pickle_renamed_safetensors_is_refused_without_running_it(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ckpt.CONFIG).write_bytes((tiny_run / ckpt.CONFIG).read_bytes())
+    marker = tmp_path / "pwned"
+    _evil_pickle(run / ckpt.WEIGHTS, marker)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        ckpt.load_run(run)
+    assert not marker.exists()
+
+
+def test_cli_refuses_a_pickle_run_with_one_line(tiny_run, tmp_path, capsys, cxr_dicom):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ckpt.CONFIG).write_bytes((tiny_run / ckpt.CONFIG).read_bytes())
+    marker = tmp_path / "pwned"
+    _evil_pickle(run / "model.pth", marker)
+    code = cli_main(["predict", "--run", str(run), "--backend", "torch", cxr_dicom])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in out + err
+    [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert "model.pth" in line and "refuses" in line
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_pretrained_weights_file_refuses_pickles_with_a_clear_error(suffix, tmp_path):
+    """`model.weights_file` (local pretrained weights for training) is loaded through timm: a pickle there must
+    neither run nor surface as a raw torch/safetensors exception."""
+    from medvit.config import ModelConfig
+    from medvit.model import build_model
+
+    marker = tmp_path / "pwned"
+    weights = _evil_pickle(tmp_path / f"weights{suffix}", marker)
+    cfg = ModelConfig(name="deit3_small_patch16_384", pretrained=True, weights_file=weights,
+                      model_kwargs={"embed_dim": 64, "depth": 2, "num_heads": 2, "img_size": 64})  # fmt: skip
+    with pytest.raises(Exception) as info:
+        build_model(cfg, 14)
+    assert not marker.exists()
+    assert isinstance(info.value, CheckpointError), f"raw {type(info.value).__name__}: {str(info.value)[:200]}"
+    assert weights.name in str(info.value)
+
+
+def _calls(tree: ast.AST, module: str, attr: str):
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == attr
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == module
+        ):
+            yield node
+
+
+def _python_files():
+    for folder in SOURCE_DIRS:
+        yield from sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_every_torch_load_passes_weights_only_true():
+    offenders = []
+    n_files = 0
+    for path in _python_files():
+        n_files += 1
+        tree = ast.parse(path.read_text(), str(path))
+        for call in _calls(tree, "torch", "load"):
+            kw = {k.arg: k.value for k in call.keywords}
+            ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+            if not ok:
+                offenders.append(f"{path.relative_to(ROOT)}:{call.lineno}")
+    assert n_files > 30  # the scan really ran over the tree
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"
+
+
+def test_the_scan_catches_an_unsafe_torch_load():
+    """The AST scan above is not vacuous: it flags the forms it must flag."""
+    bad = ast.parse("torch.load(p)\ntorch.load(p, weights_only=False)\ntorch.load(p, weights_only=flag)")
+    good = ast.parse("torch.load(p, map_location='cpu', weights_only=True)")
+    flagged = [c for c in _calls(bad, "torch", "load")
+               if not any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in c.keywords)]
+    assert len(flagged) == 3
+    assert all(any(k.arg == "weights_only" and k.value.value is True for k in c.keywords)
+               for c in _calls(good, "torch", "load"))  # fmt: skip
+
+
+def test_library_and_app_never_unpickle():
+    """No pickle/joblib/dill loading anywhere a user's file could reach (medvit/ and apps/)."""
+    forbidden = {("pickle", "load"), ("pickle", "loads"), ("joblib", "load"), ("dill", "load"), ("dill", "loads"),
+                 ("cloudpickle", "load"), ("cloudpickle", "loads"), ("pd", "read_pickle")}  # fmt: skip
+    offenders = []
+    for path in (p for p in _python_files() if p.parts[len(ROOT.parts)] in ("medvit", "apps")):
+        tree = ast.parse(path.read_text(), str(path))
+        for module, attr in forbidden:
+            offenders += [f"{path.relative_to(ROOT)}:{c.lineno} {module}.{attr}" for c in _calls(tree, module, attr)]
+        for node in ast.walk(tree):  # np.load(..., allow_pickle=True)
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load":
+                for k in node.keywords:
+                    if k.arg == "allow_pickle" and getattr(k.value, "value", False) is True:
+                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} allow_pickle=True")
+    assert not offenders, offenders
+
+
+# ------------------------------------------------------------------------------------------- serving and limits
+
+
+def _review_args(*argv: str):
+    from medvit.cli import build_parser
+
+    return build_parser("review").parse_args(["review", *argv])
+
+
+def test_medvit_review_binds_to_localhost_by_default_and_caps_uploads():
+    from medvit.commands.review import build_command
+
+    cmd, env = build_command(_review_args())
+    assert cmd[cmd.index("--server.address") + 1] in ("localhost", "127.0.0.1")
+    assert int(cmd[cmd.index("--server.maxUploadSize") + 1]) == int(env["MEDVIT_MAX_UPLOAD_MB"]) <= 64
+    assert cmd[cmd.index("--client.showErrorDetails") + 1] in ("none", "false")  # no tracebacks in the browser
+
+    cmd, env = build_command(_review_args("--host", "0.0.0.0", "--max-upload-mb", "5"))
+    assert cmd[cmd.index("--server.address") + 1] == "0.0.0.0"  # only when asked
+    assert cmd[cmd.index("--server.maxUploadSize") + 1] == env["MEDVIT_MAX_UPLOAD_MB"] == "5"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses with a LISTEN socket on `port`, from /proc/net/tcp{,6} (Linux)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            host, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(host)
+    return found
+
+
+_LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as /proc/net prints them
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from /proc/net")
+@pytest.mark.parametrize("launch", ["medvit review", "streamlit run apps/review.py"])
+def test_the_running_app_listens_on_loopback_only(launch, tiny_run, tmp_path):
+    """Start the real server both documented ways and look at the sockets it actually opened."""
+    port = _free_port()
+    env = {**os.environ, "MEDVIT_RUN": str(tiny_run), "MEDVIT_DB_URL": f"sqlite:///{tmp_path / 'r.sqlite3'}"}
+    if launch == "medvit review":
+        cmd = [sys.executable, "-m", "medvit", "review", "--port", str(port), "--run", str(tiny_run)]
+    else:
+        cmd = [sys.executable, "-m", "streamlit", "run", "apps/review.py", "--server.port", str(port),
+               "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not _listening(port) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        addresses = _listening(port)
+        assert addresses, f"the server never listened on {port} (exit {proc.poll()})"
+        assert addresses <= _LOOPBACK, f"listening on {addresses}: reachable from other machines"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_read_image_caps_bytes_and_pixels(monkeypatch):
+    from medvit.data import dicom
+    from medvit.data.dicom import read_image
+
+    png = _png(100, 100)
+    with pytest.raises(ImageTooLargeError, match="10,000 pixels is over the limit of 5,000"):
+        read_image(png, max_pixels=5_000)
+    monkeypatch.setattr(dicom, "MAX_FILE_BYTES", len(png) - 1)
+    with pytest.raises(ImageTooLargeError, match="limit"):
+        read_image(png)
+
+
+def test_the_app_service_caps_upload_size():
+    from medvit.review_service import check_upload
+
+    with pytest.raises(ImageTooLargeError, match="upload limit of 1 MB"):
+        check_upload(b"\0" * (2**20 + 1), "big.dcm", 2**20)
+    check_upload(b"\0" * 2**20, "ok.dcm", 2**20)
+
+
+def _png(h: int, w: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((h, w), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- free text as data
+
+HOSTILE = [
+    "'); DROP TABLE reviews; --",
+    "x' OR '1'='1",
+    "Robert\"); DELETE FROM review_verdicts WHERE 1=1; --",
+    "%s %(note)s {note} :note ? $1",
+    "line one\nline two\ttab \\ backslash \u00e9\u00e8 \u4e2d\u6587 \U0001f600",
+    "<script>alert(1)</script>",
+]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store(request, tmp_path):
+    from medvit.review_store import ReviewStore
+
+    if request.param == "sqlite":
+        s = ReviewStore(f"sqlite:///{tmp_path / 'reviews.sqlite3'}")
+        yield s
+        s.close()
+        return
+    if not PG_URL:
+        pytest.skip('MEDVIT_TEST_PG_URL not set: run `eval "$(.ci/postgres.sh)"` to test against PostgreSQL')
+    from sqlalchemy import create_engine, text
+
+    schema = f"s_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in PG_URL else "?"
+    s = ReviewStore(f"{PG_URL}{sep}options=-csearch_path%3D{schema}")
+    yield s
+    s.close()
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+def _add(store, **over):
+    from medvit.review_store import ShownFinding
+
+    kwargs = dict(reviewer="Dr R", image_uid="1.2.3.4", image_uid_kind="sop_instance_uid", model_name="m",
+                  weights_sha256="ab" * 32, shown={"Effusion": ShownFinding(0.6, 0.4)},
+                  verdicts={"Effusion": "agree"}, note="")  # fmt: skip
+    kwargs.update(over)
+    return store.add_review(**kwargs)
+
+
+def test_sql_looking_free_text_round_trips_verbatim(store):
+    ids = [_add(store, note=text, reviewer=text[:100] or "r") for text in HOSTILE]
+    reviews = {r.id: r for r in store.history(limit=None)}
+    assert store.count() == len(HOSTILE)  # nothing dropped or deleted
+    for rid, text in zip(ids, HOSTILE, strict=True):
+        assert reviews[rid].note == text.strip()
+        assert reviews[rid].reviewer == text[:100].strip()
+        assert reviews[rid].verdicts == {"Effusion": "agree"}
+    assert len(store.history(reviewer="x' OR '1'='1")) == 1  # a filter value, not a condition
+
+
+def test_free_text_is_length_limited(store):
+    from medvit.review_store import NOTE_MAX, REVIEWER_MAX
+
+    _add(store, note="n" * NOTE_MAX, reviewer="r" * REVIEWER_MAX)
+    with pytest.raises(MedvitError, match=f"note is {NOTE_MAX + 1} characters long"):
+        _add(store, note="n" * (NOTE_MAX + 1))
+    with pytest.raises(MedvitError, match="reviewer name is"):
+        _add(store, reviewer="r" * (REVIEWER_MAX + 1))
+    assert store.count() == 1
+
+
+def test_the_app_limits_free_text_inputs():
+    """The review form's text widgets carry the same limits the store enforces (Streamlit cuts typing there)."""
+    from medvit.review_store import NOTE_MAX, REVIEWER_MAX
+
+    source = "\n".join(p.read_text() for p in (ROOT / "apps").glob("*.py"))
+    tree = ast.parse(source)
+    limits = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("text_input", "text_area"):
+            label = node.args[0].value if node.args and isinstance(node.args[0], ast.Constant) else "?"
+            limits[label] = next((ast.unparse(k.value) for k in node.keywords if k.arg == "max_chars"), None)
+    assert limits.get("Reviewer name") == "REVIEWER_MAX" and limits.get("Note") == "NOTE_MAX", limits
+    assert REVIEWER_MAX <= 200 and NOTE_MAX <= 10_000
+
+
+def test_sql_is_never_built_by_formatting_values():
+    """SQL strings given to text()/execute()/exec_driver_sql() in medvit/ may only interpolate module constants."""
+    offenders = []
+    for path in (ROOT / "medvit").rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
+                    in ("text", "execute", "exec_driver_sql", "executescript")):  # fmt: skip
+                continue
+            for arg in node.args[:1]:
+                if isinstance(arg, ast.BinOp) or (
+                    isinstance(arg, ast.Call) and getattr(arg.func, "attr", None) == "format"
+                ):
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                if isinstance(arg, ast.JoinedStr):
+                    names = [v.value for v in arg.values if isinstance(v, ast.FormattedValue)]
+                    if not all(isinstance(n, ast.Name) and n.id.isupper() for n in names):
+                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"SQL built from values (use bound parameters): {offenders}"
+
+
+def test_no_patient_identifier_parameters_in_the_store_api():
+    import inspect
+
+    from medvit.review_store import ReviewStore
+
+    params = set(inspect.signature(ReviewStore.add_review).parameters)
+    assert not params & {"patient_name", "patient_id", "birth_date", "patient_birth_date", "accession_number"}
+
+
+def test_the_exploit_really_runs_when_unpickled(tmp_path):
+    """Guard for the tests above: the payload executes under an unsafe load, so its absence there means refusal."""
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(_Exploit(marker)))  # noqa: S301 - deliberately unsafe, on our own payload
+    assert marker.exists()
