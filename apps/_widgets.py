@@ -53,8 +53,10 @@ def image_panel(service: ReviewService, analysis: Analysis) -> None:
     step = 1.0 if d.high - d.low > 50 else 0.5
     span = max(d.high - d.low, 2.0)
     c1, c2, c3 = st.columns([3, 3, 1])
-    center = c1.slider("Window centre", min(d.low, d.center), max(d.high, d.center), d.center, step, key=f"wc_{key}")
-    width = c2.slider("Window width", 1.0, max(2 * span, d.width), max(d.width, 1.0), step, key=f"ww_{key}")
+    fmt = "%.0f" if step >= 1 else "%.1f"
+    center = c1.slider("Window centre", min(d.low, d.center), max(d.high, d.center), d.center, step, fmt,
+                       key=f"wc_{key}")  # fmt: skip
+    width = c2.slider("Window width", 1.0, max(2 * span, d.width), max(d.width, 1.0), step, fmt, key=f"ww_{key}")
     invert = c3.toggle("Invert", key=f"inv_{key}")
     pixels = display_pixels(analysis.image, center, width, invert)
 
@@ -79,7 +81,12 @@ def image_panel(service: ReviewService, analysis: Analysis) -> None:
     with st.expander("Image metadata", expanded=True):
         rows = metadata_rows(analysis.image.meta)
         st.dataframe(pd.DataFrame({"field": list(rows), "value": list(rows.values())}), hide_index=True,
-                     width="stretch", key=f"meta_{key}")  # fmt: skip
+                     width="stretch", height=_rows_height(len(rows)))  # fmt: skip
+
+
+def _rows_height(n: int) -> int:
+    """Pixel height that shows `n` data-grid rows without an inner scrollbar."""
+    return 35 * (n + 1) + 3
 
 
 def patient_panel(identifiers: dict[str, str]) -> None:
@@ -115,7 +122,7 @@ def findings_panel(service: ReviewService, analysis: Analysis) -> pd.DataFrame |
     if not pred.calibrated:
         st.warning("This run has no calibration: probabilities are raw model outputs and thresholds are 0.5.")
     st.dataframe(
-        view, hide_index=True, width="stretch", key="findings_table",
+        view, hide_index=True, width="stretch", height=_rows_height(len(view)),
         column_config={
             "probability (calibrated)": st.column_config.ProgressColumn(format="%.3f", min_value=0.0, max_value=1.0),
             "threshold": st.column_config.NumberColumn(format="%.3f"),
@@ -163,7 +170,9 @@ def history_panel(store: ReviewStore, analysis: Analysis) -> None:
     with reported("Review history"):
         rows = store.history_rows(**filters)
         if rows:
-            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", key="history_table")
+            order = ["created_at", "reviewer", "finding", "verdict", "prob", "threshold", "note", "model_name",
+                     "image_uid", "review_id"]  # fmt: skip
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_order=order)
         else:
             st.caption("No reviews stored yet" + (" for this image." if this_only else "."))
         st.download_button("Download CSV", store.export_csv(**filters), file_name="medvit_reviews.csv",

@@ -99,7 +99,7 @@ def main() -> None:
     if analysis is None:
         return
 
-    left, right = st.columns([5, 4], gap="large")
+    left, right = st.columns([1, 1], gap="large")
     with left:
         with reported("Image"):
             image_panel(service, analysis)

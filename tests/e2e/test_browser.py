@@ -1,0 +1,126 @@
+"""A real browser against a real `medvit review` server: upload RG1_UNCI.dcm, wait for the findings, submit a review,
+find it in the database, save a screenshot.
+
+Chromium is Debian's (`apt-get install chromium`), passed to Playwright as the executable: Playwright's own
+browser download cannot work offline. Screenshots go to $MEDVIT_ARTIFACT_DIR (default: the test's tmp dir).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from _inference_run import make_tiny_run  # noqa: E402
+from conftest import testdata as dicom_path  # noqa: E402
+
+CHROMIUM = os.environ.get("MEDVIT_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+STARTUP_S = 180
+RESULT_MS = 180_000
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"medvit review exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"medvit review did not become healthy in {STARTUP_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def server(tmp_path, dev_images):
+    """`medvit review` on a free localhost port, a tiny real run, a temp SQLite database; opens on a PNG."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} not found: `apt-get install -y chromium` (or set MEDVIT_CHROMIUM)")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (the Python package only)")
+    run = make_tiny_run(tmp_path / "run")
+    db = f"sqlite:///{tmp_path / 'reviews.sqlite3'}"
+    port = _free_port()
+    env = dict(os.environ, MEDVIT_BACKEND="torch", MEDVIT_CACHE=str(tmp_path / "cache"))
+    log = tmp_path / "server.log"
+    first = sorted(dev_images.glob("*.png"))[0]  # start elsewhere, so the upload visibly changes the page
+    cmd = [sys.executable, "-m", "medvit", "review", "--run", str(run), "--port", str(port), "--db", db,
+           "--file", str(first)]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://localhost:{port}"
+    try:
+        _wait_healthy(url, proc, log)
+        yield url, db, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_upload_review_and_audit_in_a_real_browser(server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    from medvit.review_store import ReviewStore
+
+    url, db, log = server
+    artifacts = Path(os.environ.get("MEDVIT_ARTIFACT_DIR") or tmp_path / "artifacts")
+    artifacts.mkdir(parents=True, exist_ok=True)
+    dicom = dicom_path("RG1_UNCI.dcm")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1400})
+        try:
+            page.goto(url)
+            expect(page.get_by_text("not a diagnostic device")).to_be_visible(timeout=RESULT_MS)
+            page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(dicom)
+            expect(page.get_by_text("RG1_UNCI.dcm — window")).to_be_visible(timeout=RESULT_MS)
+            expect(page.get_by_role("heading", name="Findings")).to_be_visible(timeout=RESULT_MS)
+            expect(page.get_by_test_id("stDataFrame").first).to_be_visible()
+            verdicts = page.get_by_test_id("stRadio")
+            expect(verdicts).to_have_count(14, timeout=RESULT_MS)  # one feedback row per finding
+            page.wait_for_timeout(1000)  # let the image and the data grids paint
+            page.screenshot(path=str(artifacts / "review_findings.png"))
+
+            verdicts.filter(has_text="Effusion —").get_by_text("agree", exact=True).click()
+            verdicts.filter(has_text="Cardiomegaly —").get_by_text("uncertain", exact=True).click()
+            page.get_by_label("Reviewer name").fill("Dr Browser")
+            page.get_by_label("Note").fill("checked in Chromium")
+            page.get_by_role("button", name="Save review").click()
+            expect(page.get_by_text("Saved review #1")).to_be_visible(timeout=RESULT_MS)
+            assert "Traceback" not in page.content()
+        finally:
+            page.screenshot(path=str(artifacts / "review_saved.png"))
+            browser.close()
+
+    store = ReviewStore(db)
+    [review] = store.history()
+    store.close()
+    assert review.reviewer == "Dr Browser" and review.note == "checked in Chromium"
+    assert review.verdicts == {"Effusion": "agree", "Cardiomegaly": "uncertain"}
+    assert review.image_uid == "1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457"
+    assert review.image_uid_kind == "sop_instance_uid"
+    assert all((artifacts / f"review_{n}.png").stat().st_size > 10_000 for n in ("findings", "saved"))
