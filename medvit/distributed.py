@@ -73,3 +73,12 @@ def broadcast_flag(info: DistInfo, flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=info.device)
     dist.broadcast(t, src=0)
     return bool(t.item())
+
+
+def mean_over_ranks(info: DistInfo, total: float, count: int) -> float:
+    """sum(total) / sum(count) over all ranks (e.g. the epoch's mean training loss)."""
+    if info.enabled:
+        t = torch.tensor([total, float(count)], dtype=torch.float64, device=info.device)
+        dist.all_reduce(t)
+        total, count = float(t[0]), int(t[1])
+    return total / max(count, 1)

@@ -32,7 +32,7 @@ from medvit._train_utils import (
     seed_everything,
 )
 from medvit.config import Config
-from medvit.distributed import DistInfo, all_true, barrier, broadcast_flag, cleanup, init_distributed
+from medvit.distributed import DistInfo, all_true, barrier, broadcast_flag, cleanup, init_distributed, mean_over_ranks
 from medvit.errors import ConfigError, MedvitError
 
 _log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class _Trainer:
             if step_now:
                 self._optimizer_step()
             bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}")
-        return total / max(count, 1)
+        return mean_over_ranks(self.info, total, count)
 
     def _optimizer_step(self) -> None:
         t = self.cfg.train

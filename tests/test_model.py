@@ -1,4 +1,4 @@
-"""build_model: weight sources, freezing (really frozen, really no_grad), heads, layer-decay groups, other timm families."""
+"""build_model: weight sources, freezing (frozen and under no_grad), heads, layer-decay groups, other timm families."""
 
 from __future__ import annotations
 
