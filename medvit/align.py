@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from medvit.clip_backends import ClipBackend
 from medvit.errors import DatasetError
-from medvit.findings import ALL_FINDINGS, NO_FINDING
+from medvit.findings import ALL_FINDINGS
 from medvit.prompts import PromptConfig
 
 _log = logging.getLogger(__name__)
@@ -51,10 +52,11 @@ def load_pairs(
     csv_path: str | os.PathLike[str], images_root: str | os.PathLike[str], prompts: PromptConfig,
     split: str | None = None,
 ) -> pd.DataFrame:
-    """Image-text pairs as a frame with `path` and `text`.
+    """Image-text pairs as a frame with `path`, `text` and `variants` (alternative texts sampled in training).
 
-    An NIH-format labels CSV (`Finding Labels`) becomes label captions; otherwise the CSV needs an `image` (or
-    `path`) column relative to `images_root` and a `text` column. `split` keeps only rows of that split.
+    An NIH-format labels CSV (`Finding Labels`) becomes label captions (variants: the caption through every prompt
+    template); otherwise the CSV needs an `image` (or `path`) column relative to `images_root` and a `text` column
+    (one variant: the text itself). `split` keeps only rows of that split.
     """
     from medvit.data.datasets import load_labels
 
@@ -62,8 +64,9 @@ def load_pairs(
     if "Finding Labels" in head:
         df = load_labels(csv_path, images_root, ALL_FINDINGS)
         positives = df[list(ALL_FINDINGS)].to_numpy() == 1
-        df["text"] = [prompts.caption([f for f, p in zip(ALL_FINDINGS, row, strict=True) if p and f != NO_FINDING])
-                      for row in positives]
+        df["variants"] = [prompts.captions([f for f, p in zip(ALL_FINDINGS, row, strict=True) if p])
+                          for row in positives]
+        df["text"] = [v[0] for v in df["variants"]]
     else:
         df = pd.read_csv(csv_path)
         col = next((c for c in ("image", "path") if c in df.columns), None)
@@ -75,21 +78,23 @@ def load_pairs(
         missing = [p for p in df["path"] if not Path(p).is_file()]
         if missing:
             raise DatasetError(f"{len(missing)} image(s) of {csv_path} not found under {root}, e.g. {missing[0]}")
+        df["text"] = df["text"].fillna("").astype(str).str.strip()
+        df["variants"] = [(t,) for t in df["text"]]
     if split is not None:
         if "split" not in df.columns or df["split"].isna().all():
             raise DatasetError(f"{csv_path} has no 'split' column; drop --split or add one")
         df = df[df["split"] == split]
-    df = df[df["text"].fillna("").astype(str).str.strip() != ""].reset_index(drop=True)
+    df = df[df["text"] != ""].reset_index(drop=True)
     if len(df) < 2:
         raise DatasetError(f"{csv_path}: need at least 2 image-text pairs (split={split!r}), found {len(df)}")
-    return df[["path", "text"]]
+    return df[["path", "text", "variants"]]
 
 
-def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """Symmetric InfoNCE on normalised embeddings; pairs sharing the same text are all positives."""
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, groups: list[str]) -> torch.Tensor:
+    """Symmetric InfoNCE on normalised embeddings; pairs of the same group (same caption) are all positives."""
     logits = scale * F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
-    ids = {t: i for i, t in enumerate(dict.fromkeys(texts))}
-    code = torch.tensor([ids[t] for t in texts])
+    ids = {t: i for i, t in enumerate(dict.fromkeys(groups))}
+    code = torch.tensor([ids[t] for t in groups])
     same = (code[:, None] == code[None, :]).float()
     targets = same / same.sum(dim=1, keepdim=True)
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
@@ -103,10 +108,10 @@ def preprocess_images(backend: ClipBackend, paths: list[str], normalization: str
                         for p in tqdm(paths, desc="images", leave=False)])
 
 
-def _batch_loss(backend: ClipBackend, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+def _batch_loss(backend: ClipBackend, images: torch.Tensor, texts: list[str], groups: list[str]) -> torch.Tensor:
     img = backend.image_features(images)
     txt = backend.text_features(backend.tokenize(texts))
-    return contrastive_loss(img, txt, backend.logit_scale().clamp(max=_MAX_LOGIT_SCALE), texts)
+    return contrastive_loss(img, txt, backend.logit_scale().clamp(max=_MAX_LOGIT_SCALE), groups)
 
 
 def evaluate_loss(backend: ClipBackend, images: torch.Tensor, texts: list[str], batch_size: int) -> float:
@@ -116,7 +121,8 @@ def evaluate_loss(backend: ClipBackend, images: torch.Tensor, texts: list[str], 
     with torch.no_grad():
         for s in range(0, len(texts), batch_size):
             if len(texts[s:s + batch_size]) >= 2:
-                losses.append(float(_batch_loss(backend, images[s:s + batch_size], texts[s:s + batch_size])))
+                batch = texts[s:s + batch_size]
+                losses.append(float(_batch_loss(backend, images[s:s + batch_size], batch, batch)))
     return float(np.mean(losses))
 
 
@@ -132,12 +138,14 @@ def align(
     texts: list[str],
     cfg: AlignConfig,
     *,
+    variants: Sequence[Sequence[str]] | None = None,
     val: tuple[torch.Tensor, list[str]] | None = None,
     log_csv: Path | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune `backend.model` in place; returns per-epoch {epoch, lr, train_loss, step_loss, val_loss}.
 
-    Epoch 0 is the loss before any update. AdamW with linear warm-up then cosine decay; fp32 weights.
+    Epoch 0 is the loss before any update. AdamW with linear warm-up then cosine decay; fp32 weights. With
+    `variants`, each training step uses a random variant of each image's text; losses are reported on `texts`.
     """
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -151,9 +159,10 @@ def align(
         opt, lambda s: _schedule(s, cfg.warmup_steps, cfg.epochs * steps_per_epoch))
 
     def record(epoch: int, step_losses: list[float]) -> None:
-        # train_loss: eval-mode loss on fixed batches, comparable across epochs (epoch 0 = before any update)
-        row = {"epoch": epoch, "lr": opt.param_groups[0]["lr"],
-               "train_loss": evaluate_loss(backend, images, texts, cfg.batch_size)}
+        # train_loss: eval-mode loss on fixed batches, before any update and at the end (comparable numbers)
+        row: dict[str, float] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
+        if epoch in (0, cfg.epochs):
+            row["train_loss"] = evaluate_loss(backend, images, texts, cfg.batch_size)
         if step_losses:
             row["step_loss"] = float(np.mean(step_losses))
         if val is not None:
@@ -172,7 +181,9 @@ def align(
         batches = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
         losses = []
         for idx in tqdm([b for b in batches if len(b) >= 2], desc=f"align epoch {epoch}", leave=False):
-            loss = _batch_loss(backend, images[idx], [texts[i] for i in idx])
+            # a sampled variant is encoded; positives are decided by the image's caption, not by the variant
+            batch_texts = [rng.choice(variants[i]) if variants else texts[i] for i in idx]
+            loss = _batch_loss(backend, images[idx], batch_texts, [texts[i] for i in idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -191,13 +191,17 @@ def _safetensors_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class OpenClipBackend(ClipBackend):
     """open_clip: built-in names + tags, hf-hub repos (BiomedCLIP), local-dir folders and checkpoint files."""
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, allow_random_init: bool) -> None:
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, allow_random_init: bool, seed: int) -> None:
         import open_clip
 
         self.spec, self.dtype = spec, dtype
-        _check_open_clip_source(spec, allow_random_init)
+        random_init = _check_open_clip_source(spec, allow_random_init)
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained)
+            # a random init is seeded (without touching the global RNG) so every command rebuilds the same weights
+            with torch.random.fork_rng(enabled=random_init):
+                if random_init:
+                    torch.manual_seed(seed)
+                model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained)
         except (RuntimeError, OSError, ValueError) as e:
             if spec.name.startswith("local-dir:") or (spec.pretrained and _looks_like_path(spec.pretrained)):
                 raise WeightsNotFoundError(f"cannot load {spec}: {e}") from e
@@ -256,8 +260,11 @@ def _open_clip_config(spec: ModelSpec) -> dict[str, Any]:
     return out
 
 
-def _check_open_clip_source(spec: ModelSpec, allow_random_init: bool) -> None:
-    """Refuse sources open_clip would silently replace by random weights (a config without checkpoint)."""
+def _check_open_clip_source(spec: ModelSpec, allow_random_init: bool) -> bool:
+    """Refuse sources open_clip would silently replace by random weights (a config without checkpoint).
+
+    Returns whether the model will be randomly initialised (only when `allow_random_init`).
+    """
     if spec.name.startswith("local-dir:"):
         path = Path(spec.name.removeprefix("local-dir:"))
         if not (path / "open_clip_config.json").is_file():
@@ -265,7 +272,7 @@ def _check_open_clip_source(spec: ModelSpec, allow_random_init: bool) -> None:
                                        "of an open_clip repo or from `medvit align`")
         has_weights = any(any(path.glob(p)) for p in ("*.safetensors", "*.bin", "*.pth"))
     elif spec.name.startswith("hf-hub:"):
-        return
+        return False
     else:
         _check_open_clip_name(spec)
         if spec.pretrained and _looks_like_path(spec.pretrained) and not Path(spec.pretrained).is_file():
@@ -277,7 +284,8 @@ def _check_open_clip_source(spec: ModelSpec, allow_random_init: bool) -> None:
                 f"{spec} names an architecture but no weights; its scores would be random. Give a pretrained tag "
                 "(open_clip:NAME/TAG), a checkpoint (open_clip:NAME@FILE) or a folder with weights "
                 "(allow_random_init / --random-init exists only for from-scratch alignment experiments)")
-        _log.warning("%s: no weights, random initialisation (seeded by torch's RNG)", spec)
+        _log.warning("%s: no weights, seeded random initialisation", spec)
+    return not has_weights
 
 
 def _check_open_clip_name(spec: ModelSpec) -> None:
@@ -379,6 +387,7 @@ def load_clip(
     offline: bool | None = None,
     dtype: str = "fp32",
     allow_random_init: bool = False,
+    seed: int = 0,
 ) -> ClipBackend:
     """Load a CLIP from a SPEC.
 
@@ -389,6 +398,7 @@ def load_clip(
         dtype: "fp32" or "bf16" *weights*. bf16 weights are ~3.8x faster on CPU; bf16 autocast is slower
             (it disables the fused attention path) and is never used.
         allow_random_init: accept an open_clip architecture without weights (from-scratch alignment only).
+        seed: seed of that random initialisation (the same seed rebuilds the same weights in every command).
 
     Raises:
         WeightsNotFoundError: weights not available; the message says what to download and where to point.
@@ -402,5 +412,5 @@ def load_clip(
         set_offline_env()
     _log.info("loading CLIP %s (%s weights%s)", parsed, dtype, ", offline" if is_offline else "")
     if parsed.backend == "open_clip":
-        return OpenClipBackend(parsed, DTYPES[dtype], allow_random_init)
+        return OpenClipBackend(parsed, DTYPES[dtype], allow_random_init, seed)
     return HFClipBackend(parsed, DTYPES[dtype], is_offline)

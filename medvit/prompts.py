@@ -83,13 +83,21 @@ class PromptConfig:
 
     def caption(self, positives: Iterable[str]) -> str:
         """A caption from an image's positive findings: "chest x-ray with cardiomegaly and pleural effusion"."""
-        names = [canonical(f) for f in positives]
-        names = [n for n in names if n != NO_FINDING]
+        return self.captions(positives)[0]
+
+    def captions(self, positives: Iterable[str]) -> tuple[str, ...]:
+        """Caption variants for one image: the caption first, then the same findings through every template.
+
+        Alignment samples one variant per epoch, so the text tower sees the phrasings zero-shot scoring uses.
+        An image without findings gets the normal caption and the "No Finding" positive prompts.
+        """
+        names = [n for n in (canonical(f) for f in positives) if n != NO_FINDING]
         if not names:
-            return self.caption_normal
+            normal = self.pairs.get(NO_FINDING, ((), ()))[0]
+            return tuple(dict.fromkeys((self.caption_normal, *normal)))
         words = [self.phrases.get(n, (n.replace("_", " ").lower(),))[0] for n in names]
         text = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
-        return self.caption_findings.format(text)
+        return tuple(dict.fromkeys((self.caption_findings.format(text), *self.render([text]))))
 
 
 def canonical_or_none(name: str) -> str | None:

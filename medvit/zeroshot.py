@@ -89,11 +89,12 @@ class ZeroShotScorer:
         normalization: str = "model",
         temperatures: str | os.PathLike[str] | None = None,
         allow_random_init: bool = False,
+        seed: int = 0,
     ) -> ZeroShotScorer:
         """Build from a model SPEC (default $MEDVIT_CLIP, then `model:` of the prompts config)."""
         cfg = load_prompt_config(prompts)
         backend = load_clip(default_spec(spec, cfg.model), offline=offline, dtype=dtype,
-                            allow_random_init=allow_random_init)
+                            allow_random_init=allow_random_init, seed=seed)
         scorer = cls(backend, cfg, normalization=normalization)
         if temperatures is not None:
             scorer.load_temperatures(temperatures)

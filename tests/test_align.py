@@ -62,9 +62,18 @@ def test_label_captions_from_nih_csv(train_pairs, dev_labels):
             assert texts[name] == "no acute cardiopulmonary findings"
         else:
             assert texts[name].startswith("chest x-ray with ") and "no finding" not in texts[name].lower()
-    multi = raw[raw["Finding Labels"] == "Effusion|Infiltration|Nodule"]
-    if len(multi):
-        assert texts[multi.index[0]] == "chest x-ray with pleural effusion, infiltration and lung nodule"
+    variants = dict(zip(train_pairs["text"], train_pairs["variants"], strict=False))
+    assert variants["no acute cardiopulmonary findings"] == (
+        "no acute cardiopulmonary findings", "normal chest x-ray", "no acute cardiopulmonary abnormality")
+    assert variants["chest x-ray with cardiomegaly"] == (
+        "chest x-ray with cardiomegaly", "cardiomegaly", "chest x-ray showing cardiomegaly",
+        "cardiomegaly on a chest radiograph")  # the zero-shot templates
+
+
+def test_multi_finding_caption(prompts):
+    assert prompts.caption(["Effusion", "Infiltration", "Nodule"]) == (
+        "chest x-ray with pleural effusion, infiltration and lung nodule")
+    assert prompts.caption(["No Finding"]) == prompts.caption([]) == "no acute cardiopulmonary findings"
 
 
 def test_report_sentence_pairs_csv(tmp_path, dev_images, prompts):

@@ -37,8 +37,7 @@ def make_open_clip_dir(path: Path, seed: int = 0) -> Path:
     arch = path / "arch"
     arch.mkdir(parents=True)
     (arch / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP))
-    torch.manual_seed(seed)
-    backend = load_clip(f"open_clip:local-dir:{arch}", allow_random_init=True)
+    backend = load_clip(f"open_clip:local-dir:{arch}", allow_random_init=True, seed=seed)
     backend.save(path / "model")
     return path / "model"
 
@@ -338,6 +337,9 @@ def test_architecture_without_weights_is_refused_unless_random_init_asked(tmp_pa
     (arch / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP))
     with pytest.raises(WeightsNotFoundError, match="no weights"):
         load_clip(f"local-dir:{arch}")
+    a, b, c = (load_clip(f"local-dir:{arch}", allow_random_init=True, seed=s).model.state_dict() for s in (3, 3, 4))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same seed rebuilds the same weights in every command
+    assert not torch.equal(a["visual.proj"], c["visual.proj"])
     with pytest.raises(WeightsNotFoundError, match="checkpoint file not found"):
         load_clip(f"open_clip:ViT-B-32@{tmp_path}/missing.safetensors")
     with pytest.raises(ConfigError, match="unknown open_clip pretrained tag"):

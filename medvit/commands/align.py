@@ -36,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import pandas as pd
-    import torch
 
     from medvit.align import AlignConfig, align, load_pairs, preprocess_images
     from medvit.clip_backends import default_spec, load_clip
@@ -56,15 +55,16 @@ def run(args: argparse.Namespace) -> int:
             if "split" not in str(e):
                 raise
     spec = default_spec(args.model, prompts.model)
-    torch.manual_seed(args.seed)  # makes a --random-init start reproducible (same seed -> same weights)
-    # training needs fp32 weights; --dtype only affects scoring
-    backend = load_clip(spec, offline=args.offline, dtype="fp32", allow_random_init=args.random_init)
+    # training needs fp32 weights; --dtype only affects scoring. --seed also seeds a --random-init start, so
+    # `zeroshot-eval --random-init --seed S` scores exactly the weights align started from.
+    backend = load_clip(spec, offline=args.offline, dtype="fp32", allow_random_init=args.random_init, seed=args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = preprocess_images(backend, list(train["path"]), cfg.normalization)
     val_data = None if val is None else (preprocess_images(backend, list(val["path"]), cfg.normalization),
                                          list(val["text"]))
-    history = align(backend, images, list(train["text"]), cfg, val=val_data, log_csv=out / "metrics.csv")
+    history = align(backend, images, list(train["text"]), cfg, variants=list(train["variants"]), val=val_data,
+                    log_csv=out / "metrics.csv")
     saved = backend.save(out)
     meta = {"source_model": str(backend.spec), "random_init": bool(args.random_init), "saved_as": saved,
             "pairs": str(args.pairs), "split": args.split, "val_split": args.val_split, "n_train": len(train),

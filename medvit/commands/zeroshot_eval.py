@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fit one temperature per pair on this split (e.g. train) and save temperatures.json")
     parser.add_argument("--temperatures", default=None, help="temperatures.json fitted earlier for this model")
     parser.add_argument("--n-boot", type=int, default=200, help="patient bootstrap resamples for CIs (0: none)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the bootstrap and any --random-init weights")
     parser.add_argument("--no-plots", action="store_true", help="skip roc.png and reliability plots")
 
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     df = load_labels(args.labels, args.images, findings)
     scorer = ZeroShotScorer.load(args.model, prompts=args.prompts, offline=args.offline, dtype=args.dtype,
                                  normalization=args.normalization, temperatures=args.temperatures,
-                                 allow_random_init=args.random_init)
+                                 allow_random_init=args.random_init, seed=args.seed)
     pairs = scorer.finding_pairs(findings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
