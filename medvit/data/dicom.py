@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -158,13 +159,16 @@ def _load(src: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
     else:
         path = Path(src)
         try:
-            size = path.stat().st_size
+            st = path.stat()
         except FileNotFoundError:
             raise ImageReadError(f"{path}: no such file") from None
         except OSError as exc:
             raise ImageReadError(f"{path}: cannot be read ({exc.strerror})") from exc
-        if path.is_dir():
+        if stat.S_ISDIR(st.st_mode):
             raise ImageReadError(f"{path}: is a directory, not an image file")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
+            raise ImageReadError(f"{path}: not a regular file (pipe, socket or device)")
+        size = st.st_size
         if size > MAX_FILE_BYTES:
             raise ImageTooLargeError(f"{path}: {size / 2**20:.0f} MB is over the {MAX_FILE_BYTES >> 20} MB limit")
         try:
@@ -337,6 +341,10 @@ def _read_raster(data: bytes, name: str, kind: str, max_pixels: int) -> XrayImag
     """PNG/JPEG through Pillow; the size is checked from the header before the pixels are decoded."""
     warnings = []
     try:
+        if kind == "png":  # Pillow's decoder does not check the IDAT checksums; verify() does
+            with Image.open(BytesIO(data)) as im:
+                _check_size(im.height, im.width, name, max_pixels)
+                im.verify()
         with Image.open(BytesIO(data)) as im:  # lazy: only the header has been parsed here
             _check_size(im.height, im.width, name, max_pixels)
             im.load()
