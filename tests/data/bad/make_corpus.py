@@ -227,6 +227,14 @@ def _huge_header() -> bytes:
     return dicom_bytes(ds)
 
 
+def _bad_vr() -> bytes:
+    """Modality's VR bytes corrupted ("CS" -> "C\\x7f"): pydicom parses the file and fails on first access."""
+    data = dicom_bytes(small_cr())
+    tag = b"\x08\x00\x60\x00CS"
+    assert tag in data
+    return data.replace(tag, b"\x08\x00\x60\x00C\x7f", 1)
+
+
 def _fifo(folder: Path) -> Path:
     """A named pipe with no writer: naive readers block forever on it."""
     path = folder / "named_pipe.dcm"
@@ -376,6 +384,8 @@ CASES: tuple[Case, ...] = (
          "BitsAllocated 12 (invalid)"),
     Case("no_photometric.dcm", "image", UnsupportedImageError, "Photometric Interpretation",
          _cr("no_photometric.dcm", PhotometricInterpretation=None), "no Photometric Interpretation"),
+    Case("bad_vr.dcm", "image", ImageReadError, "", _lazy(_bad_vr, "bad_vr.dcm"),
+         "an unknown Value Representation in the header (found by benchmarks/fuzz.py)"),
     Case("OT-PAL-8-face.dcm", "image", UnsupportedImageError, "PALETTE COLOR", _copy("OT-PAL-8-face.dcm"),
          "pydicom-data: a palette-colour secondary capture"),
     # --- valid DICOM, but not what medvit reads
@@ -456,6 +466,8 @@ CASES: tuple[Case, ...] = (
     Case("label_value_text.csv", "labels", DatasetError, "yes",
          _csv("label_value_text.csv", _wide("img0.png,p1,yes,0", "img1.png,p2,no,1")),
          "labels written as yes/no: must be refused, not silently read as unknown"),
+    Case("nul_in_path.csv", "labels", DatasetError, "", _csv("nul_in_path.csv", _wide("img0\x00.png,p1,1,0")),
+         "a NUL byte inside an image path (found by benchmarks/fuzz.py)"),
     Case("empty_path.csv", "labels", DatasetError, "", _csv("empty_path.csv", _wide(",p1,1,0")),
          "a blank image path"),
     Case("missing_images.csv", "labels", DatasetError, "image files are missing",
