@@ -98,8 +98,11 @@ def render(ds: Dataset, arr: np.ndarray) -> Rendered:
     raw = np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
     invert = _is_inverted(ds, warnings)
     if _has_voi_lut(ds):
-        pixels, center, width = _voi_lut(ds, raw)
-        return Rendered(1.0 - pixels if invert else pixels, raw, center, width, "voi_lut", invert, tuple(warnings))
+        try:
+            pixels, center, width = _voi_lut(ds, raw)
+            return Rendered(1.0 - pixels if invert else pixels, raw, center, width, "voi_lut", invert, tuple(warnings))
+        except (ValueError, TypeError, IndexError, NotImplementedError) as exc:  # malformed table in the header
+            warnings.append(f"unusable VOI LUT ignored ({exc}): window or min-max used")
 
     window = _first_window(ds, warnings)
     if window is not None:
