@@ -94,7 +94,7 @@ def main() -> None:
     if chosen is None:
         return
     data, name = chosen
-    with reported(f"Cannot read {name}"):
+    with reported("Cannot read the file"):
         analysis = service.analyze(data, name, max_bytes=settings.max_upload_bytes)
     if analysis is None:
         return

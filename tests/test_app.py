@@ -289,3 +289,54 @@ def test_review_command_binds_localhost_and_passes_settings(run_dir, tmp_path):
     assert env["MEDVIT_MAX_UPLOAD_MB"] == "64"
     assert main(["review", "--run", str(tmp_path / "missing")]) == 2
     assert main(["review", "--port", "70000"]) == 2
+
+
+# ---- the library behind the app (medvit.review_service), without Streamlit ----
+
+
+@pytest.fixture(scope="module")
+def service(run_dir):
+    from medvit.inference import Predictor
+    from medvit.review_service import ReviewService
+
+    return ReviewService(Predictor.from_dir(run_dir, backend="torch"))
+
+
+def test_analysis_is_cached_by_file_hash(service, monkeypatch):
+    data = Path(dicom_path("RG1_UNCI.dcm")).read_bytes()
+    calls = []
+    real = service.predictor.predict
+    monkeypatch.setattr(service.predictor, "predict", lambda image: calls.append(1) or real(image))
+    first = service.analyze(data, "a.dcm")
+    assert service.analyze(data, "renamed.dcm") is first and len(calls) <= 1
+    assert set(first.timings_ms) >= {"decode", "preprocess", "forward", "calibrate", "overhead", "total"}
+    assert first.image_uid_kind == "sop_instance_uid"
+    shown = first.shown()
+    assert set(shown) == set(DEFAULT_FINDINGS)
+    row = first.prediction.table.set_index("finding").loc["Effusion"]
+    assert (shown["Effusion"].prob, shown["Effusion"].threshold) == (row["prob"], row["threshold"])
+
+
+def test_reader_errors_name_the_file(service):
+    from medvit.errors import ImageReadError
+
+    with pytest.raises(ImageReadError, match=r"^notes\.txt: not a DICOM, PNG or JPEG"):
+        service.analyze(b"plain text, no image" * 5, "notes.txt")
+
+
+def test_windowing_defaults_reproduce_the_reader_and_rewindow_raw(service):
+    import numpy as np
+
+    from medvit.data.dicom import apply_window, read_image
+    from medvit.review_service import display_pixels, downscale, window_defaults
+
+    image = read_image(dicom_path("RG1_UNCI.dcm"))
+    d = window_defaults(image)
+    assert (d.center, d.width, d.base_invert) == (15000.0, 30000.0, True)
+    np.testing.assert_array_equal(display_pixels(image, d.center, d.width, False), downscale(image.pixels, 1024))
+    np.testing.assert_allclose(display_pixels(image, d.center, d.width, True), 1 - downscale(image.pixels, 1024),
+                               atol=1e-6)  # fmt: skip
+    narrow = display_pixels(image, 12000.0, 4000.0, False)
+    expected = downscale(apply_window(image.raw, 12000.0, 4000.0, invert=True), 1024)
+    np.testing.assert_allclose(narrow, expected, atol=1e-6)
+    assert max(narrow.shape) == 1024 and not np.allclose(narrow, display_pixels(image, d.center, d.width, False))
