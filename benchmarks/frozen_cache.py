@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 loss.backward()
                 opt.step()
             times.append(time.perf_counter() - t0)
-            losses.append(float(loss))
+            losses.append(loss.item())
         return times, losses
 
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False)

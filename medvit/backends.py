@@ -131,7 +131,7 @@ class TorchBackend(Backend):
                 # FX-graph + inductor caches on disk: the next process reuses the compiled kernels.
                 compile_cache.mkdir(parents=True, exist_ok=True)
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
-            model = torch.compile(model, dynamic=False)
+            model = torch.compile(model)  # static first; a second batch size recompiles once with a dynamic batch
         self.model = model
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
