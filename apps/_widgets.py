@@ -74,6 +74,11 @@ def image_panel(service: ReviewService, analysis: Analysis) -> None:
             with reported("Saliency"), st.spinner("Computing saliency…"):
                 heat = service.saliency(analysis, method, finding, pixels.shape)
                 shown = overlay(pixels, heat, alpha)
+                if not heat.any():
+                    st.info(
+                        f"Blank map: no region raises the {finding} score (Grad-CAM shows positive evidence only)."
+                        if method == "gradcam" else "Blank map: the attention is spread evenly over the image."
+                    )  # fmt: skip
     caption = f"{analysis.name} — window C {center:g} / W {width:g}" + (" (inverted)" if invert else "")
     st.image(shown, caption=caption, clamp=True, width="stretch")
     for note in analysis.notes:

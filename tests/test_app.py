@@ -209,16 +209,29 @@ def test_feedback_without_reviewer_is_refused(env):
     store.close()
 
 
+def _image_url(at: AppTest) -> str:
+    """The media URL of the displayed image; it is derived from the image's bytes, so it changes with them."""
+    return at.get("image")[0].proto.imgs[0].url
+
+
 def test_saliency_overlays_render(env):
     at = _app()
+    plain = _image_url(at)
     sal = _image_key(at, "sal_")
     at.selectbox(key=sal).set_value("Attention rollout").run()
     _no_crash(at)
     assert not at.error, _errors(at)
+    rollout = _image_url(at)
     at.selectbox(key=sal).set_value("Grad-CAM (one finding)").run()
-    at.selectbox(key=f"salf_{sal[4:]}").set_value("Effusion").run()
-    _no_crash(at)
-    assert not at.error, _errors(at)
+    urls = {}
+    for finding in ("Effusion", "Cardiomegaly"):
+        at.selectbox(key=f"salf_{sal[4:]}").set_value(finding).run()
+        _no_crash(at)
+        assert not at.error, _errors(at)
+        urls[finding] = _image_url(at)
+    assert len({plain, rollout, *urls.values()}) == 4, "each overlay must change the displayed image"
+    at.slider(key=f"alpha_{sal[4:]}").set_value(0.9).run()
+    assert _image_url(at) != urls["Cardiomegaly"]  # the opacity slider re-blends
 
 
 def test_window_sliders_default_to_the_dicom_voi(env):
@@ -226,10 +239,13 @@ def test_window_sliders_default_to_the_dicom_voi(env):
     wc = next(s for s in at.slider if s.label == "Window centre")
     ww = next(s for s in at.slider if s.label == "Window width")
     assert (wc.value, ww.value) == (15000.0, 30000.0)  # RG1_UNCI's WindowCenter / WindowWidth
+    default = _image_url(at)
     wc.set_value(9000.0).run()
+    narrowed = _image_url(at)
     at.toggle(key=_image_key(at, "inv_")).set_value(True).run()
     _no_crash(at)
     assert not at.error, _errors(at)
+    assert len({default, narrowed, _image_url(at)}) == 3
 
 
 def test_zero_shot_without_clip_explains_what_to_configure(env, monkeypatch, tmp_path):
