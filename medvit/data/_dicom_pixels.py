@@ -134,7 +134,7 @@ def _has_voi_lut(ds: Dataset) -> bool:
     return bool(seq) and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]
 
 
-def _voi_lut(ds: Dataset, raw: np.ndarray) -> tuple[np.ndarray, float | None, float | None]:
+def _voi_lut(ds: Dataset, raw: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Apply the first VOI LUT, normalised by the range of the table's own entries.
 
     The LUT's nominal bit depth is often larger than what the table uses (a 16-bit LUT holding 0..4095);
@@ -151,7 +151,7 @@ def _voi_lut(ds: Dataset, raw: np.ndarray) -> tuple[np.ndarray, float | None, fl
     # The centre/width reported (and used to seed the app's sliders) is the header window if any,
     # else the LUT's input domain.
     header = _first_window(ds, [])
-    center, width = header[:2] if header else minmax_window(float(first), float(first + n - 1))
+    center, width = (header[0], header[1]) if header else minmax_window(float(first), float(first + n - 1))
     return pixels.astype(np.float32), center, width
 
 
@@ -160,8 +160,8 @@ def _first_window(ds: Dataset, warnings: list[str]) -> tuple[float, float, str] 
     if ds.get("WindowCenter") is None or ds.get("WindowWidth") is None:
         return None
     try:
-        center = float(_first(ds.WindowCenter))
-        width = float(_first(ds.WindowWidth))
+        center = float(_first(ds.WindowCenter))  # type: ignore[arg-type]
+        width = float(_first(ds.WindowWidth))  # type: ignore[arg-type]
     except (TypeError, ValueError):
         warnings.append("unreadable Window Center/Width ignored: min-max scaling used")
         return None

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from PIL import Image, ImageOps
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from medvit.data._dicom_pixels import Rendered, apply_window, luma, render
+from medvit.data._dicom_pixels import Rendered, apply_window, render
+from medvit.data._raster import decode_raster
 from medvit.errors import ImageReadError, ImageTooLargeError, MissingDecoderError, UnsupportedImageError
 
 __all__ = ["MAX_PIXELS", "ImageMeta", "XrayImage", "apply_window", "check_chest_frontal", "read_image"]
@@ -54,6 +54,13 @@ _NATIVE_SYNTAXES = {  # (implicit VR, little endian) -> syntax, for datasets wri
     (False, True): ExplicitVRLittleEndian,
     (False, False): ExplicitVRBigEndian,
 }
+_USED_ELEMENTS = (  # every element read by validation, the pixel chain (with pydicom's) and the metadata
+    "SOPClassUID", "SOPInstanceUID", "StudyDate", "Modality", "BodyPartExamined", "ViewPosition",
+    "PhotometricInterpretation", "SamplesPerPixel", "PlanarConfiguration", "Rows", "Columns", "NumberOfFrames",
+    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PixelData",
+    "RescaleSlope", "RescaleIntercept", "ModalityLUTSequence", "VOILUTSequence", "WindowCenter", "WindowWidth",
+    "VOILUTFunction", "PresentationLUTShape", "PresentationLUTSequence", "ImagerPixelSpacing", "PixelSpacing",
+)  # fmt: skip
 _INSTALL_HINT = 'install the DICOM decoders with `pip install "medvit[dicom]"`'
 
 
@@ -200,9 +207,17 @@ def _read_dicom(data: bytes, name: str, max_pixels: int, *, preamble: bool) -> X
         raise ImageReadError(f"{name}: not a readable DICOM file (truncated or corrupt?): {_first_line(exc)}") from exc
     if len(ds) == 0:  # pydicom drops the whole dataset, with only a UserWarning, when the file ends mid-element
         raise ImageReadError(f"{name}: no DICOM elements could be read: the file is truncated or corrupt")
+    try:  # pydicom parses element values lazily: make a damaged one that we use fail here, as a read error
+        for keyword in _USED_ELEMENTS:
+            ds.get(keyword)
+    except Exception as exc:
+        raise ImageReadError(f"{name}: corrupt DICOM header: {_first_line(exc)}") from exc
     warnings = _validate(ds, name, max_pixels)
     arr = _decode(ds, name)
-    rendered = render(ds, arr)
+    try:
+        rendered = render(ds, arr)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, NotImplementedError) as exc:
+        raise ImageReadError(f"{name}: the header's pixel transforms cannot be applied: {_first_line(exc)}") from exc
     meta = _dicom_meta(ds, rendered, warnings + list(rendered.warnings))
     for warning in meta.warnings:
         _log.warning("%s: %s", name, warning)
@@ -239,7 +254,10 @@ def _validate(ds: Dataset, name: str, max_pixels: int) -> list[str]:
     _check_size(int(rows), int(columns), name, max_pixels)
     photometric = _text(ds, "PhotometricInterpretation")
     if photometric not in _PHOTOMETRIC:
-        raise UnsupportedImageError(f"{name}: Photometric Interpretation {photometric} is not supported")
+        raise UnsupportedImageError(
+            f"{name}: Photometric Interpretation {photometric} is not supported "
+            "(export the image as MONOCHROME2 or RGB)"
+        )
     return warnings
 
 
@@ -249,10 +267,14 @@ def _decode(ds: Dataset, name: str) -> np.ndarray:
     if not tsyntax.is_transfer_syntax:
         raise ImageReadError(f"{name}: unknown transfer syntax {tsyntax}: convert the file to a standard syntax")
     try:
-        available = get_decoder(tsyntax).is_available
-    except NotImplementedError:  # a standard syntax pydicom cannot decode at all
-        available = False
-    if not available:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:  # video and multi-component syntaxes: no pydicom plugin exists at all
+        raise MissingDecoderError(
+            f"{name}: no installed decoder for the transfer syntax {tsyntax.name} ({tsyntax}), and none is "
+            f'available even with `pip install "medvit[dicom]"`: convert the file to an uncompressed syntax '
+            "(e.g. `gdcmconv --raw in.dcm out.dcm`)"
+        ) from None
+    if not decoder.is_available:
         raise MissingDecoderError(
             f"{name}: no installed decoder for the transfer syntax {tsyntax.name} ({tsyntax}): {_INSTALL_HINT}"
         )
@@ -279,7 +301,8 @@ def _sop_class_name(ds: Dataset) -> str | None:
 
 def _guess_syntax(ds: Dataset, name: str) -> UID:
     """The native syntax a file without file meta was parsed with, recorded so pydicom can decode it."""
-    syntax = _NATIVE_SYNTAXES.get(ds.original_encoding)
+    implicit, little = ds.original_encoding
+    syntax = None if implicit is None or little is None else _NATIVE_SYNTAXES.get((implicit, little))
     if syntax is None:
         raise ImageReadError(f"{name}: the file has no Transfer Syntax UID and its encoding cannot be inferred")
     ds.file_meta.TransferSyntaxUID = syntax
@@ -338,42 +361,11 @@ def _pixel_spacing(
 
 
 def _read_raster(data: bytes, name: str, kind: str, max_pixels: int) -> XrayImage:
-    """PNG/JPEG through Pillow; the size is checked from the header before the pixels are decoded."""
-    warnings = []
-    try:
-        if kind == "png":  # Pillow's decoder does not check the IDAT checksums; verify() does
-            with Image.open(BytesIO(data)) as im:
-                _check_size(im.height, im.width, name, max_pixels)
-                im.verify()
-        with Image.open(BytesIO(data)) as im:  # lazy: only the header has been parsed here
-            _check_size(im.height, im.width, name, max_pixels)
-            im.load()
-            img = ImageOps.exif_transpose(im)  # phone photos of films carry their rotation in EXIF
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{name}: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for corrupt/truncated files
-        raise ImageReadError(f"{name}: cannot decode this {kind.upper()} (truncated or corrupt?): {exc}") from exc
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        bits, arr = 16, np.asarray(img, dtype=np.float32)
-    else:
-        bits, arr = 8, _grey8(img, warnings, kind)
-    pixels = np.clip(arr / np.float32(2**bits - 1), 0.0, 1.0).astype(np.float32)
-    meta = ImageMeta(
-        source=kind, rows=pixels.shape[0], columns=pixels.shape[1], bits_stored=bits, warnings=tuple(warnings)
-    )
+    pixels, bits, warnings = decode_raster(data, name, kind, lambda r, c: _check_size(r, c, name, max_pixels))
+    meta = ImageMeta(source=kind, rows=pixels.shape[0], columns=pixels.shape[1], bits_stored=bits, warnings=warnings)
     for warning in warnings:
         _log.warning("%s: %s", name, warning)
     return XrayImage(pixels=pixels, meta=meta, raw=None)
-
-
-def _grey8(img: Image.Image, warnings: list[str], kind: str) -> np.ndarray:
-    """8-bit grey levels as float32; colour is reduced to luma, with a warning only if it was really colour."""
-    if img.mode in ("L", "LA", "1"):
-        return np.asarray(img.convert("L"), dtype=np.float32)
-    rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
-    if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
-        warnings.append(f"colour {kind.upper()} ({img.mode}) converted to grayscale")
-    return luma(rgb)
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
