@@ -9,6 +9,7 @@ bad file, the good file still predicted) and the review app (`st.error`).
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import sys
 import warnings
@@ -192,3 +193,39 @@ def test_cli_predict_folder_records_an_error_row_per_file_and_goes_on(bad_inputs
             assert len(table) == 1, f"{case.name}: predicted, expected an error row"
             assert case.fragment.lower() in table["error"].iloc[0].lower(), table["error"].iloc[0]
     assert not by_file  # nothing unexpected
+
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "review.py"
+UPLOADABLE = [c for c in IMAGE_CASES if c.name not in ("a_folder.dcm", "named_pipe.dcm")]  # not regular files
+
+
+@pytest.fixture(scope="module")
+def app(tiny_run, tmp_path_factory):
+    """One review app session (AppTest), reused: each case uploads its file and reruns the script."""
+    from streamlit.testing.v1 import AppTest
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("MEDVIT_FILE", "MEDVIT_WORKLIST", "MEDVIT_CLIP", "MEDVIT_MAX_UPLOAD_MB"):
+            mp.delenv(name, raising=False)
+        mp.setenv("MEDVIT_RUN", str(tiny_run))
+        mp.setenv("MEDVIT_BACKEND", "torch")
+        mp.setenv("MEDVIT_DB_URL", f"sqlite:///{tmp_path_factory.mktemp('db') / 'reviews.sqlite3'}")
+        at = AppTest.from_file(str(APP), default_timeout=180).run()
+        assert not at.exception, [e.value for e in at.exception]
+        yield at
+
+
+@pytest.mark.timeout(PER_CASE_TIMEOUT * 3, func_only=True)
+@pytest.mark.parametrize("case", UPLOADABLE, ids=lambda c: c.name)
+def test_app_upload_shows_st_error_and_no_numbers(case, bad_inputs, app):
+    app.sidebar.file_uploader(key="upload").upload(case.name, bad_inputs[case.name].read_bytes()).run()
+    assert not app.exception, [e.value for e in app.exception]  # no traceback on the page
+    errors = " | ".join(e.value for e in app.error)
+    findings = next((d.value for d in app.dataframe if "probability (calibrated)" in d.value.columns), None)
+    if case.expect is None:
+        assert not errors and findings is not None
+        return
+    assert errors, f"{case.name}: no st.error"
+    assert case.fragment.lower() in errors.lower(), errors
+    assert not re.search(r": unexpected \w+;", errors), errors  # a typed error, not the catch-all
+    assert findings is None
