@@ -14,7 +14,9 @@ import pydicom
 import pytest
 from conftest import testdata as dcm_file
 from PIL import Image
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.pixels import apply_modality_lut, apply_windowing, get_decoder
 from pydicom.sequence import Sequence
 from pydicom.uid import JPEG2000Lossless
@@ -189,6 +191,38 @@ def test_missing_decoder_names_the_syntax_and_the_extra(monkeypatch):
     assert "JPEG 2000 Image Compression (Lossless Only)" in msg and str(JPEG2000Lossless) in msg
     assert 'pip install "medvit[dicom]"' in msg
     assert isinstance(info.value, ImageReadError)
+
+
+def relabel(ds: Dataset, syntax: str) -> bytes:
+    """The file with native pixels but file meta claiming `syntax` (pydicom refuses to write it in one go)."""
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    meta = FileMetaDataset(copy.deepcopy(ds.file_meta))  # a shallow copy would relabel the shared fixture too
+    meta.TransferSyntaxUID = syntax
+    head = DicomBytesIO()
+    write_file_meta_info(head, meta)
+    return b"\0" * 128 + b"DICM" + head.getvalue() + body.getvalue()
+
+
+def test_syntax_without_any_pydicom_decoder_says_converting_is_the_fix(cr_ds):
+    with pytest.raises(
+        MissingDecoderError, match=r"MPEG2 Main Profile / Main Level \(1.2.840.10008.1.2.4.100\)"
+    ) as info:
+        read_image(relabel(cr_ds, "1.2.840.10008.1.2.4.100"))
+    assert "convert the file to an uncompressed syntax" in str(info.value)
+    with pytest.raises(ImageReadError, match="unknown transfer syntax 1.2.3.4"):
+        read_image(relabel(cr_ds, "1.2.3.4"))
+    with pytest.raises(ImageReadError, match="JPEG Baseline.*cannot be decoded"):
+        read_image(relabel(cr_ds, "1.2.840.10008.1.2.4.50"))
+
+
+def test_damaged_value_representation_is_a_read_error():
+    data = Path(dcm_file("RG1_UNCI.dcm")).read_bytes()
+    modality_cs = b"\x08\x00\x60\x00CS"
+    assert modality_cs in data
+    with pytest.raises(ImageReadError, match="corrupt DICOM header"):
+        read_image(data.replace(modality_cs, b"\x08\x00\x60\x00C\x7f", 1))
 
 
 # ---------------------------------------------------------------- refused inputs
