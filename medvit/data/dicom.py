@@ -212,7 +212,10 @@ def _read_dicom(data: bytes, name: str, max_pixels: int, *, preamble: bool) -> X
             ds.get(keyword)
     except Exception as exc:
         raise ImageReadError(f"{name}: corrupt DICOM header: {_first_line(exc)}") from exc
-    warnings = _validate(ds, name, max_pixels)
+    try:
+        warnings = _validate(ds, name, max_pixels)
+    except (ValueError, TypeError) as exc:  # a header number that is not one (e.g. Rows "abc")
+        raise ImageReadError(f"{name}: corrupt DICOM header: {_first_line(exc)}") from exc
     arr = _decode(ds, name)
     try:
         rendered = render(ds, arr)
@@ -226,7 +229,7 @@ def _read_dicom(data: bytes, name: str, max_pixels: int, *, preamble: bool) -> X
 
 def _validate(ds: Dataset, name: str, max_pixels: int) -> list[str]:
     """Everything checkable from the header, before paying for decoding; returns warnings."""
-    modality = _text(ds, "Modality") or ""
+    modality = (_text(ds, "Modality") or "").upper()
     if "PixelData" not in ds:
         kind = _sop_class_name(ds)
         # A truncated file often parses up to an element boundary, without error: an image class, image
@@ -255,7 +258,7 @@ def _validate(ds: Dataset, name: str, max_pixels: int) -> list[str]:
     photometric = _text(ds, "PhotometricInterpretation")
     if photometric not in _PHOTOMETRIC:
         raise UnsupportedImageError(
-            f"{name}: Photometric Interpretation {photometric} is not supported "
+            f"{name}: Photometric Interpretation {photometric or '(missing)'} is not supported "
             "(export the image as MONOCHROME2 or RGB)"
         )
     return warnings
