@@ -31,7 +31,7 @@ from medvit.errors import ConfigError
 
 _log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "torch-bf16", "torch-compile", "onnx", "onnx-int8")
+BACKENDS = ("torch", "torch-bf16", "torch-compile", "torch-compile-bf16", "onnx", "onnx-int8")
 AUTO = "auto"
 # Max |delta p| (sigmoid of the logits) against eager fp32 for `auto` to accept a backend (and for an int8
 # export to be kept): a flag can only flip for a probability within 0.02 of its threshold, well inside the
@@ -75,9 +75,9 @@ def unavailable_reason(name: str) -> str | None:
     """Why backend `name` cannot run on this machine, or None when it can."""
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} or {AUTO}")
-    if name == "torch-bf16" and not bf16_supported():
+    if name.endswith("bf16") and not bf16_supported():
         return "the CPU lacks native bf16 (avx512_bf16 / amx_bf16)"
-    if name == "torch-compile" and shutil.which(os.environ.get("CXX", "g++")) is None:
+    if name.startswith("torch-compile") and shutil.which(os.environ.get("CXX", "g++")) is None:
         return "torch.compile needs a C++ compiler (g++) on PATH"
     if name.startswith("onnx") and not (_have("onnx") and _have("onnxruntime")):
         return 'onnx and onnxruntime are not installed: pip install "medvit[fast]"'
@@ -122,7 +122,7 @@ class TorchBackend(Backend):
     def __init__(self, model: nn.Module, *, dtype: torch.dtype = torch.float32, compiled: bool = False,
                  compile_cache: Path | None = None) -> None:
         self.dtype = dtype
-        self.name = "torch-compile" if compiled else ("torch-bf16" if dtype == torch.bfloat16 else "torch")
+        self.name = ("torch-compile" if compiled else "torch") + ("-bf16" if dtype == torch.bfloat16 else "")
         model = model.eval()
         if dtype != torch.float32:
             model = copy.deepcopy(model).to(dtype)  # never mutate the caller's fp32 reference
@@ -183,8 +183,9 @@ def create_backend(name: str, model: nn.Module, *, input_size: Sequence[int],
         backend: Backend = TorchBackend(model)
     elif name == "torch-bf16":
         backend = TorchBackend(model, dtype=torch.bfloat16)
-    elif name == "torch-compile":
-        backend = TorchBackend(model, compiled=True, compile_cache=cache_root() / "inductor")
+    elif name.startswith("torch-compile"):
+        dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
+        backend = TorchBackend(model, dtype=dtype, compiled=True, compile_cache=cache_root() / "inductor")
     else:
         int8 = name == "onnx-int8"
         if onnx_provider is None:

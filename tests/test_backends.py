@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from _inference_run import make_tiny_run
 
-from medvit import backends
+from medvit import backends, inference
 from medvit.backends import BACKENDS, available_backends, self_check
 from medvit.data.dicom import read_image
 from medvit.errors import ConfigError
@@ -14,7 +14,8 @@ from medvit.export import reference_inputs
 from medvit.inference import Predictor, load_model
 
 # bf16 keeps 8 bits of mantissa and int8 quantises activations: both may move a probability a little.
-TOLERANCE = {"torch": 1e-5, "torch-compile": 1e-4, "onnx": 1e-4, "torch-bf16": 0.02, "onnx-int8": 0.02}
+TOLERANCE = {"torch": 1e-5, "torch-compile": 1e-4, "onnx": 1e-4, "torch-bf16": 0.02, "torch-compile-bf16": 0.02,
+             "onnx-int8": 0.02}
 
 
 @pytest.fixture(autouse=True)
@@ -45,13 +46,17 @@ def test_backend_table_matches_fp32_on_real_dicom(name, run, cxr_dicom):
     assert ref["prob_raw"].std() > 0.01, "the tiny model must give image-dependent, non-constant outputs"
 
 
-def test_auto_picks_a_matching_backend_and_caches_the_choice(run):
+def test_auto_picks_a_matching_backend_and_caches_the_choice(run, monkeypatch):
+    # compiling costs ~10-30 s per variant on a shared CPU; their tables are checked above
+    eager = [b for b in available_backends() if not b.startswith("torch-compile")]
+    monkeypatch.setattr(backends, "available_backends", lambda: eager)
+    monkeypatch.setattr(inference, "available_backends", lambda: eager)
     first = Predictor.from_dir(run)
     check = first.self_check
     assert check is not None and check.backend == first.backend.name
     assert check.results[check.backend]["ok"]
     assert check.results[check.backend]["max_abs_dp"] <= backends.AUTO_TOLERANCE
-    assert set(check.results) == set(available_backends())
+    assert set(check.results) == set(eager)
     second = Predictor.from_dir(run)
     assert second.self_check is None, "the second start must reuse the cached self-check"
     assert second.backend.name == first.backend.name
