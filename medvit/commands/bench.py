@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS), metavar="NAME",
                         help=f"backends to measure (default: all of {', '.join(BACKENDS)})")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median and min)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs first (compiling backends warm up when built)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs (compiled backends warm up when built)")
     parser.add_argument("--e2e-repeats", type=int, default=3, help="timed DICOM -> table passes per file")
     parser.add_argument("--data", default=None, help="cxr14-dev folder (labels.csv + images/) for real inputs")
     parser.add_argument("--save", default=None, help="also write every measurement to this JSON file")
