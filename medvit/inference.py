@@ -22,12 +22,15 @@ from torch import nn
 
 from medvit.backends import (
     AUTO,
+    AUTO_TOLERANCE,
     Backend,
     SelfCheck,
+    TorchBackend,
     available_backends,
     create_backend,
     load_choice,
     machine_fingerprint,
+    max_prob_diff,
     save_choice,
     self_check,
     sigmoid,
@@ -120,6 +123,19 @@ def _auto_backend(model: nn.Module, info: RunInfo, candidates: Sequence[str] | N
     return engine, check
 
 
+def _check_against_fp32(model: nn.Module, info: RunInfo, engine: Backend) -> None:
+    """An explicitly chosen backend is checked too (one real image): fast must never mean silently wrong."""
+    from medvit.export import reference_inputs
+
+    sample = reference_inputs(info.config, info.preprocessing, n=1)
+    drift = max_prob_diff(engine(sample), TorchBackend(model)(sample))
+    if drift > AUTO_TOLERANCE:
+        raise CheckpointError(
+            f"backend {engine.name} differs from fp32 torch by max |dp| {drift:.3g} (> {AUTO_TOLERANCE}) on a real "
+            "image with this model; use --backend torch or auto"
+        )
+
+
 def _onnx_provider(model: nn.Module, info: RunInfo):
     from medvit.export import verified_onnx
 
@@ -158,6 +174,8 @@ class Predictor:
         else:
             engine = create_backend(backend, model, input_size=info.preprocessing["input_size"],
                                     onnx_provider=_onnx_provider(model, info))
+            if engine.name != "torch":
+                _check_against_fp32(model, info, engine)
         _log.info("predictor: %s on %s backend", info.model_name, engine.name)
         return cls(model, info, calibration, engine, check)
 

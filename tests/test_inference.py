@@ -89,3 +89,9 @@ def test_run_resolution_env_then_demo(run, monkeypatch, tmp_path):
 def test_backend_from_environment(run, monkeypatch):
     monkeypatch.setenv("MEDVIT_BACKEND", "onnx")
     assert Predictor.from_dir(run).backend.name == "onnx"
+
+
+def test_an_explicit_backend_is_checked_against_fp32_too(run, monkeypatch):
+    monkeypatch.setattr(inference, "AUTO_TOLERANCE", 0.0)  # any drift at all now counts as wrong
+    with pytest.raises(CheckpointError, match="differs from fp32"):
+        Predictor.from_dir(run, backend="onnx-int8")
