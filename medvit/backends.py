@@ -203,7 +203,10 @@ def create_backend(name: str, model: nn.Module, *, input_size: Sequence[int],
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+    """Raw probabilities from logits, in float64 (scipy's expit: no overflow warnings for large logits)."""
+    from scipy.special import expit
+
+    return expit(np.asarray(z, dtype=np.float64))
 
 
 def max_prob_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -234,9 +237,10 @@ class SelfCheck:
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def self_check(model: nn.Module, sample: np.ndarray, *, candidates: Sequence[str] | None = None,
-               tolerance: float = AUTO_TOLERANCE, repeats: int = 3, **backend_kwargs: Any) -> tuple[SelfCheck,
-                                                                                                       Backend]:
+def self_check(
+    model: nn.Module, sample: np.ndarray, *, candidates: Sequence[str] | None = None,
+    tolerance: float = AUTO_TOLERANCE, repeats: int = 3, **backend_kwargs: Any,
+) -> tuple[SelfCheck, Backend]:
     """Time every candidate at batch 1 on `sample` (N real inputs) and keep the fastest that matches fp32.
 
     Returns the check record and the built winning backend (so the caller need not build it twice).
