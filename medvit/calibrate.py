@@ -172,7 +172,7 @@ def fit_platt(z: np.ndarray, y: np.ndarray) -> Platt:
     is impossible (one class) or would reverse the model's ranking (negative slope)."""
     n_pos = int(np.sum(y == 1))
     if 0 < n_pos < len(y):
-        lr = LogisticRegression(C=1.0).fit(z.reshape(-1, 1), y.astype(int))
+        lr = LogisticRegression(C=1.0, solver="newton-cg").fit(z.reshape(-1, 1), y.astype(int))
         a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
         if a > 0:
             return Platt(a, b)
@@ -197,7 +197,7 @@ def fit_platt_shared_slope(z: np.ndarray, y: np.ndarray) -> list[Platt]:
     target = y[rows, cols].astype(int)
     slope, intercepts = 0.0, np.zeros(k)
     if 0 < target.sum() < len(target):
-        lr = LogisticRegression(C=100.0, fit_intercept=False).fit(x, target)
+        lr = LogisticRegression(C=100.0, fit_intercept=False, solver="newton-cg").fit(x, target)
         slope, intercepts = max(float(lr.coef_[0, 0]), 0.0), lr.coef_[0, 1:]
     out = []
     for j in range(k):
