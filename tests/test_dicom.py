@@ -7,6 +7,8 @@ import copy
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +225,28 @@ def test_damaged_value_representation_is_a_read_error():
     assert modality_cs in data
     with pytest.raises(ImageReadError, match="corrupt DICOM header"):
         read_image(data.replace(modality_cs, b"\x08\x00\x60\x00C\x7f", 1))
+
+
+def test_corrupt_jpeg_that_aborts_gdcm_is_a_read_error_not_a_dead_process():
+    """One flipped byte in a real JPEG DICOM makes GDCM abort the interpreter (uncaught C++ exception);
+    read_image prefers the other plugins, so the app survives. Run in a child process, as a crash would be fatal."""
+    code = (
+        "import sys\n"
+        "from medvit.data.dicom import read_image\n"
+        "from medvit.errors import ImageReadError\n"
+        "data = bytearray(open(sys.argv[1], 'rb').read())\n"
+        "data[1712] = 108\n"
+        "try:\n"
+        "    read_image(bytes(data))\n"
+        "except ImageReadError as exc:\n"
+        "    print('ImageReadError:', exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, dcm_file("SC_rgb_jpeg_dcmtk.dcm")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ImageReadError: uploaded image: the JPEG Baseline (Process 1) pixel data cannot be decoded" in done.stdout
+    assert "pylibjpeg" in done.stdout  # the plugin's own reason is kept on the one line
 
 
 # ---------------------------------------------------------------- refused inputs

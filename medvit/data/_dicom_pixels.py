@@ -1,7 +1,7 @@
-"""The DICOM grayscale pixel chain: modality LUT -> VOI (LUT, window or min-max) -> inversion -> [0, 1].
+"""The DICOM pixel chain: decoding -> modality LUT -> VOI (LUT, window or min-max) -> inversion -> [0, 1].
 
-Kept apart from `dicom.py` (file handling, validation, metadata) so that the display maths can be read,
-tested and reused (the app's window sliders call `apply_window`) on its own.
+Kept apart from `dicom.py` (file handling, validation, metadata) so that the decoding and display maths can
+be read, tested and reused (the app's window sliders call `apply_window`) on their own.
 """
 
 from __future__ import annotations
@@ -10,11 +10,23 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi
+from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder, pixel_array
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from medvit.errors import ImageReadError, MissingDecoderError
 
 # ITU-R BT.601 luma weights: the usual grey level of an RGB display image.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 _VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+# Decoding plugins, most trusted first. GDCM aborts the whole process (an uncaught C++ exception) on some
+# corrupt JPEG streams, which would take the app down with it: it is used only when it is the sole plugin.
+_PLUGIN_ORDER = ("pylibjpeg", "pillow", "pyjpegls", "pydicom")
+_NATIVE_SYNTAXES = {  # (implicit VR, little endian) -> syntax, for datasets written without file meta
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
+_INSTALL_HINT = 'install the DICOM decoders with `pip install "medvit[dicom]"`'
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,57 @@ class Rendered:
     voi_source: str  # "voi_lut" | "window" | "minmax" | "none"
     inverted: bool
     warnings: tuple[str, ...]
+
+
+def decode(ds: Dataset, name: str) -> np.ndarray:
+    """Decode the single frame once (YBR becomes RGB), turning plugin and truncation failures into typed errors."""
+    tsyntax = UID(str(ds.file_meta.get("TransferSyntaxUID") or _guess_syntax(ds, name)))
+    if not tsyntax.is_transfer_syntax:
+        raise ImageReadError(f"{name}: unknown transfer syntax {tsyntax}: convert the file to a standard syntax")
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:  # video and multi-component syntaxes: no pydicom plugin exists at all
+        raise MissingDecoderError(
+            f"{name}: no installed decoder for the transfer syntax {tsyntax.name} ({tsyntax}), and none is "
+            f'available even with `pip install "medvit[dicom]"`: convert the file to an uncompressed syntax '
+            "(e.g. `gdcmconv --raw in.dcm out.dcm`)"
+        ) from None
+    if not decoder.is_available:
+        raise MissingDecoderError(
+            f"{name}: no installed decoder for the transfer syntax {tsyntax.name} ({tsyntax}): {_INSTALL_HINT}"
+        )
+    plugins = [p for p in _PLUGIN_ORDER if p in decoder.available_plugins] or list(decoder.available_plugins)
+    failures = []
+    for plugin in plugins or [""]:  # native syntaxes need no plugin
+        try:
+            arr = pixel_array(ds, decoding_plugin=plugin)
+            break
+        except Exception as exc:  # decoder plugins raise many types
+            failures.append(exc)
+    else:
+        raise ImageReadError(
+            f"{name}: the {tsyntax.name} pixel data cannot be decoded (truncated or corrupt?): {one_line(failures[0])}"
+        ) from failures[0]
+    expected = (int(ds.Rows), int(ds.Columns))
+    if arr.shape[:2] != expected or arr.ndim not in (2, 3):
+        raise ImageReadError(f"{name}: decoded pixels have shape {arr.shape}, the header says {expected}")
+    return arr
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (pydicom's list each plugin's failure on its own line), shortened."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _guess_syntax(ds: Dataset, name: str) -> UID:
+    """The native syntax a file without file meta was parsed with, recorded so pydicom can decode it."""
+    implicit, little = ds.original_encoding
+    syntax = None if implicit is None or little is None else _NATIVE_SYNTAXES.get((implicit, little))
+    if syntax is None:
+        raise ImageReadError(f"{name}: the file has no Transfer Syntax UID and its encoding cannot be inferred")
+    ds.file_meta.TransferSyntaxUID = syntax
+    return syntax
 
 
 def apply_window(

@@ -22,12 +22,11 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import get_decoder
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID
 
-from medvit.data._dicom_pixels import Rendered, apply_window, render
+from medvit.data._dicom_pixels import Rendered, apply_window, decode, one_line, render
 from medvit.data._raster import decode_raster
-from medvit.errors import ImageReadError, ImageTooLargeError, MissingDecoderError, UnsupportedImageError
+from medvit.errors import ImageReadError, ImageTooLargeError, UnsupportedImageError
 
 __all__ = ["MAX_PIXELS", "ImageMeta", "XrayImage", "apply_window", "check_chest_frontal", "read_image"]
 
@@ -49,11 +48,6 @@ _PHOTOMETRIC = frozenset(
 _DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
-_NATIVE_SYNTAXES = {  # (implicit VR, little endian) -> syntax, for datasets written without file meta
-    (True, True): ImplicitVRLittleEndian,
-    (False, True): ExplicitVRLittleEndian,
-    (False, False): ExplicitVRBigEndian,
-}
 _USED_ELEMENTS = (  # every element read by validation, the pixel chain (with pydicom's) and the metadata
     "SOPClassUID", "SOPInstanceUID", "StudyDate", "Modality", "BodyPartExamined", "ViewPosition",
     "PhotometricInterpretation", "SamplesPerPixel", "PlanarConfiguration", "Rows", "Columns", "NumberOfFrames",
@@ -61,7 +55,6 @@ _USED_ELEMENTS = (  # every element read by validation, the pixel chain (with py
     "RescaleSlope", "RescaleIntercept", "ModalityLUTSequence", "VOILUTSequence", "WindowCenter", "WindowWidth",
     "VOILUTFunction", "PresentationLUTShape", "PresentationLUTSequence", "ImagerPixelSpacing", "PixelSpacing",
 )  # fmt: skip
-_INSTALL_HINT = 'install the DICOM decoders with `pip install "medvit[dicom]"`'
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,23 +197,25 @@ def _read_dicom(data: bytes, name: str, max_pixels: int, *, preamble: bool) -> X
     try:
         ds = pydicom.dcmread(BytesIO(data), force=not preamble)
     except Exception as exc:  # pydicom raises many types for malformed files
-        raise ImageReadError(f"{name}: not a readable DICOM file (truncated or corrupt?): {_first_line(exc)}") from exc
+        raise ImageReadError(f"{name}: not a readable DICOM file (truncated or corrupt?): {one_line(exc)}") from exc
     if len(ds) == 0:  # pydicom drops the whole dataset, with only a UserWarning, when the file ends mid-element
         raise ImageReadError(f"{name}: no DICOM elements could be read: the file is truncated or corrupt")
     try:  # pydicom parses element values lazily: make a damaged one that we use fail here, as a read error
         for keyword in _USED_ELEMENTS:
             ds.get(keyword)
+        for keyword in ("MediaStorageSOPClassUID", "TransferSyntaxUID"):
+            ds.file_meta.get(keyword)
     except Exception as exc:
-        raise ImageReadError(f"{name}: corrupt DICOM header: {_first_line(exc)}") from exc
+        raise ImageReadError(f"{name}: corrupt DICOM header: {one_line(exc)}") from exc
     try:
         warnings = _validate(ds, name, max_pixels)
     except (ValueError, TypeError) as exc:  # a header number that is not one (e.g. Rows "abc")
-        raise ImageReadError(f"{name}: corrupt DICOM header: {_first_line(exc)}") from exc
-    arr = _decode(ds, name)
+        raise ImageReadError(f"{name}: corrupt DICOM header: {one_line(exc)}") from exc
+    arr = decode(ds, name)
     try:
         rendered = render(ds, arr)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError, NotImplementedError) as exc:
-        raise ImageReadError(f"{name}: the header's pixel transforms cannot be applied: {_first_line(exc)}") from exc
+        raise ImageReadError(f"{name}: the header's pixel transforms cannot be applied: {one_line(exc)}") from exc
     meta = _dicom_meta(ds, rendered, warnings + list(rendered.warnings))
     for warning in meta.warnings:
         _log.warning("%s: %s", name, warning)
@@ -264,35 +259,6 @@ def _validate(ds: Dataset, name: str, max_pixels: int) -> list[str]:
     return warnings
 
 
-def _decode(ds: Dataset, name: str) -> np.ndarray:
-    """Decode the pixel data once, turning plugin and truncation failures into actionable errors."""
-    tsyntax = UID(str(ds.file_meta.get("TransferSyntaxUID") or _guess_syntax(ds, name)))
-    if not tsyntax.is_transfer_syntax:
-        raise ImageReadError(f"{name}: unknown transfer syntax {tsyntax}: convert the file to a standard syntax")
-    try:
-        decoder = get_decoder(tsyntax)
-    except NotImplementedError:  # video and multi-component syntaxes: no pydicom plugin exists at all
-        raise MissingDecoderError(
-            f"{name}: no installed decoder for the transfer syntax {tsyntax.name} ({tsyntax}), and none is "
-            f'available even with `pip install "medvit[dicom]"`: convert the file to an uncompressed syntax '
-            "(e.g. `gdcmconv --raw in.dcm out.dcm`)"
-        ) from None
-    if not decoder.is_available:
-        raise MissingDecoderError(
-            f"{name}: no installed decoder for the transfer syntax {tsyntax.name} ({tsyntax}): {_INSTALL_HINT}"
-        )
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:  # decoder plugins raise many types
-        raise ImageReadError(
-            f"{name}: the {tsyntax.name} pixel data cannot be decoded (truncated or corrupt?): {_first_line(exc)}"
-        ) from exc
-    expected = (int(ds.Rows), int(ds.Columns))
-    if arr.shape[:2] != expected or arr.ndim not in (2, 3):
-        raise ImageReadError(f"{name}: decoded pixels have shape {arr.shape}, the header says {expected}")
-    return arr
-
-
 def _sop_class_name(ds: Dataset) -> str | None:
     """Registered name of the SOP class (dataset or file meta), or None when neither is a known UID."""
     for value in (ds.get("SOPClassUID"), ds.file_meta.get("MediaStorageSOPClassUID")):
@@ -300,16 +266,6 @@ def _sop_class_name(ds: Dataset) -> str | None:
         if uid and uid.name != str(uid):
             return uid.name
     return None
-
-
-def _guess_syntax(ds: Dataset, name: str) -> UID:
-    """The native syntax a file without file meta was parsed with, recorded so pydicom can decode it."""
-    implicit, little = ds.original_encoding
-    syntax = None if implicit is None or little is None else _NATIVE_SYNTAXES.get((implicit, little))
-    if syntax is None:
-        raise ImageReadError(f"{name}: the file has no Transfer Syntax UID and its encoding cannot be inferred")
-    ds.file_meta.TransferSyntaxUID = syntax
-    return syntax
 
 
 def _dicom_meta(ds: Dataset, rendered: Rendered, warnings: list[str]) -> ImageMeta:
@@ -376,8 +332,3 @@ def _text(ds: Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     text = str(value).strip() if value is not None else ""
     return text or None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
