@@ -5,7 +5,8 @@ caller sees the same pixels: bright bone, dark lungs, float32 in [0, 1]. The for
 content, never the file name. Problems a person can fix raise the typed errors of `medvit.errors` with a
 message naming the file and what to do; `docs/inputs.md` lists them.
 
-The DICOM pixel chain itself (modality LUT, VOI, inversion) lives in `_dicom_pixels.py`.
+The DICOM pixel chain (decoding, modality LUT, VOI, inversion) lives in `_dicom_pixels.py`, PNG/JPEG
+decoding in `_raster.py`.
 """
 
 from __future__ import annotations
