@@ -335,6 +335,14 @@ class Calibration:
     method: str
     info: dict[str, Any] = field(default_factory=dict)  # selection scores, fitted-on data, per-finding notes
 
+    def __post_init__(self) -> None:
+        # accept lists from callers; findings are compared as tuples and thresholds broadcast as an array
+        object.__setattr__(self, "findings", tuple(self.findings))
+        object.__setattr__(self, "calibrators", tuple(self.calibrators))
+        object.__setattr__(self, "thresholds", np.asarray(self.thresholds, dtype=np.float64))
+        if not len(self.findings) == len(self.calibrators) == len(self.thresholds):
+            raise ValueError("Calibration needs one calibrator and one threshold per finding")
+
     def apply(self, logits: np.ndarray) -> np.ndarray:
         z = np.asarray(logits, dtype=np.float64)
         if z.ndim != 2 or z.shape[1] != len(self.findings):

@@ -242,3 +242,11 @@ def test_auto_calibration_meets_the_demo_ece_target_on_dev_like_data(dev_labels,
         after = np.mean([metrics.ece(probs[:, k], y_new[:, k]) for k in defined])
         before = np.mean([metrics.ece(expit(z_new[:, k]), y_new[:, k]) for k in defined])
         assert after <= 0.05 and after < before, (seed, cal.info["chosen"], before, after)
+
+
+def test_calibration_accepts_lists_and_rejects_mismatched_lengths():
+    cal = Calibration(["Effusion", "Mass"], [calibrate.Temperature(2.0)] * 2, [0.3, 0.4], "temperature")
+    cal.check_findings(("Effusion", "Mass"))
+    assert cal.flags(np.array([[0.3, 0.39]])).tolist() == [[True, False]]
+    with pytest.raises(ValueError, match="one calibrator and one threshold per finding"):
+        Calibration(["Effusion"], [calibrate.Temperature(2.0)] * 2, [0.3, 0.4], "temperature")
