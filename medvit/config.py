@@ -70,6 +70,10 @@ class ModelConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
+        bad = [k for k, v in self.model_kwargs.items() if not k.isidentifier() or v is None]
+        if bad:  # timm silently drops None kwargs; "{img_size:64}" (no space) parses as key "img_size:64"
+            raise ValueError(f"model_kwargs {bad}: keys must be argument names with values "
+                             "(in YAML flow maps write 'img_size: 64' with a space)")
         if self.freeze_blocks and not self.freeze_stem:
             raise ValueError("freeze_blocks > 0 needs freeze_stem: true (frozen layers are a prefix)")
         return self

@@ -79,6 +79,11 @@ def test_data_section_is_required() -> None:
         load_config(None, ["train.epochs=1"])
 
 
+def test_model_kwargs_typo_in_a_flow_map_is_caught() -> None:
+    with pytest.raises(ConfigError, match="img_size: 64"):
+        load_config(CONFIGS / "smoke.yaml", ["model.model_kwargs={img_size:64,depth:2}"])
+
+
 def test_frozen_blocks_need_frozen_stem() -> None:
     with pytest.raises(ConfigError, match="freeze_stem"):
         load_config(CONFIGS / "smoke.yaml", ["model.freeze_stem=false", "model.freeze_blocks=2"])
