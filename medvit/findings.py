@@ -104,6 +104,17 @@ def parse_nih_labels(labels: str | float) -> set[str]:
     return {canonical(p) for p in labels.split("|") if p.strip()}
 
 
+def numeric_labels(col: pd.Series) -> np.ndarray:
+    """A wide-format label column as floats; blank is unknown, text such as "yes" is an error, not NaN."""
+    values = pd.to_numeric(col, errors="coerce")
+    text = col[values.isna() & col.notna() & (col.astype(str).str.strip() != "")]
+    if len(text):
+        raise DatasetError(
+            f"column {col.name!r} holds non-numeric labels such as {text.iloc[0]!r}; use 1, 0, -1 or blank"
+        )
+    return values.to_numpy(dtype=np.float32)
+
+
 def align_labels(df: pd.DataFrame, findings: Sequence[str] = DEFAULT_FINDINGS) -> np.ndarray:
     """Map a dataset's labels onto `findings`: an (N, K) float32 array of 1, 0 or NaN (unknown).
 
@@ -130,7 +141,7 @@ def align_labels(df: pd.DataFrame, findings: Sequence[str] = DEFAULT_FINDINGS) -
         )
     for j, f in enumerate(findings):
         if f in columns:
-            out[:, j] = pd.to_numeric(df[columns[f]], errors="coerce").to_numpy(dtype=np.float32)
+            out[:, j] = numeric_labels(df[columns[f]])
     if NO_FINDING in findings and NO_FINDING not in columns:
         j = findings.index(NO_FINDING)
         others = out[:, [i for i, f in enumerate(findings) if f != NO_FINDING]]

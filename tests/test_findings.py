@@ -44,3 +44,8 @@ def test_align_wide_format_missing_columns_are_unknown():
 def test_align_rejects_unknown_nih_labels():
     with pytest.raises(DatasetError, match="unknown finding"):
         align_labels(pd.DataFrame({"Finding Labels": ["Effusion|Tumour"]}))
+
+
+def test_align_wide_refuses_text_labels():
+    with pytest.raises(DatasetError, match="non-numeric labels such as 'yes'"):
+        align_labels(pd.DataFrame({"Effusion": ["1", "yes", ""]}), ["Effusion"])

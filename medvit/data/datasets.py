@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from medvit.errors import DatasetError
-from medvit.findings import DEFAULT_FINDINGS, align_labels, is_finding, resolve_findings
+from medvit.findings import DEFAULT_FINDINGS, align_labels, is_finding, numeric_labels, resolve_findings
 
 _log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ def _safe_path(root: Path, rel: str) -> str:
     """Resolve `rel` under `root`, refusing absolute paths and `..` escapes (a CSV must not reach outside)."""
     if not isinstance(rel, str) or not rel.strip():
         raise DatasetError(f"empty image path in the labels CSV under {root}")
+    if "\x00" in rel:
+        raise DatasetError(f"image path {rel!r} in the labels CSV contains a NUL byte")
     full = (root / rel).resolve()
     if not full.is_relative_to(root):
         raise DatasetError(f"image path {rel!r} escapes the image root {root}; paths must stay inside it")
@@ -82,7 +84,7 @@ def _from_wide(df: pd.DataFrame, uncertainty: str) -> tuple[pd.DataFrame, pd.Dat
             raise DatasetError("wide-format CSV needs a 'Patient ID' column (or CheXpert-style 'patientNNNNN' paths)")
         patients = found
     view = next((df[c].astype(str) for c in ("View Position", "AP/PA", "Frontal/Lateral") if c in df.columns), None)
-    labels = df[[c for c in df.columns if is_finding(c)]].apply(pd.to_numeric, errors="coerce")
+    labels = pd.DataFrame({c: numeric_labels(df[c]) for c in df.columns if is_finding(c)}, index=df.index)
     policy = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[uncertainty]
     labels = labels.mask(labels == -1, policy)
     frame = pd.DataFrame({"image_id": paths, "rel_path": paths, "patient_id": patients, "view": view})
