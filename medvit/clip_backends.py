@@ -114,18 +114,17 @@ def set_offline_env() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     if "huggingface_hub" in sys.modules:
-        _log.debug("huggingface_hub was imported before offline mode was set; local_files_only still applies")
+        _log.debug("huggingface_hub was imported before offline mode was set: transformers still loads with "
+                   "local_files_only, open_clip hub downloads will fail on the network instead")
 
 
 class ClipBackend:
     """A loaded CLIP: tokenisation, feature extraction (with gradients, for align), preprocessing and saving."""
 
     spec: ModelSpec
-    model: torch.nn.Module
+    model: Any  # open_clip CLIP/CustomTextCLIP or transformers CLIPModel: library classes with dynamic attributes
     dtype: torch.dtype
     image_size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -212,7 +211,6 @@ class OpenClipBackend(ClipBackend):
         cfg = model.visual.preprocess_cfg
         size = cfg["size"]
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
-        self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
         self._config = _open_clip_config(spec)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -308,6 +306,7 @@ def _tag_repo(spec: ModelSpec) -> str | None:
 
 def _download_hint(spec: ModelSpec, err: BaseException) -> str:
     """What to download and where to put it, for a hub model that is not available (offline or no network)."""
+    repo: str | None
     if spec.backend == "transformers":
         repo = spec.name
     elif spec.name.startswith("hf-hub:"):
@@ -315,8 +314,10 @@ def _download_hint(spec: ModelSpec, err: BaseException) -> str:
     else:
         repo = _tag_repo(spec)
     target = "open_clip:local-dir:DIR" if spec.backend == "open_clip" else "transformers:DIR"
-    return (f"CLIP weights for {spec} are not available offline ({type(err).__name__}). On a machine with internet "
-            f"run `hf download {repo} --local-dir DIR`, copy DIR here and {_WHERE} {target}")
+    cause = (str(err).splitlines() or [""])[0][:160]
+    return (f"CLIP weights for {spec} are not in the local cache and could not be downloaded (offline or no "
+            f"connection: {type(err).__name__}: {cause}). On a machine with internet run "
+            f"`hf download {repo} --local-dir DIR`, copy DIR here and {_WHERE} {target}")
 
 
 class HFClipBackend(ClipBackend):
@@ -326,21 +327,21 @@ class HFClipBackend(ClipBackend):
         from transformers import CLIPModel, CLIPProcessor
 
         self.spec, self.dtype = spec, dtype
-        local = Path(spec.name).expanduser()
-        if spec.name.startswith(("/", ".", "~")) and not (local / "config.json").is_file():
-            raise WeightsNotFoundError(f"{local} is not a transformers CLIP folder (no config.json); "
-                                       "write one with CLIPModel.save_pretrained + CLIPProcessor.save_pretrained")
+        source = spec.name
+        if spec.name.startswith(("/", ".", "~")):  # a folder, not a hub id
+            source = str(Path(spec.name).expanduser())
+            if not (Path(source) / "config.json").is_file():
+                raise WeightsNotFoundError(f"{source} is not a transformers CLIP folder (no config.json); write one "
+                                           "with CLIPModel.save_pretrained + CLIPProcessor.save_pretrained")
         try:
-            model = CLIPModel.from_pretrained(spec.name, local_files_only=offline)
-            self.processor = CLIPProcessor.from_pretrained(spec.name, local_files_only=offline)
+            self.model = CLIPModel.from_pretrained(source, local_files_only=offline)
+            self.processor = CLIPProcessor.from_pretrained(source, local_files_only=offline)
         except OSError as e:
             raise WeightsNotFoundError(_download_hint(spec, e)) from e
-        self.model = model.to(dtype).eval()
+        self.model = self.model.to(dtype).eval()
         crop = self.processor.image_processor.crop_size or {}
         side = self.model.config.vision_config.image_size
         self.image_size = (crop.get("height", side), crop.get("width", side))
-        self.mean = tuple(self.processor.image_processor.image_mean)
-        self.std = tuple(self.processor.image_processor.image_std)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         max_len = self.model.config.text_config.max_position_embeddings

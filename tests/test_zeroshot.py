@@ -170,6 +170,16 @@ def test_chexzero_normalisation_letterboxes_and_uses_mimic_stats(scorer):
         scorer.backend.preprocess(grey, "imagenet")
 
 
+def test_scores_a_real_monochrome1_dicom_through_read_image(scorer, prompts, cxr_dicom):
+    from medvit.data.dicom import read_image
+
+    image = read_image(cxr_dicom)
+    assert image.meta.inverted  # MONOCHROME1 handled by the shared reader before CLIP preprocessing
+    table = scorer.score_pairs(image, [prompts.finding_pair("Pneumothorax")])
+    assert 0 < table["prob"].iloc[0] < 1
+    assert torch.equal(scorer.image_embeddings([image]), scorer.image_embeddings([image.pixels]))
+
+
 # ------------------------------------------------------------------------------------------------------- maths
 def test_pair_probability_matches_hand_computation():
     s_pos, s_neg, t = 0.30, 0.25, 0.01
@@ -318,7 +328,7 @@ def test_offline_cli_sets_hub_env_first_and_names_download_and_target(dev_images
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
     assert proc.stdout.split() == ["2", "1", "1", "True"], proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: CLIP weights for open_clip:ViT-B-32/laion2b_s34b_b79k are not available offline")
+    assert last.startswith("error: CLIP weights for open_clip:ViT-B-32/laion2b_s34b_b79k are not in the local cache")
     assert "hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K --local-dir DIR" in last
     assert "MEDVIT_CLIP" in last and "open_clip:local-dir:DIR" in last
 
