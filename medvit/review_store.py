@@ -36,6 +36,7 @@ from sqlalchemy import (
     event,
     func,
     select,
+    text,
 )
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
@@ -58,6 +59,7 @@ CSV_COLUMNS = (
     "finding", "verdict", "prob", "threshold", "prob_raw", "note",
 )  # fmt: skip
 
+_MIGRATION_LOCK = 0x6D65_6476_6974  # "medvit": the advisory lock key serialising PostgreSQL migrations
 _DICOM_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # PS3.5 9.1: digits and dots, at most 64 chars
 _HEX = re.compile(r"^[0-9a-f]+$")
 
@@ -162,6 +164,8 @@ def migrate(engine: Engine, revision: str = "head", *, downgrade: bool = False) 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # app servers starting together must not both create the tables
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         (command.downgrade if downgrade else command.upgrade)(cfg, revision)
 

@@ -238,3 +238,27 @@ def test_concurrent_writers_lose_nothing(store):
     history = store.history(limit=None)
     assert {r.note for r in history} == {f"{t}/{i}" for t in range(threads) for i in range(per_thread)}
     assert all(len(r.verdicts) == 2 for r in history)
+
+
+def test_stores_opened_concurrently_on_a_fresh_database_all_work(db_url):
+    """Several app processes starting at once: one migrates, the others wait and find the schema at head."""
+    stores: list[ReviewStore] = []
+    errors: list[BaseException] = []
+
+    def open_and_write() -> None:
+        try:
+            s = ReviewStore(db_url)
+            _review(s)
+            stores.append(s)
+        except BaseException as e:  # noqa: BLE001 - surfaced below
+            errors.append(e)
+
+    workers = [threading.Thread(target=open_and_write) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not errors, errors
+    assert stores[0].count() == 4 and schema_revision(stores[0].engine) == "0001"
+    for s in stores:
+        s.close()
