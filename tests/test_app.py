@@ -356,3 +356,16 @@ def test_windowing_defaults_reproduce_the_reader_and_rewindow_raw(service):
     expected = downscale(apply_window(image.raw, 12000.0, 4000.0, invert=True), 1024)
     np.testing.assert_allclose(narrow, expected, atol=1e-6)
     assert max(narrow.shape) == 1024 and not np.allclose(narrow, display_pixels(image, d.center, d.width, False))
+
+
+def test_fresh_launch_uses_the_demo_model(env, monkeypatch):
+    """No --run, no MEDVIT_RUN: the packaged demo model on RG1_UNCI.dcm, as on a fresh machine."""
+    from medvit.inference import DEMO_RUN
+
+    if not (DEMO_RUN / "config.json").is_file():
+        pytest.skip(f"the demo model is not in {DEMO_RUN} yet")
+    monkeypatch.delenv("MEDVIT_RUN")
+    at = _app()
+    assert not at.error, _errors(at)
+    table = _findings(at)
+    assert table is not None and len(table) == len(DEFAULT_FINDINGS)
