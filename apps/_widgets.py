@@ -10,15 +10,8 @@ import pandas as pd
 import streamlit as st
 
 from medvit.errors import MedvitError
-from medvit.review_service import (
-    Analysis,
-    ReviewService,
-    display_pixels,
-    findings_table,
-    metadata_rows,
-    window_defaults,
-    zero_shot_table,
-)
+from medvit.review_display import display_pixels, metadata_rows, window_defaults
+from medvit.review_service import Analysis, ReviewService, findings_table, zero_shot_table
 from medvit.review_store import NOTE_MAX, REVIEWER_MAX, VERDICTS, ReviewStore
 
 _log = logging.getLogger("medvit.app")
@@ -156,12 +149,12 @@ def feedback_form(store: ReviewStore, analysis: Analysis, table: pd.DataFrame, m
         reviewer = st.text_input("Reviewer name", max_chars=REVIEWER_MAX, key="reviewer")
         note = st.text_area("Note", max_chars=NOTE_MAX, key=f"note_{key}")
         submitted = st.form_submit_button("Save review")
-    if submitted:
+    if submitted and analysis.prediction is not None:
         chosen = {f: v for f, v in verdicts.items() if v != NO_VERDICT}
         with reported("Review not saved"):
             review_id = store.add_review(
                 reviewer=reviewer, image_uid=analysis.image_uid, image_uid_kind=analysis.image_uid_kind,
-                model_name=model_name, weights_sha256=analysis.prediction.weights_sha256,  # type: ignore[union-attr]
+                model_name=model_name, weights_sha256=analysis.prediction.weights_sha256,
                 shown=analysis.shown(), verdicts=chosen, note=note,
             )  # fmt: skip
             st.success(f"Saved review #{review_id} ({len(chosen)} finding(s)).")

@@ -22,9 +22,8 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from medvit.data.dicom import XrayImage, apply_window, check_chest_frontal, read_image
+from medvit.data.dicom import XrayImage, check_chest_frontal, read_image
 from medvit.errors import ImageReadError, ImageTooLargeError, MedvitError, UnsupportedImageError
 from medvit.inference import Prediction, Predictor, resolve_run_dir
 from medvit.review_store import ShownFinding
@@ -33,7 +32,6 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_MB = 64
 DEFAULT_EXAMPLE = "RG1_UNCI.dcm"  # a real 15-bit MONOCHROME1 PA chest CR from pydicom-data
-DISPLAY_MAX_SIDE = 1024
 _BYTES_NAME = "uploaded image"  # how read_image names a file given as bytes in its messages
 SaliencyMethod = Literal["rollout", "gradcam"]
 _T = TypeVar("_T")
@@ -226,7 +224,7 @@ class ReviewService:
         use_uid = meta.source == "dicom" and uid is not None and _is_dicom_uid(uid)
         _log.info("analyzed %s in %.0f ms%s", name, timings["total"], f" (refused: {refusal})" if refusal else "")
         return Analysis(
-            name=name, sha256=digest, image=image, image_uid=uid if use_uid else digest,  # type: ignore[arg-type]
+            name=name, sha256=digest, image=image, image_uid=uid if uid and use_uid else digest,
             image_uid_kind="sop_instance_uid" if use_uid else "sha256", prediction=prediction, refusal=refusal,
             notes=tuple(notes), timings_ms=timings,
         )  # fmt: skip
@@ -237,7 +235,8 @@ class ReviewService:
         """An (H, W) map in [0, 1] of where the model looked: rollout, or Grad-CAM for `finding`."""
         from medvit.saliency import attention_rollout, grad_cam, to_image
 
-        if method == "gradcam" and finding not in self.findings:
+        target = self.findings.index(finding) if finding in self.findings else -1
+        if method == "gradcam" and target < 0:
             raise MedvitError(f"choose one of the model's findings for Grad-CAM (got {finding!r})")
         key = (analysis.sha256, method, finding if method == "gradcam" else None)
 
@@ -247,7 +246,7 @@ class ReviewService:
             with self._model_lock:
                 if method == "rollout":
                     return attention_rollout(model, x)[0]
-                return grad_cam(model, x, self.findings.index(finding))[0]  # type: ignore[arg-type]
+                return grad_cam(model, x, target)[0]
 
         grid = self._saliency.get_or_compute(key, compute)
         _, h_in, w_in = self.predictor.info.preprocessing["input_size"]
@@ -256,55 +255,6 @@ class ReviewService:
 
 def _is_dicom_uid(uid: str) -> bool:
     return 0 < len(uid) <= 64 and all(part.isdigit() for part in uid.split("."))
-
-
-@dataclass(frozen=True)
-class WindowDefaults:
-    """Slider set-up for re-windowing: the values to window, their range and the header's VOI."""
-
-    values: np.ndarray
-    low: float
-    high: float
-    center: float
-    width: float
-    base_invert: bool  # MONOCHROME1 / INVERSE: inverted already in the default display
-
-
-def window_defaults(image: XrayImage) -> WindowDefaults:
-    """DICOM: modality values and the VOI the reader applied; PNG/JPEG: their 0-255 display values."""
-    if image.raw is not None:
-        raw = image.raw
-        low, high = float(raw.min()), float(raw.max())
-        center = image.meta.window_center if image.meta.window_center is not None else (low + high) / 2
-        width = image.meta.window_width if image.meta.window_width is not None else max(high - low, 1.0)
-        return WindowDefaults(raw, low, high, float(center), float(width), image.meta.inverted)
-    return WindowDefaults(image.pixels * 255.0, 0.0, 255.0, 127.5, 255.0, False)
-
-
-def display_pixels(image: XrayImage, center: float, width: float, invert: bool) -> np.ndarray:
-    """The image as the reader wants to see it, at most `DISPLAY_MAX_SIDE` pixels on a side.
-
-    At the header's own VOI the reader's pixels are shown unchanged (this also covers VOI LUT tables,
-    which a linear window only approximates); otherwise `apply_window` re-windows the modality values.
-    """
-    d = window_defaults(image)
-    if np.isclose(center, d.center) and np.isclose(width, d.width):
-        pixels = 1.0 - image.pixels if invert else image.pixels
-    else:
-        pixels = apply_window(d.values, center, max(width, 1.0), invert=d.base_invert != invert)
-    return downscale(pixels, DISPLAY_MAX_SIDE)
-
-
-def downscale(pixels: np.ndarray, max_side: int) -> np.ndarray:
-    """Area-style (antialiased) downscale so the longest side is at most `max_side`; float32 in [0, 1]."""
-    h, w = pixels.shape
-    scale = max_side / max(h, w)
-    if scale >= 1:
-        return pixels.astype(np.float32, copy=False)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    t = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
-    out = F.interpolate(t, size=size, mode="bilinear", antialias=True, align_corners=False)[0, 0]
-    return out.clamp(0, 1).numpy()
 
 
 def load_zero_shot() -> Any:
@@ -347,28 +297,3 @@ def zero_shot_table(scorer: Any, image: XrayImage, prompts: list[str], pairs: li
     if not parts:
         return pd.DataFrame(columns=["mode", "prompt", "prob", "similarity", "calibration"])
     return pd.concat(parts, ignore_index=True)[["mode", "prompt", "prob", "similarity", "calibration"]]
-
-
-def metadata_rows(meta: Any) -> dict[str, str]:
-    """The metadata panel of one image (`ImageMeta`), as label -> text; no patient identifiers."""
-    from pydicom.uid import UID
-
-    def text(value: object) -> str:
-        return "not given" if value in (None, "") else str(value)
-
-    spacing = "not given"
-    if meta.pixel_spacing:
-        spacing = f"{meta.pixel_spacing[0]:.4g} × {meta.pixel_spacing[1]:.4g} mm ({meta.pixel_spacing_source})"
-    syntax = text(meta.transfer_syntax)
-    if meta.transfer_syntax:
-        name = UID(meta.transfer_syntax).name
-        syntax = f"{name} ({meta.transfer_syntax})" if name != meta.transfer_syntax else syntax
-    voi = meta.voi_source
-    if meta.window_center is not None and meta.window_width is not None:
-        voi = f"C {meta.window_center:g} / W {meta.window_width:g} ({meta.voi_source})"
-    return {
-        "Format": meta.source.upper(), "Modality": text(meta.modality), "View position": text(meta.view_position),
-        "Body part": text(meta.body_part), "Pixel spacing": spacing, "Transfer syntax": syntax,
-        "Photometric": text(meta.photometric_interpretation), "Bits stored": text(meta.bits_stored),
-        "Size": f"{meta.columns} × {meta.rows} px", "VOI applied": voi, "Study date": text(meta.study_date),
-    }  # fmt: skip

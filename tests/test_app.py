@@ -344,7 +344,7 @@ def test_windowing_defaults_reproduce_the_reader_and_rewindow_raw(service):
     import numpy as np
 
     from medvit.data.dicom import apply_window, read_image
-    from medvit.review_service import display_pixels, downscale, window_defaults
+    from medvit.review_display import display_pixels, downscale, window_defaults
 
     image = read_image(dicom_path("RG1_UNCI.dcm"))
     d = window_defaults(image)
