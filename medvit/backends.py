@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +124,16 @@ class TorchBackend(Backend):
                  compile_cache: Path | None = None) -> None:
         self.dtype = dtype
         self.name = ("torch-compile" if compiled else "torch") + ("-bf16" if dtype == torch.bfloat16 else "")
-        model = model.eval()
+        module = model.eval()
         if dtype != torch.float32:
-            model = copy.deepcopy(model).to(dtype)  # never mutate the caller's fp32 reference
+            module = copy.deepcopy(module).to(dtype)  # never mutate the caller's fp32 reference
+        self.model: Callable[[torch.Tensor], torch.Tensor] = module
         if compiled:
             if compile_cache is not None:
                 # FX-graph + inductor caches on disk: the next process reuses the compiled kernels.
                 compile_cache.mkdir(parents=True, exist_ok=True)
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
-            model = torch.compile(model)  # static first; a second batch size recompiles once with a dynamic batch
-        self.model = model
+            self.model = torch.compile(module)  # static first; a 2nd batch size recompiles once with a dynamic batch
 
     def __call__(self, x: ArrayLike) -> np.ndarray:
         t = torch.as_tensor(x, dtype=torch.float32)
@@ -264,7 +265,7 @@ def self_check(
             drift = max_prob_diff(backend(sample), reference)
             one = sample[:1]
             backend(one)
-            ms = median_ms(lambda b=backend, x=one: b(x), repeats)
+            ms = median_ms(partial(backend, one), repeats)
         except Exception as e:  # noqa: BLE001 - any failure just disqualifies the candidate, with its reason
             _log.warning("backend %s failed its self-check: %s", name, e)
             results[name] = {"ok": False, "reason": f"{type(e).__name__}: {e}"}

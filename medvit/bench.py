@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -220,7 +221,7 @@ def bench_speed(opts: BenchOptions, report: Report, work_dir: Path) -> None:
         setup_s = time.perf_counter() - t0
         for bs in opts.batch_sizes:
             x = x_all[:bs]
-            t = Timing.of(lambda b=backend, x=x: b(x), opts.warmup, opts.repeats)
+            t = Timing.of(partial(backend, x), opts.warmup, opts.repeats)
             per_image = t.median_ms / bs
             row = {"ms_per_image": per_image, "min_ms_per_image": t.min_ms / bs, "images_per_s": 1e3 / per_image,
                    "max_abs_dp": max_prob_diff(backend(x), reference[bs]), "gflops": gflop / (per_image * 1e-3),
@@ -257,7 +258,7 @@ def bench_auroc(opts: BenchOptions, report: Report, work_dir: Path) -> None:
     from medvit.inference import load_model
 
     paths, labels = dev_images(opts.data_dir)
-    if not paths:
+    if not paths or labels is None:
         report.info["auroc_note"] = f"no dev data at {opts.data_dir}"
         return
     model, info = load_model(opts.run_dir)

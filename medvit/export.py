@@ -277,10 +277,9 @@ def verified_onnx(model: nn.Module, info: RunInfo, int8: bool) -> Path:
     name = FILENAMES[kind]
     weights_sha256 = info.weights_sha256
     for folder in (info.run_dir, cache_root() / "onnx" / weights_sha256[:16]):
-        rec = _load_exports(folder).get(name)
+        rec = _load_exports(folder).get(name) or {}
         path = folder / name
-        current = rec and rec.get("weights_sha256") == weights_sha256 and path.is_file()
-        if current and file_sha256(path) == rec["sha256"]:
+        if rec.get("weights_sha256") == weights_sha256 and path.is_file() and file_sha256(path) == rec["sha256"]:
             return path
     folder = cache_root() / "onnx" / weights_sha256[:16]
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sized
 from contextlib import nullcontext
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -36,7 +38,7 @@ def _check_splittable(net: nn.Module) -> None:
 def prefix_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Tokens after the frozen stem + blocks of a medvit Classifier (B, tokens, width), without autograd."""
     _check_splittable(net)
-    b = net.backbone
+    b: Any = net.backbone
     with torch.no_grad():
         x = b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(x))))
         for blk in b.blocks[: net._split_blocks]:
@@ -56,7 +58,8 @@ class TrainableSuffix(nn.Module):
         self.net = net
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        net, b = self.net, self.net.backbone
+        net: Any = self.net
+        b: Any = net.backbone
         x = tokens
         for blk in b.blocks[net._split_blocks :]:
             if net.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -101,10 +104,11 @@ class FrozenFeatures(Dataset):
             for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
                 f = prefix_forward(net, x.to(device))
                 if not feats:
-                    need = f[0].numel() * f.element_size() * len(dataset)
+                    n = len(cast(Sized, dataset))
+                    need = f[0].numel() * f.element_size() * n
                     if need > MAX_CACHE_BYTES:
                         raise ConfigError(
-                            f"caching frozen features of {len(dataset)} images needs {need / 2**30:.1f} GB "
+                            f"caching frozen features of {n} images needs {need / 2**30:.1f} GB "
                             f"(limit {MAX_CACHE_BYTES / 2**30:.0f} GB): set train.cache_frozen_features: false"
                         )
                 feats.append(f)
