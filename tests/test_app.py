@@ -369,3 +369,17 @@ def test_fresh_launch_uses_the_demo_model(env, monkeypatch):
     assert not at.error, _errors(at)
     table = _findings(at)
     assert table is not None and len(table) == len(DEFAULT_FINDINGS)
+
+
+def test_unexpected_failures_are_logged_and_shown_without_a_traceback(env, monkeypatch, caplog):
+    from medvit.review_service import ReviewService
+
+    def broken(self, data, name, **kw):
+        raise RuntimeError("boom in a library bug")
+
+    monkeypatch.setattr(ReviewService, "analyze", broken)
+    at = _app()
+    assert "unexpected RuntimeError; the details are in the server log" in _errors(at)
+    assert "boom" not in _errors(at) and "Traceback" not in _errors(at)
+    assert _findings(at) is None
+    assert any(r.exc_info and "boom in a library bug" in str(r.exc_info[1]) for r in caplog.records)
