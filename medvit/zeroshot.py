@@ -183,6 +183,7 @@ class ZeroShotScorer:
         return pd.DataFrame(rows)
 
     def finding_pairs(self, findings: Sequence[str]) -> list[PromptPair]:
+        """The default pair of each finding, from the prompts config."""
         return [self.prompts.finding_pair(f) for f in findings]
 
     def pair_probabilities(
@@ -195,14 +196,15 @@ class ZeroShotScorer:
 
     # ----------------------------------------------------------------------------------------------- calibration
     def fit_temperatures(
-        self, images: Sequence[XrayImage | np.ndarray], pairs: Sequence[PromptPair], labels: np.ndarray
+        self, pairs: Sequence[PromptPair], s_pos: np.ndarray, s_neg: np.ndarray, labels: np.ndarray
     ) -> dict[str, float]:
-        """Fit one temperature per pair on labelled images (labels (N, K) 0/1, NaN = unknown) and use them.
+        """Fit one temperature per pair on labelled images and use them from now on.
 
-        Reuses `medvit.calibrate.fit_temperature` on the model-scale logits logit_scale * (s_pos - s_neg), so the
-        stored T is absolute: p = softmax([s_pos, s_neg] / T)[0]. Pairs with a single class are left uncalibrated.
+        Takes the (N, K) similarities from `pair_similarities` (computed in chunks for large sets) and (N, K) 0/1
+        labels with NaN = unknown. Reuses `medvit.calibrate.fit_temperature` on the model-scale logits
+        logit_scale * (s_pos - s_neg); the stored T is absolute: p = softmax([s_pos, s_neg] / T)[0].
+        Pairs with a single class are left uncalibrated.
         """
-        s_pos, s_neg = self.pair_similarities(images, pairs)
         scale = self.logit_scale
         fitted = {}
         for j, pair in enumerate(pairs):

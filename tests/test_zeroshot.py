@@ -360,10 +360,16 @@ def test_architecture_without_weights_is_refused_unless_random_init_asked(tmp_pa
 def test_fit_temperatures_per_pair(scorer, prompts, xrays, tmp_path):
     pairs = [prompts.finding_pair("Effusion"), prompts.finding_pair("Mass")]
     labels = np.array([[1, 0], [0, 0], [1, np.nan]], dtype=np.float32)  # Mass has one class only
-    fitted = scorer.fit_temperatures(xrays, pairs, labels)
+    fitted = scorer.fit_temperatures(pairs, *scorer.pair_similarities(xrays, pairs), labels)
     assert set(fitted) == {"Effusion"} and fitted["Effusion"] > 0
     assert scorer.temperature("Effusion") == (fitted["Effusion"], "temperature")
     assert scorer.temperature("Mass")[1] == "uncalibrated"
+    s_pos, s_neg = scorer.pair_similarities(xrays, pairs)
+    calibrated = scorer.pair_probabilities(xrays, pairs)
+    assert calibrated[:, 0] == pytest.approx(pair_probability(s_pos[:, 0], s_neg[:, 0], fitted["Effusion"]))
+    raw = scorer.pair_probabilities(xrays, pairs, calibrated=False)
+    assert raw[:, 0] == pytest.approx(pair_probability(s_pos[:, 0], s_neg[:, 0], 1 / scorer.logit_scale))
+    assert calibrated[:, 1] == pytest.approx(raw[:, 1])  # Mass keeps the model's own temperature
     path = tmp_path / "t.json"
     scorer.save_temperatures(path)
     other = ZeroShotScorer(scorer.backend, prompts)

@@ -12,6 +12,8 @@ import argparse
 from medvit.commands.zeroshot import add_model_arguments, prepare_offline
 from medvit.findings import ALL_FINDINGS
 
+_CHUNK = 64  # images decoded and encoded at a time
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
@@ -33,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import numpy as np
+    from tqdm import tqdm
 
     from medvit.calibrate import Calibration, Temperature
     from medvit.data.datasets import label_matrix, load_labels
@@ -51,19 +54,22 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    def subset(split: str | None):
-        part = df if split is None else df[df["split"] == split]
+    def similarities(split: str | None):
+        """(frame, s_pos, s_neg) of a split; images are decoded in chunks so large sets fit in memory."""
+        part = (df if split is None else df[df["split"] == split]).reset_index(drop=True)
         if part.empty:
             raise DatasetError(f"no images in split {split!r} of {args.labels}")
-        return part.reset_index(drop=True), [read_image(p) for p in part["path"]]
+        paths = list(part["path"])
+        chunks = [scorer.pair_similarities([read_image(p) for p in paths[s:s + _CHUNK]], pairs)
+                  for s in tqdm(range(0, len(paths), _CHUNK), desc=f"zero-shot {split or 'all'}", leave=False)]
+        return part, np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
     if args.fit_split:
-        fit_df, fit_images = subset(args.fit_split)
-        scorer.fit_temperatures(fit_images, pairs, label_matrix(fit_df, findings))
+        fit_df, fit_pos, fit_neg = similarities(args.fit_split)
+        scorer.fit_temperatures(pairs, fit_pos, fit_neg, label_matrix(fit_df, findings))
         scorer.save_temperatures(out / "temperatures.json")
 
-    eval_df, images = subset(args.split)
-    s_pos, s_neg = scorer.pair_similarities(images, pairs)
+    eval_df, s_pos, s_neg = similarities(args.split)
     scale = scorer.logit_scale
     logits = scale * (s_pos - s_neg)
     labels = label_matrix(eval_df, findings)
