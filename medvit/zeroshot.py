@@ -225,7 +225,7 @@ class ZeroShotScorer:
         Path(path).write_text(json.dumps(doc, indent=2), encoding="utf-8")
 
     def load_temperatures(self, path: str | os.PathLike[str]) -> None:
-        """Use temperatures fitted earlier for this same model (a different model's temperatures are refused)."""
+        """Use temperatures fitted earlier for this same model and preprocessing (others are refused)."""
         try:
             doc = json.loads(Path(path).read_text(encoding="utf-8"))
             temps = {str(k): float(v) for k, v in doc["temperatures"].items()}
@@ -233,6 +233,9 @@ class ZeroShotScorer:
             raise ConfigError(f"cannot read zero-shot temperatures {path}: {e}") from None
         if doc.get("model") != self.backend.model_id:
             raise ConfigError(f"{path} was fitted for {doc.get('model')!r}, not {self.backend.model_id!r}")
+        if doc.get("normalization", self.normalization) != self.normalization:
+            raise ConfigError(f"{path} was fitted with --normalization {doc['normalization']}, "
+                              f"not {self.normalization}")
         if any(not math.isfinite(t) or t <= 0 for t in temps.values()):
             raise ConfigError(f"{path}: temperatures must be positive numbers")
         self.temperatures.update(temps)

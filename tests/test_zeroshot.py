@@ -375,6 +375,9 @@ def test_fit_temperatures_per_pair(scorer, prompts, xrays, tmp_path):
     other = ZeroShotScorer(scorer.backend, prompts)
     other.load_temperatures(path)
     assert other.temperatures == {"Effusion": pytest.approx(fitted["Effusion"])}
+    chexzero = ZeroShotScorer(scorer.backend, prompts, normalization="chexzero")
+    with pytest.raises(ConfigError, match="normalization"):
+        chexzero.load_temperatures(path)
     doc = json.loads(path.read_text())
     doc["model"] = "open_clip:ViT-B-32/openai#float32"
     path.write_text(json.dumps(doc))
