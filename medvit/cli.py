@@ -63,13 +63,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool) -> None:
+    # Third-party libraries (open_clip logs on the root logger) stay at WARNING; medvit's own loggers
+    # report progress at INFO, or everything at DEBUG with -v.
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("PIL", "matplotlib", "urllib3", "filelock", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
