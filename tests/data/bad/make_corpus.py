@@ -16,8 +16,10 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import struct
 import sys
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,19 +108,21 @@ def gradient(h: int = 256, w: int = 256) -> np.ndarray:
     return ((x + y) * 255 // (h + w - 2)).astype(np.uint8)
 
 
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+
+def _png_header(side: int) -> bytes:
+    """PNG signature + IHDR of a side x side 8-bit grey image."""
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+
+
 def _png_bomb(side: int) -> bytes:
     """A real PNG of side x side zero pixels: tiny on disk, `side**2` bytes once decoded."""
-    import struct
-    import zlib
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
     comp = zlib.compressobj(9)
     row = b"\x00" * (side + 1)  # filter byte + one byte per pixel
     idat = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return _png_header(side) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
 def _write(data: bytes, name: str) -> Callable[[Path], Path]:
@@ -421,6 +425,9 @@ CASES: tuple[Case, ...] = (
          _lazy(lambda: png_bytes(gradient())[:300], "truncated.png"), "a PNG cut short"),
     Case("bad_crc.png", "image", ImageReadError, "truncated or corrupt", _lazy(_bad_crc_png, "bad_crc.png"),
          "a PNG whose image data fails its checksum"),
+    Case("no_idat.png", "image", ImageReadError, "truncated or corrupt",
+         _lazy(lambda: _png_header(64) + _png_chunk(b"IEND", b""), "no_idat.png"),
+         "a PNG header and no image data (found by benchmarks/fuzz.py)"),
     Case("truncated.jpg", "image", ImageReadError, "truncated or corrupt",
          _lazy(lambda: jpeg_bytes(gradient())[:600], "truncated.jpg"), "a JPEG cut short"),
     # --- documented as accepted (with a warning where the image is unusual)
