@@ -151,3 +151,17 @@ def test_resume_detects_a_torn_write(tmp_path: Path) -> None:
         ckpt.load_resume_state(tmp_path, model, opt, ema)
     with pytest.raises(CheckpointError, match="no resume state"):
         ckpt.load_resume_state(tmp_path / "empty", model, opt, ema)
+
+
+def test_shipped_demo_run_loads_and_is_small() -> None:
+    demo = Path(__file__).resolve().parents[1] / "models" / "demo"
+    files = list(demo.iterdir())
+    assert sum(p.stat().st_size for p in files) < 30 * 2**20
+    assert not any(p.suffix in ckpt.PICKLE_SUFFIXES for p in files)
+    model, info = ckpt.load_run(demo)
+    size = info.preprocessing["input_size"]
+    with torch.no_grad():
+        out = model(torch.zeros(1, *size))
+    assert out.shape == (1, len(info.findings)) == (1, 14) and torch.isfinite(out).all()
+    summary = ckpt.read_json(demo / "train_summary.json")
+    assert summary["train_images"] == 286 and summary["val_images"] == 51 and summary["select"] == "last"
