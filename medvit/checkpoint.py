@@ -192,7 +192,7 @@ def load_run(run_dir: str | os.PathLike, weights: str = WEIGHTS) -> tuple[nn.Mod
 # ---- resume state: model + optimizer + EMA tensors in last.safetensors, the rest in state.json ----
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     tensors = {"rng.torch": torch.get_rng_state(), "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}
     meta = {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
@@ -257,7 +257,7 @@ def load_resume_state(run_dir: str | os.PathLike, model: nn.Module, optimizer: t
             idx, key = k.split(".", 1)
             slots.setdefault(int(idx), {})[key] = v
         groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state["param_groups"]]
-        optimizer.load_state_dict({"state": slots, "param_groups": groups})
+        optimizer.load_state_dict({"state": slots, "param_groups": groups})  # type: ignore[dict-item]
     except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(f"resume state in {run_dir} does not match this model/optimizer: {e}") from None
     _set_rng_state(tensors, state["rng"])

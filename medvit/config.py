@@ -30,10 +30,10 @@ class SplitConfig(_Strict):
     """How images are assigned to train / val / calib (always patient-wise)."""
 
     policy: Literal["column", "assign"] = Field(
-        "column", description="'column': use the CSV's 'split' column; 'assign': patient-wise random split"
+        default="column", description="'column': use the CSV's 'split' column; 'assign': patient-wise random split"
     )
-    val: float = Field(0.15, ge=0, lt=1)
-    calib: float = Field(0.15, ge=0, lt=1)
+    val: float = Field(default=0.15, ge=0, lt=1)
+    calib: float = Field(default=0.15, ge=0, lt=1)
     seed: int = 0
     train_name: str = "train"
     val_name: str = "val"
@@ -43,29 +43,29 @@ class DataConfig(_Strict):
     labels_csv: Path
     images_root: Path
     split_files: dict[str, Path] | None = Field(
-        None, description="optional official split lists, e.g. {train_val: train_val_list.txt, test: test_list.txt}"
+        default=None, description="optional official split lists, e.g. {test: test_list.txt}"
     )
     findings: list[str] = Field(default_factory=lambda: list(DEFAULT_FINDINGS))
-    uncertainty: str = Field("ignore", description="how uncertain (-1) labels are mapped (see datasets.load_labels)")
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    cache: bool = Field(False, description="keep decoded images in RAM (small datasets only)")
-    num_workers: int = Field(0, ge=0)
-    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    uncertainty: str = Field(default="ignore", description="how uncertain (-1) labels map (datasets.load_labels)")
+    split: SplitConfig = Field(default_factory=lambda: SplitConfig())
+    cache: bool = Field(default=False, description="keep decoded images in RAM (small datasets only)")
+    num_workers: int = Field(default=0, ge=0)
+    augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig())  # type: ignore[call-arg]
 
 
 class ModelConfig(_Strict):
-    name: str = Field(DEFAULT_BACKBONE, description="any timm model name; pin the pretrained tag")
-    pretrained: bool = Field(True, description="load pretrained weights (from weights_file, else the HF hub)")
-    weights_file: Path | None = Field(None, description="local pretrained weights (.safetensors or .pth)")
+    name: str = Field(default=DEFAULT_BACKBONE, description="any timm model name; pin the pretrained tag")
+    pretrained: bool = Field(default=True, description="load pretrained weights (from weights_file, else the HF hub)")
+    weights_file: Path | None = Field(default=None, description="local pretrained weights (.safetensors or .pth)")
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="passed to timm.create_model, e.g. embed_dim, depth, num_heads, img_size"
     )
     freeze_stem: bool = True
-    freeze_blocks: int = Field(6, ge=0, description="number of leading blocks/stages frozen (after the stem)")
+    freeze_blocks: int = Field(default=6, ge=0, description="number of leading blocks/stages frozen (after the stem)")
     head: Literal["linear", "mlp"] = "linear"
-    head_hidden: int = Field(512, ge=1)
-    head_dropout: float = Field(0.1, ge=0, lt=1)
-    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+    head_hidden: int = Field(default=512, ge=1)
+    head_dropout: float = Field(default=0.1, ge=0, lt=1)
+    drop_path_rate: float = Field(default=0.1, ge=0, lt=1)
     grad_checkpointing: bool = False
 
     @model_validator(mode="after")
@@ -81,21 +81,21 @@ class ModelConfig(_Strict):
 
 class LossConfig(_Strict):
     name: Literal["bce", "asymmetric", "focal"] = "bce"
-    pos_weight: bool = Field(True, description="per-finding pos_weight = negatives / positives on the train split")
-    pos_weight_max: float = Field(20.0, ge=1)
-    gamma_pos: float = Field(0.0, ge=0, description="asymmetric: focusing on positives")
-    gamma_neg: float = Field(4.0, ge=0, description="asymmetric: focusing on negatives")
-    clip: float = Field(0.05, ge=0, lt=1, description="asymmetric: probability margin for negatives")
-    gamma: float = Field(2.0, ge=0, description="focal: focusing parameter")
-    alpha: float = Field(0.25, gt=0, lt=1, description="focal: weight of positives")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    pos_weight: bool = Field(default=True, description="per-finding pos_weight = negatives / positives (train split)")
+    pos_weight_max: float = Field(default=20.0, ge=1)
+    gamma_pos: float = Field(default=0.0, ge=0, description="asymmetric: focusing on positives")
+    gamma_neg: float = Field(default=4.0, ge=0, description="asymmetric: focusing on negatives")
+    clip: float = Field(default=0.05, ge=0, lt=1, description="asymmetric: probability margin for negatives")
+    gamma: float = Field(default=2.0, ge=0, description="focal: focusing parameter")
+    alpha: float = Field(default=0.25, gt=0, lt=1, description="focal: weight of positives")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
 
 
 class MixupConfig(_Strict):
-    mixup_alpha: float = Field(0.0, ge=0)
-    cutmix_alpha: float = Field(0.0, ge=0)
-    prob: float = Field(1.0, ge=0, le=1)
-    switch_prob: float = Field(0.5, ge=0, le=1)
+    mixup_alpha: float = Field(default=0.0, ge=0)
+    cutmix_alpha: float = Field(default=0.0, ge=0)
+    prob: float = Field(default=1.0, ge=0, le=1)
+    switch_prob: float = Field(default=0.5, ge=0, le=1)
 
     @property
     def enabled(self) -> bool:
@@ -104,37 +104,37 @@ class MixupConfig(_Strict):
 
 class EmaConfig(_Strict):
     enabled: bool = False
-    decay: float = Field(0.999, gt=0, lt=1)
+    decay: float = Field(default=0.999, gt=0, lt=1)
     warmup: bool = True
-    evaluate: bool = Field(True, description="validate and save the EMA weights instead of the raw ones")
+    evaluate: bool = Field(default=True, description="validate and save the EMA weights instead of the raw ones")
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1, description="global batch per optimizer micro-step (split across ranks)")
-    accum_steps: int = Field(1, ge=1)
-    lr: float = Field(5e-4, gt=0, description="peak learning rate (scale ~ batch_size * accum_steps / 256)")
-    min_lr: float = Field(1e-6, ge=0)
-    warmup_lr: float = Field(1e-6, ge=0)
-    warmup_epochs: int = Field(1, ge=0)
-    weight_decay: float = Field(0.05, ge=0)
-    layer_decay: float | None = Field(0.75, gt=0, le=1)
-    opt: str = Field("adamw", description="timm optimizer name")
-    clip_grad: float | None = Field(1.0, gt=0)
+    epochs: int = Field(default=10, ge=1)
+    batch_size: int = Field(default=32, ge=1, description="global batch per optimizer micro-step (split across ranks)")
+    accum_steps: int = Field(default=1, ge=1)
+    lr: float = Field(default=5e-4, gt=0, description="peak learning rate (scale ~ batch_size * accum_steps / 256)")
+    min_lr: float = Field(default=1e-6, ge=0)
+    warmup_lr: float = Field(default=1e-6, ge=0)
+    warmup_epochs: int = Field(default=1, ge=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    layer_decay: float | None = Field(default=0.75, gt=0, le=1)
+    opt: str = Field(default="adamw", description="timm optimizer name")
+    clip_grad: float | None = Field(default=1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: AMP on CUDA; bf16 autocast on CPUs with AMX (measured slower than fp32 without)"
+        default="auto", description="auto: AMP on CUDA; bf16 autocast on CPUs with AMX (slower than fp32 without)"
     )
-    early_stopping_patience: int | None = Field(5, ge=1)
+    early_stopping_patience: int | None = Field(default=5, ge=1)
     select: Literal["best", "last"] = Field(
-        "best", description="model.safetensors = the best-val-AUROC epoch, or the last epoch (fixed schedule)"
+        default="best", description="model.safetensors = the best-val-AUROC epoch, or the last epoch (fixed schedule)"
     )
-    eval_batch_size: int = Field(64, ge=1)
-    loss: LossConfig = Field(default_factory=LossConfig)
-    mixup: MixupConfig = Field(default_factory=MixupConfig)
-    ema: EmaConfig = Field(default_factory=EmaConfig)
+    eval_batch_size: int = Field(default=64, ge=1)
+    loss: LossConfig = Field(default_factory=lambda: LossConfig())
+    mixup: MixupConfig = Field(default_factory=lambda: MixupConfig())
+    ema: EmaConfig = Field(default_factory=lambda: EmaConfig())
     deterministic: bool = True
     num_threads: int | None = Field(
-        None, ge=1, description="torch CPU threads per process (1 is much faster on an oversubscribed CPU)"
+        default=None, ge=1, description="torch CPU threads per process (1 is much faster on an oversubscribed CPU)"
     )
 
 
@@ -149,9 +149,9 @@ class Config(_Strict):
     seed: int = 0
     out_dir: Path = Path("runs/run")
     data: DataConfig
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    log: LogConfig = Field(default_factory=LogConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    log: LogConfig = Field(default_factory=lambda: LogConfig())
 
     @model_validator(mode="after")
     def _check(self) -> Config:

@@ -53,6 +53,8 @@ def _focal(logits: torch.Tensor, y: torch.Tensor, cfg: LossConfig) -> torch.Tens
 class MaskedMultiLabelLoss(nn.Module):
     """BCE / asymmetric / focal loss averaged over the known (non-NaN) label entries."""
 
+    pos_weight: torch.Tensor | None
+
     def __init__(self, cfg: LossConfig, pos_weight: torch.Tensor | None = None) -> None:
         super().__init__()
         self.cfg = cfg

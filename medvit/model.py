@@ -41,7 +41,7 @@ class MlpHead(nn.Module):
         return self.fc2(self.drop2(self.act(self.fc1(self.drop1(self.norm(x))))))
 
 
-def _layer_map(backbone: nn.Module) -> dict[str, int]:
+def _layer_map(backbone: Any) -> dict[str, int]:
     """Parameter name -> layer id (0 = stem, i+1 = block/stage i) from timm's own grouping."""
     from timm.models import group_parameters
 
@@ -53,6 +53,8 @@ def _layer_map(backbone: nn.Module) -> dict[str, int]:
 class Classifier(nn.Module):
     """timm backbone + multi-label head, with an optional frozen prefix run without autograd."""
 
+    backbone: Any  # a timm model; its attributes (blocks, patch_embed, ...) differ per family
+
     def __init__(self, backbone: nn.Module, head: nn.Module, *, frozen_layers: int = 0,
                  grad_checkpointing: bool = False) -> None:
         super().__init__()
@@ -63,8 +65,8 @@ class Classifier(nn.Module):
         self.frozen_layers = 0
         self._split_blocks = 0  # leading ViT blocks run under no_grad
         self.freeze(frozen_layers)
-        if grad_checkpointing and not self._is_vit and hasattr(backbone, "set_grad_checkpointing"):
-            backbone.set_grad_checkpointing(True)
+        if grad_checkpointing and not self._is_vit and hasattr(self.backbone, "set_grad_checkpointing"):
+            self.backbone.set_grad_checkpointing(True)
 
     @property
     def _is_vit(self) -> bool:
@@ -143,7 +145,7 @@ def _hub_hint(name: str) -> str:
     return f"download the pretrained weights of {name!r} (timm has no Hugging Face hub id for it)"
 
 
-def _create_backbone(cfg: ModelConfig, kwargs: dict[str, Any]) -> nn.Module:
+def _create_backbone(cfg: ModelConfig, kwargs: dict[str, Any]) -> Any:
     if not cfg.pretrained:
         return timm.create_model(cfg.name, pretrained=False, **kwargs)
     if cfg.weights_file is not None:

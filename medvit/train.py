@@ -42,12 +42,14 @@ class NonFiniteLossError(MedvitError):
     """The loss became NaN/Inf; the last good checkpoint in the run folder is kept."""
 
 
-def _loader(ds, batch: int, info: DistInfo, seed: int, shuffle: bool, workers: int) -> DataLoader:
+def _loader(ds: Any, batch: int, info: DistInfo, seed: int, workers: int) -> tuple[DataLoader, DistributedSampler]:
     # A DistributedSampler even on one process: its permutation depends only on (seed, epoch), so a
     # single-process run and an N-rank run see the same global batches.
-    sampler = DistributedSampler(ds, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=seed)
-    return DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False,
-                      persistent_workers=workers > 0)
+    sampler: DistributedSampler = DistributedSampler(ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                                     seed=seed)
+    loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False,
+                        persistent_workers=workers > 0)
+    return loader, sampler
 
 
 @torch.no_grad()
@@ -125,8 +127,9 @@ class _Trainer:
         train_ds = XrayDataset(self.splits.train, self.findings, train_tf, cache=cfg.data.cache)
         val_ds = XrayDataset(self.splits.val, self.findings, eval_tf, cache=cfg.data.cache)
         micro = t.batch_size // (info.world_size * t.accum_steps)
-        self.train_loader = _loader(train_ds, micro, info, cfg.seed, True, cfg.data.num_workers)
-        self.val_loader = DataLoader(val_ds, batch_size=t.eval_batch_size, num_workers=cfg.data.num_workers)
+        self.train_loader, self.train_sampler = _loader(train_ds, micro, info, cfg.seed, cfg.data.num_workers)
+        self.val_loader: DataLoader = DataLoader(val_ds, batch_size=t.eval_batch_size,  # type: ignore[arg-type]
+                                                 num_workers=cfg.data.num_workers)
 
         pos_weight = pos_weight_from_labels(train_ds.labels, t.loss.pos_weight_max)
         self.criterion = MaskedMultiLabelLoss(t.loss, pos_weight).to(info.device)
@@ -137,7 +140,7 @@ class _Trainer:
             self.optimizer, sched="cosine", num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
             warmup_lr=t.warmup_lr, min_lr=t.min_lr, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
         self.ema = ModelEmaV3(self.net, decay=t.ema.decay, use_warmup=t.ema.warmup) if t.ema.enabled else None
-        self.model: nn.Module = self.net
+        self.model: Any = self.net  # the DDP wrapper under torchrun
         if info.enabled:
             self.model = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[info.device.index] if info.device.type == "cuda" else None)
@@ -170,7 +173,7 @@ class _Trainer:
 
     def _train_epoch(self, epoch: int) -> float:
         t, dev = self.cfg.train, self.info.device
-        self.train_loader.sampler.set_epoch(epoch)
+        self.train_sampler.set_epoch(epoch)
         self.model.train()
         n_batches, total, count = len(self.train_loader), 0.0, 0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
@@ -218,10 +221,10 @@ class _Trainer:
         auroc, per = mean_auroc(labels, probs, self.findings)
         return val_loss, auroc, per
 
-    def _end_epoch(self, epoch: int, train_loss: float, seconds: float, log: MetricsLog) -> bool:
+    def _end_epoch(self, epoch: int, train_loss: float, seconds: float, log: MetricsLog | None) -> bool:
         """Validate, log, checkpoint (rank 0); returns whether to stop early (same answer on all ranks)."""
         stop = False
-        if self.info.is_main:
+        if log is not None:  # rank 0
             val_loss, auroc, per = self._validate()
             score = auroc if math.isfinite(auroc) else -val_loss
             improved = score > self.state["best_score"]
