@@ -21,7 +21,7 @@ review: $(STAMP)
 
 # Batch prediction with the demo model on the same example, printed as a table.
 predict: $(STAMP)
-	$(BIN)/medvit predict --example
+	$(BIN)/medvit predict "$$($(BIN)/python -c 'from pydicom.data import get_testdata_file as g; print(g("RG1_UNCI.dcm"))')"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
