@@ -73,7 +73,9 @@ def load_splits(cfg: Config) -> Splits:
     df = load_labels(d.labels_csv, d.images_root, d.findings, uncertainty=d.uncertainty,
                      split_files={k: str(v) for k, v in d.split_files.items()} if d.split_files else None)
     if d.split.policy == "assign":
-        df = assign_splits(df, seed=d.split.seed, val=d.split.val, calib=d.split.calib)
+        # Splits from official split files are kept (e.g. NIH's test list); a CSV 'split' column is re-drawn.
+        df = assign_splits(df, seed=d.split.seed, val=d.split.val, calib=d.split.calib,
+                           respect_existing=bool(d.split_files))
     elif "split" not in df.columns or df["split"].isna().all():
         raise DatasetError(f"{d.labels_csv} has no 'split' column; set data.split.policy: assign")
     train = df[df["split"] == d.split.train_name].reset_index(drop=True)

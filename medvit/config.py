@@ -30,7 +30,8 @@ class SplitConfig(_Strict):
     """How images are assigned to train / val / calib (always patient-wise)."""
 
     policy: Literal["column", "assign"] = Field(
-        default="column", description="'column': use the CSV's 'split' column; 'assign': patient-wise random split"
+        default="column",
+        description="'column': the CSV's 'split' column; 'assign': seeded patient-wise split (split_files' kept)",
     )
     val: float = Field(default=0.15, ge=0, lt=1)
     calib: float = Field(default=0.15, ge=0, lt=1)
@@ -111,9 +112,9 @@ class EmaConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(default=10, ge=1)
-    batch_size: int = Field(default=32, ge=1, description="global batch per optimizer micro-step (split across ranks)")
+    batch_size: int = Field(default=32, ge=1, description="global batch per optimizer step (over ranks and accum)")
     accum_steps: int = Field(default=1, ge=1)
-    lr: float = Field(default=5e-4, gt=0, description="peak learning rate (scale ~ batch_size * accum_steps / 256)")
+    lr: float = Field(default=5e-4, gt=0, description="peak learning rate (scale ~ 5e-4 * batch_size / 256)")
     min_lr: float = Field(default=1e-6, ge=0)
     warmup_lr: float = Field(default=1e-6, ge=0)
     warmup_epochs: int = Field(default=1, ge=0)

@@ -222,3 +222,26 @@ def test_mean_auroc_skips_findings_without_both_classes() -> None:
     assert per == {"a": pytest.approx(0.75), "c": pytest.approx(1.0)}
     assert mean == pytest.approx(0.875)
     assert math.isnan(mean_auroc(labels[:, 1:2], scores[:, 1:2], ["b"])[0])
+
+
+def test_gradient_accumulation_matches_the_full_batch(dev_subset_csv: Path, dev_images: Path, tmp_path: Path) -> None:
+    base = data_overrides(dev_subset_csv, dev_images) + [
+        "data.augment.enabled=false", "model.drop_path_rate=0.0", "model.head_dropout=0.0", "train.epochs=1"]
+    full = fit(load_config(SMOKE, base), out_dir=tmp_path / "full")
+    accum = fit(load_config(SMOKE, base + ["train.accum_steps=2"]), out_dir=tmp_path / "accum")
+    a, b = ckpt.load_tensors(full / ckpt.LAST), ckpt.load_tensors(accum / ckpt.LAST)
+    for k in a:
+        if k.startswith("model."):
+            torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
+    assert ckpt.read_json(full / ckpt.STATE)["global_step"] == ckpt.read_json(accum / ckpt.STATE)["global_step"] == 3
+
+
+def test_patient_wise_assigned_split(dev_labels: Path, dev_images: Path) -> None:
+    from medvit._train_utils import load_splits
+
+    cfg = load_config(SMOKE, data_overrides(dev_labels, dev_images) + [
+        "data.split.policy=assign", "data.split.val=0.2", "data.split.calib=0.1", "data.split.seed=3"])
+    splits = load_splits(cfg)
+    assert not set(splits.train["patient_id"]) & set(splits.val["patient_id"])
+    n = len(splits.train) + len(splits.val)
+    assert 0.15 < len(splits.val) / 337 < 0.25 and n < 337  # the calib share is held out of both
