@@ -114,8 +114,8 @@ def set_offline_env() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     if "huggingface_hub" in sys.modules:
-        _log.debug("huggingface_hub was imported before offline mode was set: transformers still loads with "
-                   "local_files_only, open_clip hub downloads will fail on the network instead")
+        _log.debug("huggingface_hub was imported before offline mode was set: transformers loads with "
+                   "local_files_only and hf-hub: specs are read from the cache directly")
 
 
 class ClipBackend:
@@ -190,28 +190,31 @@ def _safetensors_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class OpenClipBackend(ClipBackend):
     """open_clip: built-in names + tags, hf-hub repos (BiomedCLIP), local-dir folders and checkpoint files."""
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype, allow_random_init: bool, seed: int) -> None:
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, allow_random_init: bool, seed: int,
+                 offline: bool = False) -> None:
         import open_clip
 
         self.spec, self.dtype = spec, dtype
-        random_init = _check_open_clip_source(spec, allow_random_init)
+        # `spec` stays the identity (cache key, messages); `source` is what open_clip actually reads
+        source = _cached_hub_source(spec) if offline and spec.name.startswith("hf-hub:") else spec
+        random_init = _check_open_clip_source(source, allow_random_init)
         try:
             # a random init is seeded (without touching the global RNG) so every command rebuilds the same weights
             with torch.random.fork_rng(enabled=random_init):
                 if random_init:
                     torch.manual_seed(seed)
-                model, _, preprocess = open_clip.create_model_and_transforms(spec.name, pretrained=spec.pretrained)
+                model, _, preprocess = open_clip.create_model_and_transforms(source.name, pretrained=source.pretrained)
         except (RuntimeError, OSError, ValueError) as e:
             if spec.name.startswith("local-dir:") or (spec.pretrained and _looks_like_path(spec.pretrained)):
                 raise WeightsNotFoundError(f"cannot load {spec}: {e}") from e
             raise WeightsNotFoundError(_download_hint(spec, e)) from e
         self.model = model.to(dtype).eval()
         self._transform = preprocess
-        self._tokenizer = open_clip.get_tokenizer(spec.name)
+        self._tokenizer = open_clip.get_tokenizer(source.name)
         cfg = model.visual.preprocess_cfg
         size = cfg["size"]
         self.image_size = (size, size) if isinstance(size, int) else tuple(size)
-        self._config = _open_clip_config(spec)
+        self._config = _open_clip_config(source)
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return {"text": self._tokenizer(texts)}
@@ -241,6 +244,30 @@ class OpenClipBackend(ClipBackend):
         save_file(_safetensors_state(self.model.float()), str(out_dir / "open_clip_model.safetensors"))
         self.model.to(self.dtype)
         return f"open_clip:local-dir:{out_dir}"
+
+
+def _cached_hub_source(spec: ModelSpec) -> ModelSpec:
+    """The Hugging Face cache snapshot of an ``hf-hub:`` repo, as a ``local-dir:`` spec, without any network call.
+
+    timm imports huggingface_hub before offline mode can be set, so HF_HUB_OFFLINE is read too late and open_clip's
+    hub download would retry the network for ~30 s; reading the cache directly fails at once instead.
+
+    Raises:
+        WeightsNotFoundError: the repo's open_clip_config.json or its weights are not cached (download hint).
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = spec.name.removeprefix("hf-hub:")
+    config = try_to_load_from_cache(repo, "open_clip_config.json")
+    if isinstance(config, str):
+        snapshot = Path(config).parent
+        if any(any(snapshot.glob(p)) for p in ("*.safetensors", "*.bin", "*.pth")):
+            return ModelSpec(spec.backend, f"local-dir:{snapshot}")
+        missing = "weights"
+    else:
+        missing = "open_clip_config.json"
+    raise WeightsNotFoundError(_download_hint(spec, FileNotFoundError(
+        f"offline and the {missing} of {repo} is not in the Hugging Face cache")))
 
 
 def _open_clip_config(spec: ModelSpec) -> dict[str, Any]:
@@ -413,5 +440,5 @@ def load_clip(
         set_offline_env()
     _log.info("loading CLIP %s (%s weights%s)", parsed, dtype, ", offline" if is_offline else "")
     if parsed.backend == "open_clip":
-        return OpenClipBackend(parsed, DTYPES[dtype], allow_random_init, seed)
+        return OpenClipBackend(parsed, DTYPES[dtype], allow_random_init, seed, is_offline)
     return HFClipBackend(parsed, DTYPES[dtype], is_offline)

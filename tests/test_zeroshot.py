@@ -341,6 +341,64 @@ def test_offline_missing_transformers_weights(monkeypatch, tmp_path):
         load_clip(f"transformers:{tmp_path}", offline=True)
 
 
+def _refuse_hub_downloads(monkeypatch) -> list:
+    """Replace every hub download entry point; returns the list of attempted downloads (open_clip swallows errors)."""
+    import huggingface_hub
+    import huggingface_hub.file_download
+    import open_clip.pretrained
+
+    attempts: list = []
+
+    def no_network(*args, **kwargs):
+        attempts.append((args, kwargs))
+        raise OSError("network download attempted")
+
+    for module in (open_clip.pretrained, huggingface_hub, huggingface_hub.file_download):
+        monkeypatch.setattr(module, "hf_hub_download", no_network)
+    return attempts
+
+
+def test_offline_hf_hub_spec_not_cached_fails_without_network(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    attempts = _refuse_hub_downloads(monkeypatch)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(WeightsNotFoundError) as err:
+        load_clip("hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", offline=True)
+    assert attempts == []
+    msg = str(err.value)
+    assert msg.startswith("CLIP weights for open_clip:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 "
+                          "are not in the local cache")
+    assert "not in the Hugging Face cache" in msg
+    assert "hf download microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 --local-dir DIR" in msg
+    assert "open_clip:local-dir:DIR" in msg
+
+
+def test_offline_hf_hub_spec_loads_from_the_cache_snapshot(monkeypatch, tmp_path):
+    """A repo in the Hugging Face cache layout (refs/main -> snapshots/<sha>/) loads offline with no download."""
+    import huggingface_hub.constants
+
+    model_dir = make_open_clip_dir(tmp_path / "src")
+    repo_cache = tmp_path / "hub" / "models--org--tiny-clip"
+    snapshot = repo_cache / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (repo_cache / "refs").mkdir()
+    (repo_cache / "refs" / "main").write_text("a" * 40)
+    (snapshot / "open_clip_config.json").write_text("{}")  # weights missing: refused with the download hint
+    attempts = _refuse_hub_downloads(monkeypatch)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(WeightsNotFoundError, match="weights of org/tiny-clip is not in the Hugging Face cache"):
+        load_clip("hf-hub:org/tiny-clip", offline=True)
+    for f in model_dir.iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    cached = load_clip("hf-hub:org/tiny-clip", offline=True)
+    local = load_clip(f"local-dir:{model_dir}")
+    assert str(cached.spec) == "open_clip:hf-hub:org/tiny-clip"
+    tokens = cached.tokenize(["effusion"])
+    torch.testing.assert_close(cached.text_features(tokens), local.text_features(local.tokenize(["effusion"])))
+    assert attempts == []
+
+
 def test_architecture_without_weights_is_refused_unless_random_init_asked(tmp_path):
     arch = tmp_path / "arch"
     arch.mkdir()
