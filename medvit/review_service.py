@@ -32,7 +32,6 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_MB = 64
 DEFAULT_EXAMPLE = "RG1_UNCI.dcm"  # a real 15-bit MONOCHROME1 PA chest CR from pydicom-data
-_BYTES_NAME = "uploaded image"  # how read_image names a file given as bytes in its messages
 SaliencyMethod = Literal["rollout", "gradcam"]
 _T = TypeVar("_T")
 
@@ -195,13 +194,7 @@ class ReviewService:
 
     def _analyze(self, data: bytes, name: str, digest: str) -> Analysis:
         t0 = time.perf_counter()
-        try:
-            image = read_image(data)
-        except MedvitError as e:  # the reader calls bytes "uploaded image"; name the file the user chose
-            message = str(e)
-            if message.startswith(_BYTES_NAME):
-                raise type(e)(name + message[len(_BYTES_NAME) :]) from e
-            raise
+        image = read_image(data, name=name)  # errors name the file the user chose
         decode_ms = (time.perf_counter() - t0) * 1e3
         meta = image.meta
         notes = list(meta.warnings)

@@ -338,6 +338,10 @@ def test_reader_errors_name_the_file(service):
 
     with pytest.raises(ImageReadError, match=r"^notes\.txt: not a DICOM, PNG or JPEG"):
         service.analyze(b"plain text, no image" * 5, "notes.txt")
+    cut = Path(dicom_path("RG1_UNCI.dcm")).read_bytes()[:20_000]  # fails deep in the DICOM reader
+    with pytest.raises(ImageReadError, match=r"^cut\.dcm: ") as info:
+        service.analyze(cut, "cut.dcm")
+    assert "uploaded image" not in str(info.value)
 
 
 def test_windowing_defaults_reproduce_the_reader_and_rewindow_raw(service):

@@ -286,6 +286,19 @@ def test_truncated_copies_are_read_errors(tmp_path, name, fraction):
     assert type(info.value) is ImageReadError and str(path) in str(info.value)
 
 
+def test_bytes_are_named_by_the_caller_or_as_an_upload():
+    """Every message, down to the pixel decoder's, names the file the caller gives; bytes default to an upload."""
+    data = Path(dcm_file("RG1_UNCI.dcm")).read_bytes()
+    cut = data[: len(data) // 2]
+    with pytest.raises(ImageReadError, match=r"^chest 1\.dcm: .*truncated or corrupt"):
+        read_image(cut, name="chest 1.dcm")
+    with pytest.raises(ImageReadError, match=r"^uploaded image: .*truncated or corrupt"):
+        read_image(cut)
+    with pytest.raises(ImageReadError, match=r"^scan\.png: the file is empty"):
+        read_image(b"", name="scan.png")
+    assert read_image(data, name="chest 1.dcm").meta == read_image(data).meta
+
+
 def test_zero_byte_file(tmp_path):
     path = tmp_path / "empty.dcm"
     path.write_bytes(b"")

@@ -98,7 +98,9 @@ class XrayImage:
     raw: np.ndarray | None = None  # HxW float32 after the modality LUT, before VOI (DICOM only)
 
 
-def read_image(src: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PIXELS) -> XrayImage:
+def read_image(
+    src: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PIXELS, name: str | None = None
+) -> XrayImage:
     """Read a DICOM, PNG or JPEG radiograph from a path or from bytes.
 
     DICOM follows the standard display chain: modality LUT, then the VOI LUT or the first window (min-max
@@ -113,6 +115,8 @@ def read_image(src: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PIX
     Args:
         src: a file path, or the file's bytes (an upload).
         max_pixels: refuse images whose header claims more pixels than this, before decoding them.
+        name: how error messages and warnings name the file, e.g. an upload's original file name
+            (default: the path, or "uploaded image" for bytes).
 
     Raises:
         ImageReadError: missing, empty, truncated or corrupt file, or not DICOM/PNG/JPEG.
@@ -120,7 +124,7 @@ def read_image(src: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PIX
         UnsupportedImageError: no pixel data, multi-frame, non-radiograph modality, colour model or tiny image.
         ImageTooLargeError: more than `max_pixels` pixels, or a file over `MAX_FILE_BYTES`.
     """
-    data, name = _load(src)
+    data, name = _load(src, name)
     if data[128:132] == b"DICM":
         return _read_dicom(data, name, max_pixels, preamble=True)
     if data.startswith(_PNG_MAGIC):
@@ -153,30 +157,30 @@ def check_chest_frontal(meta: ImageMeta) -> None:
         )
 
 
-def _load(src: str | os.PathLike[str] | bytes) -> tuple[bytes, str]:
+def _load(src: str | os.PathLike[str] | bytes, name: str | None) -> tuple[bytes, str]:
     """The file's bytes and a name for messages; size limits are checked before reading."""
     if isinstance(src, bytes | bytearray | memoryview):
-        data, name = bytes(src), "uploaded image"
+        data, name = bytes(src), name or "uploaded image"
     else:
         path = Path(src)
+        name = name or str(path)
         try:
             st = path.stat()
         except FileNotFoundError:
-            raise ImageReadError(f"{path}: no such file") from None
+            raise ImageReadError(f"{name}: no such file") from None
         except OSError as exc:
-            raise ImageReadError(f"{path}: cannot be read ({exc.strerror})") from exc
+            raise ImageReadError(f"{name}: cannot be read ({exc.strerror})") from exc
         if stat.S_ISDIR(st.st_mode):
-            raise ImageReadError(f"{path}: is a directory, not an image file")
+            raise ImageReadError(f"{name}: is a directory, not an image file")
         if not stat.S_ISREG(st.st_mode):  # a FIFO or device would block or never end
-            raise ImageReadError(f"{path}: not a regular file (pipe, socket or device)")
+            raise ImageReadError(f"{name}: not a regular file (pipe, socket or device)")
         size = st.st_size
         if size > MAX_FILE_BYTES:
-            raise ImageTooLargeError(f"{path}: {size / 2**20:.0f} MB is over the {MAX_FILE_BYTES >> 20} MB limit")
+            raise ImageTooLargeError(f"{name}: {size / 2**20:.0f} MB is over the {MAX_FILE_BYTES >> 20} MB limit")
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise ImageReadError(f"{path}: cannot be read ({exc.strerror})") from exc
-        name = str(path)
+            raise ImageReadError(f"{name}: cannot be read ({exc.strerror})") from exc
     if not data:
         raise ImageReadError(f"{name}: the file is empty (0 bytes)")
     if len(data) > MAX_FILE_BYTES:
