@@ -81,6 +81,13 @@ class PromptConfig:
             return PromptPair(positive, self.render([positive]), self.render([negative]))
         return PromptPair(positive, (positive,), (negative,))
 
+    def parse_pair(self, text: str, *, templated: bool = False) -> PromptPair | None:
+        """A pair typed as "POS|NEG" or "POS" (negated); None for a blank line, so callers can pass raw lines."""
+        pos, _, neg = text.partition("|")
+        if not pos.strip():
+            return None
+        return self.custom_pair(pos.strip(), neg.strip() or None, templated=templated)
+
     def caption(self, positives: Iterable[str]) -> str:
         """A caption from an image's positive findings: "chest x-ray with cardiomegaly and pleural effusion"."""
         return self.captions(positives)[0]

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,9 @@ from medvit.data.dicom import XrayImage, check_chest_frontal, read_image
 from medvit.errors import ImageReadError, ImageTooLargeError, MedvitError, UnsupportedImageError
 from medvit.inference import Prediction, Predictor, resolve_run_dir
 from medvit.review_store import ShownFinding
+
+if TYPE_CHECKING:
+    from medvit.zeroshot import ZeroShotScorer  # imported lazily: the app works without a CLIP
 
 _log = logging.getLogger(__name__)
 
@@ -250,7 +253,7 @@ def _is_dicom_uid(uid: str) -> bool:
     return 0 < len(uid) <= 64 and all(part.isdigit() for part in uid.split("."))
 
 
-def load_zero_shot() -> Any:
+def load_zero_shot() -> ZeroShotScorer:
     """The CLIP scorer named by $MEDVIT_CLIP, with $MEDVIT_CLIP_TEMPERATURES applied when set.
 
     Always offline: a review session must not stall on (or depend on) a download, so the weights have to be
@@ -265,28 +268,12 @@ def load_zero_shot() -> Any:
     return ZeroShotScorer.load(offline=True, temperatures=os.environ.get("MEDVIT_CLIP_TEMPERATURES") or None)
 
 
-def zero_shot_table(scorer: Any, image: XrayImage, prompts: list[str], pairs: list[str]) -> pd.DataFrame:
-    """Free-text prompts (cosine similarity, and a softmax across them when there are several) and
-    "positive | negative" pairs (negative optional: the positive is negated). Columns: mode, prompt, prob,
-    similarity, calibration ("uncalibrated" unless a fitted temperature exists for that pair)."""
-    parts = []
-    prompts = [p.strip() for p in prompts if p.strip()]
-    if prompts:
-        sims = scorer.similarity([image], prompts)[0]
-        rows = pd.DataFrame({"mode": "prompt", "prompt": prompts, "similarity": sims, "calibration": "uncalibrated"})
-        rows["prob"] = scorer.multiclass([image], [[p] for p in prompts])[0] if len(prompts) > 1 else np.nan
-        parts.append(rows)
-    pair_objs = []
-    for line in pairs:
-        pos, sep, neg = line.partition("|")
-        if pos.strip():
-            pair_objs.append(scorer.prompts.custom_pair(pos.strip(), neg.strip() if sep and neg.strip() else None))
-    if pair_objs:
-        table = scorer.score_pairs(image, pair_objs)
-        parts.append(pd.DataFrame({
-            "mode": "pair", "prompt": [f"{p.positive[0]} | {p.negative[0]}" for p in pair_objs], "prob": table["prob"],
-            "similarity": table["s_pos"] - table["s_neg"], "calibration": table["calibration"],
-        }))  # fmt: skip
-    if not parts:
-        return pd.DataFrame(columns=["mode", "prompt", "prob", "similarity", "calibration"])
-    return pd.concat(parts, ignore_index=True)[["mode", "prompt", "prob", "similarity", "calibration"]]
+def zero_shot_table(scorer: ZeroShotScorer, image: XrayImage, prompts: list[str], pairs: list[str]) -> pd.DataFrame:
+    """The app's zero-shot table from its two text boxes: free-text prompts (cosine similarity, and a softmax
+    across them when there are several) and "positive | negative" pair lines (negative optional: the positive is
+    negated). Columns: mode, prompt, prob, similarity, calibration ("uncalibrated" unless a fitted temperature
+    exists for that pair)."""
+    pair_objs = [p for p in (scorer.prompts.parse_pair(line) for line in pairs) if p]
+    n_prompts = sum(bool(p.strip()) for p in prompts)
+    table = scorer.score_table(image, prompts, pair_objs, multiclass=n_prompts > 1)
+    return table[["mode", "prompt", "prob", "similarity", "calibration"]]

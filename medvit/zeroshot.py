@@ -38,6 +38,7 @@ _log = logging.getLogger(__name__)
 
 UNCALIBRATED = "uncalibrated"
 CALIBRATED = "temperature"
+SCORE_COLUMNS = ("mode", "prompt", "prob", "similarity", "s_pos", "s_neg", "temperature", "calibration")
 _BATCH = 32
 
 
@@ -181,6 +182,39 @@ class ZeroShotScorer:
                          "s_pos": float(s_pos[0, j]), "s_neg": float(s_neg[0, j]), "temperature": t,
                          "calibration": status})
         return pd.DataFrame(rows)
+
+    def score_table(
+        self,
+        image: XrayImage | np.ndarray,
+        prompts: Sequence[str],
+        pairs: Sequence[PromptPair],
+        *,
+        multiclass: bool = False,
+    ) -> pd.DataFrame:
+        """One image against pairs and free-text prompts: the table the CLI prints and the app shows.
+
+        Pair rows (mode "pair") carry the pair probability, similarity = s_pos - s_neg, the temperature and its
+        calibration. Prompt rows carry the raw cosine similarity (mode "similarity"), and with `multiclass` a
+        softmax across the prompts (mode "multiclass"); they are always "uncalibrated". Blank prompts are skipped.
+
+        Returns:
+            Columns `SCORE_COLUMNS`, pair rows first, in the order given.
+        """
+        parts = []
+        if pairs:
+            table = self.score_pairs(image, pairs).rename(columns={"name": "prompt"})
+            parts.append(table.assign(mode="pair", similarity=table["s_pos"] - table["s_neg"]))
+        prompts = [p.strip() for p in prompts if p.strip()]
+        if prompts:
+            rows = pd.DataFrame({"mode": "similarity", "prompt": prompts, "prob": np.nan,
+                                 "similarity": self.similarity([image], prompts)[0], "calibration": UNCALIBRATED})
+            if multiclass:
+                rows["prob"] = self.multiclass([image], [[p] for p in prompts])[0]
+                rows["mode"] = "multiclass"
+            parts.append(rows)
+        if not parts:
+            return pd.DataFrame(columns=list(SCORE_COLUMNS))
+        return pd.concat(parts, ignore_index=True).reindex(columns=list(SCORE_COLUMNS))
 
     def finding_pairs(self, findings: Sequence[str]) -> list[PromptPair]:
         """The default pair of each finding, from the prompts config."""

@@ -235,6 +235,35 @@ def test_multiclass_and_raw_similarity(scorer, xrays):
     assert np.allclose(probs, manual, atol=1e-5)
 
 
+def test_score_table_joins_pairs_and_prompts(scorer, xrays):
+    """The one table behind `medvit zeroshot` and the app: pair rows then prompt rows, numbers from the modes."""
+    from medvit.review_service import zero_shot_table
+
+    image = xrays[0]
+    typed = [scorer.prompts.parse_pair(t) for t in ("large heart | normal heart size", "pneumothorax", "  ")]
+    assert typed[1] == scorer.prompts.custom_pair("pneumothorax") and typed[2] is None
+    pairs = [scorer.prompts.finding_pair("Effusion"), typed[0]]
+    table = scorer.score_table(image, ["a pacemaker", " ", "pleural effusion"], pairs, multiclass=True)
+    assert list(table.columns) == ["mode", "prompt", "prob", "similarity", "s_pos", "s_neg", "temperature",
+                                   "calibration"]
+    assert table["prompt"].tolist() == ["Effusion", "large heart", "a pacemaker", "pleural effusion"]
+    assert table["mode"].tolist() == ["pair", "pair", "multiclass", "multiclass"]
+    s_pos, s_neg = scorer.pair_similarities([image], pairs)
+    assert np.allclose(table["prob"][:2], scorer.pair_probabilities([image], pairs)[0])
+    assert np.allclose(table["similarity"][:2], s_pos[0] - s_neg[0], atol=1e-6)
+    assert np.allclose(table["prob"][2:], scorer.multiclass([image], [["a pacemaker"], ["pleural effusion"]])[0])
+    assert np.allclose(table["similarity"][2:], scorer.similarity([image], ["a pacemaker", "pleural effusion"])[0])
+    assert set(table["calibration"]) == {"uncalibrated"}
+
+    single = scorer.score_table(image, ["a pacemaker"], [])
+    assert single["mode"].tolist() == ["similarity"] and single["prob"].isna().all()
+    assert scorer.score_table(image, [" "], []).empty
+
+    app = zero_shot_table(scorer, image, ["a pacemaker", "pleural effusion"], ["large heart | normal heart size", ""])
+    assert list(app.columns) == ["mode", "prompt", "prob", "similarity", "calibration"]
+    assert app["prob"].tolist() == pytest.approx(table["prob"][[1, 2, 3]].tolist())
+
+
 # ------------------------------------------------------------------------------------------------------- caching
 def test_text_and_image_caches_count_encoder_calls(scorer, prompts, xrays):
     be = scorer.backend

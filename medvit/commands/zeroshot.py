@@ -52,8 +52,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     prepare_offline(args)
-    import pandas as pd
-
     from medvit.data.dicom import read_image
     from medvit.zeroshot import ZeroShotScorer
 
@@ -63,31 +61,14 @@ def run(args: argparse.Namespace) -> int:
                                  allow_random_init=args.random_init)
     findings = args.findings if args.findings is not None else ([] if args.prompt or args.pair else ALL_FINDINGS)
     pairs = scorer.finding_pairs(findings)
-    for item in args.pair:
-        pos, sep, neg = item.partition("|")
-        pairs.append(scorer.prompts.custom_pair(pos.strip(), neg.strip() if sep else None, templated=args.templates))
-
-    parts = []
-    if pairs:
-        table = scorer.score_pairs(image, pairs)
-        parts.append(table.assign(mode="pair").rename(columns={"name": "prompt"}))
-    if args.prompt:
-        sims = scorer.similarity([image], args.prompt)[0]
-        rows = pd.DataFrame({"prompt": args.prompt, "mode": "similarity", "similarity": sims})
-        if args.multiclass:
-            rows["prob"] = scorer.multiclass([image], [[p] for p in args.prompt])[0]
-            rows["mode"] = "multiclass"
-        parts.append(rows)
-    out = pd.concat(parts, ignore_index=True)
-    cols = [c for c in ("mode", "prompt", "prob", "similarity", "s_pos", "s_neg", "temperature", "calibration")
-            if c in out.columns]
-    out = out[cols]
+    pairs += [p for p in (scorer.prompts.parse_pair(t, templated=args.templates) for t in args.pair) if p]
+    out = scorer.score_table(image, args.prompt, pairs, multiclass=args.multiclass)
     if args.json:
         print(out.to_json(orient="records", indent=2))
     else:
         print(f"model: {scorer.backend.model_id}   image: {args.image}   normalization: {args.normalization}")
         print(out.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-        if (out.get("calibration") == "uncalibrated").any():
+        if (out.loc[out["mode"] == "pair", "calibration"] == "uncalibrated").any():
             print("pair probabilities are uncalibrated (T = 1/logit_scale); fit temperatures with "
                   "`medvit zeroshot-eval --fit-split train` and pass --temperatures")
     return 0
