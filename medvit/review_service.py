@@ -276,4 +276,7 @@ def zero_shot_table(scorer: ZeroShotScorer, image: XrayImage, prompts: list[str]
     pair_objs = [p for p in (scorer.prompts.parse_pair(line) for line in pairs) if p]
     n_prompts = sum(bool(p.strip()) for p in prompts)
     table = scorer.score_table(image, prompts, pair_objs, multiclass=n_prompts > 1)
+    # the reader typed both sides of a pair, so show both; the prompts they typed first come first
+    table.loc[table["mode"] == "pair", "prompt"] = [f"{p.positive[0]} | {p.negative[0]}" for p in pair_objs]
+    table = table.sort_values("mode", key=lambda mode: mode == "pair", kind="stable", ignore_index=True)
     return table[["mode", "prompt", "prob", "similarity", "calibration"]]

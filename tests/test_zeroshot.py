@@ -261,7 +261,8 @@ def test_score_table_joins_pairs_and_prompts(scorer, xrays):
 
     app = zero_shot_table(scorer, image, ["a pacemaker", "pleural effusion"], ["large heart | normal heart size", ""])
     assert list(app.columns) == ["mode", "prompt", "prob", "similarity", "calibration"]
-    assert app["prob"].tolist() == pytest.approx(table["prob"][[1, 2, 3]].tolist())
+    assert app["prompt"].tolist() == ["a pacemaker", "pleural effusion", "large heart | normal heart size"]
+    assert app["prob"].tolist() == pytest.approx(table["prob"][[2, 3, 1]].tolist())
 
 
 # ------------------------------------------------------------------------------------------------------- caching
