@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medvit.data.transforms import letterbox_box
+
 _log = logging.getLogger(__name__)
 
 HeadFusion = Literal["mean", "max", "min"]
@@ -154,16 +156,13 @@ def _eval(model: nn.Module) -> Iterator[None]:
 def to_image(grid_map: torch.Tensor, input_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
     """One (gh, gw) map -> the original image's (H, W), in [0, 1].
 
-    The map covers the model input, which is the image scaled so its longest side fits and centre-padded
-    (`medvit.data.transforms`), so the padding is cropped off before resizing back. A constant map
-    (nothing stands out, up to rounding) becomes all zeros.
+    The map covers the model input, which is the letterboxed image (`medvit.data.transforms.letterbox_box`),
+    so the padding is cropped off before resizing back. A constant map (nothing stands out, up to rounding)
+    becomes all zeros.
     """
-    h_in, w_in = input_hw
     h, w = image_hw
-    up = F.interpolate(grid_map[None, None].float(), size=(h_in, w_in), mode="bilinear", align_corners=False)[0, 0]
-    scale = max(h_in, w_in) / max(h, w)
-    nh, nw = min(h_in, max(1, round(h * scale))), min(w_in, max(1, round(w * scale)))
-    top, left = (h_in - nh) // 2, (w_in - nw) // 2
+    up = F.interpolate(grid_map[None, None].float(), size=tuple(input_hw), mode="bilinear", align_corners=False)[0, 0]
+    top, left, nh, nw = letterbox_box(h, w, input_hw)
     content = up[top : top + nh, left : left + nw]
     out = F.interpolate(content[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     lo, hi = out.min(), out.max()

@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 import timm
 import torch
 
-from medvit.data.transforms import AugmentConfig, build_transforms, resolve_preprocessing
+from medvit.data.transforms import AugmentConfig, build_transforms, letterbox_box, resolve_preprocessing
 
 
 def test_preprocessing_from_timm_data_config():
@@ -41,3 +42,15 @@ def test_train_augmentation_is_random_and_flip_off_by_default():
     assert AugmentConfig().hflip == 0.0
     off = build_transforms(pre, train=True, aug=AugmentConfig(enabled=False))
     assert torch.equal(off(img), build_transforms(pre, train=False)(img))
+
+
+@pytest.mark.parametrize("input_hw", [(64, 64), (48, 80)])
+@pytest.mark.parametrize("shape", [(100, 50), (101, 37), (37, 101), (7, 9), (64, 64), (333, 100)])
+def test_letterbox_box_is_where_the_eval_transform_puts_the_image(shape, input_hw):
+    pre = {"input_size": [3, *input_hw], "mean": [0.0] * 3, "std": [1.0] * 3}
+    x = build_transforms(pre, train=False)(np.ones(shape, dtype=np.float32))[0].numpy()
+    assert x.shape == input_hw
+    rows, cols = np.flatnonzero(x.max(1) > 0.5), np.flatnonzero(x.max(0) > 0.5)
+    assert letterbox_box(*shape, input_hw) == (rows[0], cols[0], len(rows), len(cols))
+    top, left, nh, nw = letterbox_box(*shape, input_hw)
+    assert (nh == input_hw[0] or nw == input_hw[1]) and abs(nh / nw - shape[0] / shape[1]) < 0.1

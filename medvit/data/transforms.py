@@ -61,10 +61,24 @@ def resolve_preprocessing(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+def letterbox_box(h: int, w: int, input_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Where an h x w image lands inside the model input: (top, left, height, width) of the content.
+
+    The eval transform scales the image to fit (aspect ratio kept, no crop that would cut off the
+    costophrenic angles) and centre-pads the rest; saliency maps are cropped to this box to line up
+    with the original image. It is albumentations' own rule (round, then floor the top/left padding),
+    and tests check it against the real transform.
+    """
+    h_in, w_in = input_hw
+    scale = min(h_in / h, w_in / w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    return (h_in - nh) // 2, (w_in - nw) // 2, nh, nw
+
+
 def _resize(h: int, w: int, interpolation: int) -> list[A.BasicTransform]:
-    # Keep the aspect ratio (no centre crop that would cut off costophrenic angles), pad the short side.
+    # The letterbox of `letterbox_box`: fit inside h x w keeping the aspect ratio, centre-pad the short side.
     return [
-        A.LongestMaxSize(max_size=max(h, w), interpolation=interpolation),
+        A.LongestMaxSize(max_size_hw=(h, w), interpolation=interpolation),
         A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0),
     ]
 
