@@ -1,7 +1,8 @@
 """Per-finding probability calibration and operating thresholds, stored as plain JSON (no pickles).
 
 A multi-label model trained with class weighting gives scores that rank well but are not probabilities. Each
-finding gets a monotone map from its logit to a calibrated probability:
+finding gets a monotone map from its logit to a calibrated probability (the maps and their fits live in
+`medvit.calibrators`; this module chooses among them and owns thresholds and calibration.json):
 
 * temperature: p = sigmoid(z / T). With small calib sets per-finding temperatures overfit, so the fit also
   considers one *shared* temperature and per-finding temperatures *shrunk* towards it, and picks among them by
@@ -21,220 +22,46 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-from scipy.optimize import brentq, minimize_scalar
-from scipy.special import expit, logit, logsumexp
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
+from scipy.special import expit
 from sklearn.metrics import precision_recall_curve, roc_curve
 from sklearn.model_selection import GroupKFold
 
 from medvit import metrics
+from medvit.calibrators import (
+    ISOTONIC_EPS,
+    PARAM_KEYS,
+    Calibrator,
+    Isotonic,
+    Platt,
+    Temperature,
+    calibrator_from_json,
+    fit_family,
+    fit_isotonic,
+    fit_platt,
+    fit_platt_shared_slope,
+    fit_temperature,
+)
 from medvit.errors import CheckpointError, DatasetError
+
+# the calibrators moved to medvit.calibrators; these names stay importable from here
+__all__ = [
+    "ISOTONIC_EPS", "METHODS", "THRESHOLD_RULES", "Calibration", "Calibrator", "Isotonic", "Platt", "Temperature",
+    "choose_threshold", "cross_validated_nll", "cross_validated_probs", "fit_calibration", "fit_isotonic",
+    "fit_platt", "fit_platt_shared_slope", "fit_temperature",
+]
 
 _log = logging.getLogger(__name__)
 
 METHODS = ("temperature", "isotonic", "platt", "auto")
 THRESHOLD_RULES = ("sensitivity", "youden", "f1")
 SHRINKAGE_GRID = (0.0, 1.0, 4.0, 16.0, 64.0, math.inf)  # prior strength in pseudo-images; inf = shared temperature
-ISOTONIC_EPS = 1e-3  # isotonic never outputs exactly 0 or 1: one unseen case must not cost infinite log-loss
-_LOG_T_BOUNDS = (math.log(0.02), math.log(50.0))
 FORMAT_VERSION = 1
-
-
-class Calibrator(Protocol):
-    """Maps one finding's logits to calibrated probabilities; `params` is its JSON form."""
-
-    @property
-    def kind(self) -> str: ...
-
-    def apply(self, z: np.ndarray) -> np.ndarray: ...
-
-    def params(self) -> dict[str, Any]: ...
-
-
-@dataclass(frozen=True)
-class Temperature:
-    temperature: float
-    kind: str = field(default="temperature", init=False)
-
-    def apply(self, z: np.ndarray) -> np.ndarray:
-        return expit(np.asarray(z, dtype=np.float64) / self.temperature)
-
-    def params(self) -> dict[str, Any]:
-        return {"temperature": self.temperature}
-
-
-@dataclass(frozen=True)
-class Platt:
-    a: float
-    b: float
-    kind: str = field(default="platt", init=False)
-
-    def apply(self, z: np.ndarray) -> np.ndarray:
-        return expit(self.a * np.asarray(z, dtype=np.float64) + self.b)
-
-    def params(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b}
-
-
-@dataclass(frozen=True)
-class Isotonic:
-    x: tuple[float, ...]  # IsotonicRegression.X_thresholds_ (logits, ascending)
-    y: tuple[float, ...]  # IsotonicRegression.y_thresholds_ (probabilities)
-    kind: str = field(default="isotonic", init=False)
-
-    def apply(self, z: np.ndarray) -> np.ndarray:
-        # np.interp clamps outside [x0, xn], like IsotonicRegression(out_of_bounds="clip")
-        return np.interp(np.asarray(z, dtype=np.float64), self.x, self.y)
-
-    def params(self) -> dict[str, Any]:
-        return {"x": list(self.x), "y": list(self.y)}
-
-
-def _calibrator_from_json(d: dict[str, Any]) -> Calibrator:
-    kind = d.get("calibrator")
-    if kind == "temperature":
-        return Temperature(float(d["temperature"]))
-    if kind == "platt":
-        return Platt(float(d["a"]), float(d["b"]))
-    if kind == "isotonic":
-        return Isotonic(tuple(map(float, d["x"])), tuple(map(float, d["y"])))
-    raise CheckpointError(f"calibration.json: unknown calibrator {kind!r}; expected temperature, platt or isotonic")
-
-
-# ---------------------------------------------------------------------------------------------------- fitting
-
-
-def _bce_sum(z: np.ndarray, y: np.ndarray) -> float:
-    """Sum of binary cross-entropy of logits z against 0/1 labels y (numerically stable)."""
-    return float(np.sum(np.logaddexp(0.0, z) - y * z))
-
-
-def _fit_log_t(objective) -> float:
-    res = minimize_scalar(objective, bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-5})
-    return float(res.x)
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T minimising the NLL of the scaled logits; reusable for any scores.
-
-    * `logits` and `labels` of the same shape (1-D, or (N, K) multi-label with NaN = unknown): sigmoid(z / T),
-      one T shared by all entries;
-    * `logits` (N, C) with integer class `labels` (N,): softmax(z / T). For a zero-shot prompt pair pass
-      [s_pos, s_neg] columns with label 0 for positive images, or equivalently 1-D `s_pos - s_neg` with label 1.
-    """
-    z = np.asarray(logits, dtype=np.float64)
-    y = np.asarray(labels, dtype=np.float64)
-    if z.ndim == 2 and y.ndim == 1 and z.shape[0] == y.shape[0]:
-        cls = y.astype(int)
-        picked = z[np.arange(len(cls)), cls]
-        return math.exp(
-            _fit_log_t(lambda lt: float(np.sum(logsumexp(z / math.exp(lt), axis=1) - picked / math.exp(lt))))
-        )
-    if z.shape != y.shape:
-        raise ValueError(f"logits {z.shape} and labels {y.shape} must have the same shape (or (N, C) and (N,))")
-    m = ~np.isnan(y)
-    if not m.any():
-        raise ValueError("fit_temperature needs at least one labelled entry")
-    z, y = z[m], y[m]
-    return math.exp(_fit_log_t(lambda lt: _bce_sum(z / math.exp(lt), y)))
-
-
-def _fit_temperatures(z: np.ndarray, y: np.ndarray, strength: float) -> tuple[float, list[float]]:
-    """Shared temperature and per-finding temperatures shrunk towards it with a Gaussian prior on log T.
-
-    Per finding: minimise sum BCE(z / T) + strength * (log T - log T_shared)^2. strength 0 = independent
-    per-finding fits; inf = the shared temperature for all. Rare findings (few labelled cases) shrink the most.
-    """
-    shared = fit_temperature(z, y)
-    if math.isinf(strength):
-        return shared, [shared] * z.shape[1]
-    log_shared = math.log(shared)
-    temps = []
-    for k in range(z.shape[1]):
-        m = ~np.isnan(y[:, k])
-
-        def objective(lt: float, zk: np.ndarray = z[m, k], yk: np.ndarray = y[m, k]) -> float:
-            return _bce_sum(zk / math.exp(lt), yk) + strength * (lt - log_shared) ** 2
-
-        temps.append(math.exp(_fit_log_t(objective)))
-    return shared, temps
-
-
-def fit_platt(z: np.ndarray, y: np.ndarray) -> Platt:
-    """Platt scaling via LogisticRegression on the logit; falls back to the (smoothed) prevalence when the fit
-    is impossible (one class) or would reverse the model's ranking (negative slope)."""
-    n_pos = int(np.sum(y == 1))
-    if 0 < n_pos < len(y):
-        lr = LogisticRegression(C=1.0, solver="newton-cg").fit(z.reshape(-1, 1), y.astype(int))
-        a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
-        if a > 0:
-            return Platt(a, b)
-    return Platt(0.0, _prevalence_logit(y))
-
-
-def _prevalence_logit(y: np.ndarray) -> float:
-    return float(logit((np.sum(y == 1) + 0.5) / (len(y) + 1.0)))
-
-
-def fit_platt_shared_slope(z: np.ndarray, y: np.ndarray) -> list[Platt]:
-    """Platt scaling with one slope for all findings and one intercept per finding (NaN labels left out).
-
-    LogisticRegression on long-format rows [logit, one-hot finding]: rare findings borrow the slope from
-    common ones and only estimate their prevalence. A finding with one class gets its smoothed prevalence.
-    """
-    k = z.shape[1]
-    rows, cols = np.nonzero(~np.isnan(y))
-    x = np.zeros((len(rows), 1 + k))
-    x[:, 0] = z[rows, cols]
-    x[np.arange(len(rows)), 1 + cols] = 1.0
-    target = y[rows, cols].astype(int)
-    slope, intercepts = 0.0, np.zeros(k)
-    if 0 < target.sum() < len(target):
-        lr = LogisticRegression(C=100.0, fit_intercept=False, solver="newton-cg").fit(x, target)
-        slope, intercepts = max(float(lr.coef_[0, 0]), 0.0), lr.coef_[0, 1:]
-    out = []
-    for j in range(k):
-        known = ~np.isnan(y[:, j])
-        yj, zj = y[known, j], z[known, j]
-        if slope > 0 and yj.size and yj.min() < yj.max():
-            out.append(Platt(slope, float(intercepts[j])))
-        elif yj.size:  # one class: the intercept whose mean probability is the smoothed prevalence
-            target_p = expit(_prevalence_logit(yj))
-            b = brentq(lambda b, zj=zj, t=target_p: float(np.mean(expit(slope * zj + b))) - t, -60.0, 60.0)
-            out.append(Platt(slope, float(b)))
-        else:
-            out.append(Platt(0.0, 0.0))
-    return out
-
-
-def fit_isotonic(z: np.ndarray, y: np.ndarray) -> Isotonic:
-    """Isotonic regression of the label on the logit, kept as its breakpoints."""
-    iso = IsotonicRegression(y_min=ISOTONIC_EPS, y_max=1 - ISOTONIC_EPS, increasing=True, out_of_bounds="clip")
-    iso.fit(z, y)
-    return Isotonic(tuple(map(float, iso.X_thresholds_)), tuple(map(float, iso.y_thresholds_)))
-
-
-def _fit_family(family: str, z: np.ndarray, y: np.ndarray, strength: float = 0.0) -> list[Calibrator]:
-    """One calibrator per finding column of z/y (NaN labels are left out); `strength` inf shares the
-    temperature or the Platt slope across findings, 0 fits each finding alone."""
-    if family == "temperature":
-        _, temps = _fit_temperatures(z, y, strength)
-        return [Temperature(t) for t in temps]
-    if family == "platt" and math.isinf(strength):
-        return list(fit_platt_shared_slope(z, y))
-    fit = fit_platt if family == "platt" else fit_isotonic
-    out: list[Calibrator] = []
-    for k in range(z.shape[1]):
-        m = ~np.isnan(y[:, k])
-        out.append(fit(z[m, k], y[m, k]))
-    return out
 
 
 def _heldout_nll(cals: Sequence[Calibrator], z: np.ndarray, y: np.ndarray) -> float:
@@ -278,7 +105,7 @@ def _parse_candidate(name: str) -> tuple[str, float]:
     return family, (math.inf if variant in ("shared", "shared_slope") else 0.0)
 
 
-def _group_folds(groups: np.ndarray, n_folds: int):
+def _group_folds(groups: np.ndarray, n_folds: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     return GroupKFold(n_splits=min(n_folds, len(np.unique(groups)))).split(groups, groups=groups)
 
 
@@ -290,7 +117,7 @@ def cross_validated_nll(
     totals: dict[str, float] = {_candidate_name(f, s): 0.0 for f, s in _candidates(method)}
     for train, test in folds:
         for family, strength in _candidates(method):
-            cals = _fit_family(family, z[train], y[train], strength)
+            cals = fit_family(family, z[train], y[train], strength)
             totals[_candidate_name(family, strength)] += _heldout_nll(cals, z[test], y[test])
     n = int(np.sum(~np.isnan(y)))
     return {name: total / n for name, total in totals.items()}
@@ -380,12 +207,11 @@ class Calibration:
         try:
             d = json.loads(text)
             names = tuple(d["findings"])
-            cals = tuple(_calibrator_from_json(d["findings"][n]) for n in names)
+            cals = tuple(calibrator_from_json(d["findings"][n]) for n in names)
             thresholds = np.array([float(d["findings"][n]["threshold"]) for n in names])
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"calibration.json is malformed ({e!r}); re-run `medvit calibrate`") from e
-        params = {"calibrator", "temperature", "a", "b", "x", "y", "threshold"}
-        per = {n: {k: v for k, v in d["findings"][n].items() if k not in params} for n in names}
+        per = {n: {k: v for k, v in d["findings"][n].items() if k not in PARAM_KEYS | {"threshold"}} for n in names}
         info = {k: v for k, v in d.items() if k not in ("version", "method", "findings")} | {"findings": per}
         return cls(names, cals, thresholds, str(d.get("method", "unknown")), info)
 
@@ -446,7 +272,7 @@ def fit_calibration(
     chosen = _candidate_name(family, strength)
     _log.info("calibration: chose %s (CV NLL per label: %s)", chosen, {k: round(v, 4) for k, v in cv.items()})
 
-    cals = _fit_family(family, z, y, strength)
+    cals = fit_family(family, z, y, strength)
     probs = np.stack([c.apply(z[:, k]) for k, c in enumerate(cals)], axis=1)
     thresholds, per = [], {}
     for k, name in enumerate(findings):
@@ -482,6 +308,6 @@ def cross_validated_probs(
     family, strength = _parse_candidate(str(calibration.info.get("chosen", calibration.method)))
     out = np.empty_like(z)
     for train, test in _group_folds(np.asarray(groups), n_folds):
-        cals = _fit_family(family, z[train], y[train], strength)
+        cals = fit_family(family, z[train], y[train], strength)
         out[test] = np.stack([c.apply(z[test, k]) for k, c in enumerate(cals)], axis=1)
     return out

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from medvit.calibrate import fit_temperature
+from medvit.calibrators import fit_temperature
 from medvit.clip_backends import ClipBackend, default_spec, load_clip
 from medvit.errors import ConfigError
 from medvit.prompts import PromptConfig, PromptPair, load_prompt_config
@@ -235,7 +235,7 @@ class ZeroShotScorer:
         """Fit one temperature per pair on labelled images and use them from now on.
 
         Takes the (N, K) similarities from `pair_similarities` (computed in chunks for large sets) and (N, K) 0/1
-        labels with NaN = unknown. Reuses `medvit.calibrate.fit_temperature` on the model-scale logits
+        labels with NaN = unknown. Reuses `medvit.calibrators.fit_temperature` on the model-scale logits
         logit_scale * (s_pos - s_neg); the stored T is absolute: p = softmax([s_pos, s_neg] / T)[0].
         Pairs with a single class are left uncalibrated.
         """

@@ -250,3 +250,19 @@ def test_calibration_accepts_lists_and_rejects_mismatched_lengths():
     assert cal.flags(np.array([[0.3, 0.39]])).tolist() == [[True, False]]
     with pytest.raises(ValueError, match="one calibrator and one threshold per finding"):
         Calibration(["Effusion"], [calibrate.Temperature(2.0)] * 2, [0.3, 0.4], "temperature")
+
+
+def test_calibrators_module_is_the_one_calibrate_re_exports():
+    """The calibrators moved to medvit.calibrators; old imports from medvit.calibrate must keep working."""
+    from medvit import calibrators
+
+    moved = {"Calibrator", "Temperature", "Platt", "Isotonic", "ISOTONIC_EPS", "fit_temperature", "fit_platt",
+             "fit_platt_shared_slope", "fit_isotonic"}
+    assert moved <= set(calibrate.__all__)
+    assert all(getattr(calibrate, name) is getattr(calibrators, name) for name in moved)
+    fitted = (calibrators.Temperature(2.0), calibrators.Platt(1.5, -0.5), calibrators.Isotonic((0.0, 1.0), (0.2, 0.9)))
+    for cal in fitted:
+        again = calibrators.calibrator_from_json({"calibrator": cal.kind, **cal.params()})
+        assert again == cal and set(cal.params()) | {"calibrator"} <= calibrators.PARAM_KEYS
+    with pytest.raises(CheckpointError, match="unknown calibrator 'beta'"):
+        calibrators.calibrator_from_json({"calibrator": "beta"})
