@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -155,7 +157,13 @@ def _create_backbone(cfg: ModelConfig, kwargs: dict[str, Any]) -> Any:
                 f"model.weights_file {path} does not exist: {_hub_hint(cfg.name)} and put it at that path"
             )
         _log.info("loading pretrained %s from %s", cfg.name, path)
-        return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        try:  # timm reads .pth with torch.load(weights_only=True): a pickle payload fails instead of running
+            return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, ValueError, KeyError) as e:
+            raise CheckpointError(
+                f"model.weights_file {path.name} cannot be loaded as {cfg.name} weights "
+                f"({type(e).__name__}: {str(e)[:200]}); use the .safetensors file from the hub ({_hub_hint(cfg.name)})"
+            ) from None
     try:
         return timm.create_model(cfg.name, pretrained=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as e:  # offline hub errors are OSError subclasses

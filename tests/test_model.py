@@ -195,3 +195,11 @@ def test_other_timm_families_work_through_the_same_config(name: str, kwargs: dic
 def test_freezing_more_groups_than_exist_fails() -> None:
     with pytest.raises(ConfigError, match="freeze_blocks=10 but VisionTransformer has only 4 blocks"):
         build_model(tiny_cfg(freeze_blocks=10), 2)
+
+
+def test_local_weights_of_another_shape_fail_with_a_checkpoint_error(tmp_path: Path) -> None:
+    source = timm.create_model(FAMILY, pretrained=False, **TINY)
+    path = tmp_path / "model.safetensors"
+    save_file(source.state_dict(), str(path))
+    with pytest.raises(CheckpointError, match="model.safetensors cannot be loaded as deit3_small_patch16_384"):
+        build_model(tiny_cfg(pretrained=True, weights_file=path, model_kwargs={**TINY, "embed_dim": 32}), 3)
