@@ -40,3 +40,7 @@ class CheckpointError(MedvitError):
 
 class WeightsNotFoundError(CheckpointError):
     """Pretrained weights are not available offline; the message says what to download and where."""
+
+
+class NonFiniteLossError(MedvitError):
+    """Training loss became NaN/Inf; the run stops and the last good checkpoint in the run folder is kept."""

@@ -33,13 +33,9 @@ from medvit._train_utils import (
 )
 from medvit.config import Config
 from medvit.distributed import DistInfo, all_true, barrier, broadcast_flag, cleanup, init_distributed, mean_over_ranks
-from medvit.errors import ConfigError, MedvitError
+from medvit.errors import ConfigError, NonFiniteLossError
 
 _log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(MedvitError):
-    """The loss became NaN/Inf; the last good checkpoint in the run folder is kept."""
 
 
 def _loader(ds: Any, batch: int, info: DistInfo, seed: int, workers: int) -> tuple[DataLoader, DistributedSampler]:
@@ -47,8 +43,8 @@ def _loader(ds: Any, batch: int, info: DistInfo, seed: int, workers: int) -> tup
     # single-process run and an N-rank run see the same global batches.
     sampler: DistributedSampler = DistributedSampler(ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                                      seed=seed)
-    loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False,
-                        persistent_workers=workers > 0)
+    # Not persistent: workers must pick up the dataset's epoch (its augmentation seed) each epoch.
+    loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False)
     return loader, sampler
 
 
@@ -124,7 +120,7 @@ class _Trainer:
 
         train_tf = build_transforms(self.preprocessing, train=True, aug=cfg.data.augment)
         eval_tf = build_transforms(self.preprocessing, train=False)
-        train_ds = XrayDataset(self.splits.train, self.findings, train_tf, cache=cfg.data.cache)
+        train_ds = XrayDataset(self.splits.train, self.findings, train_tf, cache=cfg.data.cache, seed=cfg.seed)
         val_ds = XrayDataset(self.splits.val, self.findings, eval_tf, cache=cfg.data.cache)
         micro = t.batch_size // (info.world_size * t.accum_steps)
         self.train_loader, self.train_sampler = _loader(train_ds, micro, info, cfg.seed, cfg.data.num_workers)
@@ -174,6 +170,7 @@ class _Trainer:
     def _train_epoch(self, epoch: int) -> float:
         t, dev = self.cfg.train, self.info.device
         self.train_sampler.set_epoch(epoch)
+        self.train_loader.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
         self.model.train()
         n_batches, total, count = len(self.train_loader), 0.0, 0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,

@@ -100,3 +100,19 @@ def test_dataset_items_from_real_pngs(dev_labels, dev_images):
     assert -2.0 <= float(x.min()) and float(x.max()) <= 2.0
     assert y.tolist() == df.iloc[0][list(NIH_FINDINGS)].astype(float).tolist()
     assert ds.pixels(0) is ds.pixels(0)  # decoded once, then cached
+
+
+def test_dataset_augmentation_depends_on_seed_epoch_and_index_only(dev_labels, dev_images):
+    from medvit.data.transforms import AugmentConfig
+
+    df = load_labels(dev_labels, dev_images).head(3)
+    pre = {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.25] * 3}
+
+    def make():
+        return XrayDataset(df, NIH_FINDINGS, build_transforms(pre, train=True, aug=AugmentConfig()), seed=5)
+
+    a, b = make(), make()
+    b[2], b[1]  # a different access order must not change what index 0 gets
+    assert np.array_equal(a[0][0].numpy(), b[0][0].numpy())
+    b.set_epoch(1)
+    assert not np.array_equal(a[0][0].numpy(), b[0][0].numpy())

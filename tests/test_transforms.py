@@ -54,3 +54,15 @@ def test_letterbox_box_is_where_the_eval_transform_puts_the_image(shape, input_h
     assert letterbox_box(*shape, input_hw) == (rows[0], cols[0], len(rows), len(cols))
     top, left, nh, nw = letterbox_box(*shape, input_hw)
     assert (nh == input_hw[0] or nw == input_hw[1]) and abs(nh / nw - shape[0] / shape[1]) < 0.1
+
+
+def test_reseed_makes_augmentation_reproducible():
+    pre = {"input_size": [3, 64, 64], "mean": [0.5] * 3, "std": [0.5] * 3}
+    img = np.random.default_rng(1).random((80, 80), dtype=np.float32)
+    t = build_transforms(pre, train=True, aug=AugmentConfig())
+    t.reseed(7)
+    a = t(img)
+    t.reseed(8)
+    b = t(img)
+    t.reseed(7)
+    assert torch.equal(t(img), a) and not torch.equal(a, b)

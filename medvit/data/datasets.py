@@ -233,7 +233,9 @@ class XrayDataset:
 
     Images go through `medvit.data.dicom.read_image`, the one reader shared by training, the app
     and zero-shot. With `cache=True` decoded images are kept in memory, so repeated epochs do not
-    pay decoding again (DICOM decoding costs 0.2-1 s per image on CPU).
+    pay decoding again (DICOM decoding costs 0.2-1 s per image on CPU). With `seed` set, a random
+    transform is reseeded per (seed, epoch, index): augmentation is then the same whatever the
+    number of workers or ranks, and a resumed run sees exactly what an uninterrupted one would.
     """
 
     def __init__(
@@ -243,15 +245,22 @@ class XrayDataset:
         transform: Callable[[np.ndarray], object],
         *,
         cache: bool = False,
+        seed: int | None = None,
     ) -> None:
         self.df = df.reset_index(drop=True)
         self.findings = resolve_findings(findings)
         self.labels = label_matrix(self.df, self.findings)
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
         self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.df)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's augmentation stream (call before iterating; workers must not be persistent)."""
+        self.epoch = epoch
 
     def pixels(self, i: int) -> np.ndarray:
         """Decoded HxW float32 [0,1] pixels of image `i` (from the cache when enabled)."""
@@ -267,4 +276,7 @@ class XrayDataset:
     def __getitem__(self, i: int):
         import torch
 
+        reseed = getattr(self.transform, "reseed", None)
+        if self.seed is not None and reseed is not None:
+            reseed((self.seed * 1_000_003 + self.epoch * 100_003 + i) % 2**32)
         return self.transform(self.pixels(i)), torch.from_numpy(self.labels[i].copy())

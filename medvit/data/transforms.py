@@ -7,7 +7,6 @@ because ImageNet-pretrained backbones expect RGB).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import albumentations as A
@@ -25,19 +24,19 @@ class AugmentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    hflip: float = Field(0.0, ge=0, le=1, description="probability; changes anatomy (dextrocardia), so off")
+    hflip: float = Field(default=0.0, ge=0, le=1, description="probability; changes anatomy (dextrocardia), so off")
     crop_scale: tuple[float, float] = (0.85, 1.0)
     crop_ratio: tuple[float, float] = (0.9, 1.1)
-    rotate: float = Field(7.0, ge=0, le=45, description="max degrees")
-    translate: float = Field(0.04, ge=0, le=0.3)
+    rotate: float = Field(default=7.0, ge=0, le=45, description="max degrees")
+    translate: float = Field(default=0.04, ge=0, le=0.3)
     scale: tuple[float, float] = (0.92, 1.08)
-    affine_p: float = Field(0.7, ge=0, le=1)
-    brightness: float = Field(0.15, ge=0, le=1)
-    contrast: float = Field(0.15, ge=0, le=1)
+    affine_p: float = Field(default=0.7, ge=0, le=1)
+    brightness: float = Field(default=0.15, ge=0, le=1)
+    contrast: float = Field(default=0.15, ge=0, le=1)
     gamma: tuple[float, float] = (85.0, 115.0)
-    photometric_p: float = Field(0.6, ge=0, le=1)
-    noise_std: float = Field(0.0, ge=0, le=0.2, description="Gaussian noise std in [0,1] units; 0 disables")
-    blur_p: float = Field(0.0, ge=0, le=1)
+    photometric_p: float = Field(default=0.6, ge=0, le=1)
+    noise_std: float = Field(default=0.0, ge=0, le=0.2, description="Gaussian noise std in [0,1] units; 0 disables")
+    blur_p: float = Field(default=0.0, ge=0, le=1)
 
 
 def resolve_preprocessing(model: torch.nn.Module) -> dict[str, Any]:
@@ -116,9 +115,42 @@ def _photometric_augment(aug: AugmentConfig) -> list[A.BasicTransform]:
     return ops
 
 
-def build_transforms(
-    preprocessing: dict[str, Any], train: bool, aug: AugmentConfig | None = None
-) -> Callable[[np.ndarray], torch.Tensor]:
+class XrayTransform:
+    """`read_image` pixels -> normalised 3xHxW tensor; `reseed` makes the augmentation reproducible.
+
+    albumentations keeps its own random state (not torch's or numpy's global one), so exact resume and
+    identical runs need the caller to seed it, e.g. per (seed, epoch, sample index) as `XrayDataset` does.
+    """
+
+    def __init__(self, spatial: list[A.BasicTransform], photometric: list[A.BasicTransform],
+                 mean: list[float], std: list[float]) -> None:
+        self._spatial = A.Compose(spatial)
+        self._photometric = A.Compose(photometric) if photometric else None
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    @property
+    def random(self) -> bool:
+        """Whether the output depends on the random state (training augmentation)."""
+        return self._photometric is not None
+
+    def reseed(self, seed: int) -> None:
+        """Seed the augmentation's random state."""
+        self._spatial.set_random_seed(seed)
+        if self._photometric is not None:
+            self._photometric.set_random_seed(seed + 1)
+
+    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+        if pixels.ndim != 2:
+            raise ValueError(f"expected an HxW grey image, got shape {pixels.shape}")
+        out = np.clip(self._spatial(image=np.ascontiguousarray(pixels, dtype=np.float32))["image"], 0.0, 1.0)
+        if self._photometric is not None:
+            out = np.clip(self._photometric(image=out)["image"], 0.0, 1.0)
+        grey = torch.from_numpy(out).unsqueeze(0)
+        return (grey.expand(3, -1, -1) - self._mean) / self._std
+
+
+def build_transforms(preprocessing: dict[str, Any], train: bool, aug: AugmentConfig | None = None) -> XrayTransform:
     """The transform from `read_image` pixels to a model input tensor.
 
     Args:
@@ -128,23 +160,9 @@ def build_transforms(
     """
     _, h, w = preprocessing["input_size"]
     interpolation = _INTERPOLATION.get(preprocessing.get("interpolation", "bicubic"), cv2.INTER_CUBIC)
-    mean, std = preprocessing["mean"], preprocessing["std"]
     spatial = _resize(h, w, interpolation)
     photometric: list[A.BasicTransform] = []
     if train and aug is not None and aug.enabled:
         spatial += _spatial_augment(h, w, aug, interpolation)
         photometric = _photometric_augment(aug)
-    spatial_pipe, photometric_pipe = A.Compose(spatial), A.Compose(photometric)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def transform(pixels: np.ndarray) -> torch.Tensor:
-        if pixels.ndim != 2:
-            raise ValueError(f"expected an HxW grey image, got shape {pixels.shape}")
-        out = np.clip(spatial_pipe(image=np.ascontiguousarray(pixels, dtype=np.float32))["image"], 0.0, 1.0)
-        if photometric:
-            out = np.clip(photometric_pipe(image=out)["image"], 0.0, 1.0)
-        grey = torch.from_numpy(out).unsqueeze(0)
-        return (grey.expand(3, -1, -1) - mean_t) / std_t
-
-    return transform
+    return XrayTransform(spatial, photometric, preprocessing["mean"], preprocessing["std"])
