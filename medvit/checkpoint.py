@@ -36,10 +36,17 @@ _MODEL_BUILD_KEYS = ("name", "model_kwargs", "head", "head_hidden", "head_dropou
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write via a temp file in the same folder + fsync + rename, so readers never see a partial file."""
+    """Write via a temp file in the same folder + fsync + rename, so readers never see a partial file.
+
+    Raises:
+        CheckpointError: the write failed (full disk, permissions); the previous file is left unchanged.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise CheckpointError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         os.fchmod(fd, 0o644)  # mkstemp creates 0600; run folders are meant to be shared
         with os.fdopen(fd, "wb") as f:
@@ -47,14 +54,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(
+                f"cannot write {path}: {e.strerror or e}; free disk space or write the run elsewhere (--out); "
+                f"the previous {path.name} is unchanged"
+            ) from e
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise CheckpointError(f"wrote {path} but could not sync its folder: {e.strerror or e}") from e
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -97,7 +97,7 @@ def test_atomic_write_keeps_the_old_file_when_the_rename_fails(tmp_path: Path, m
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full.*previous calibration.json is unchanged"):
         ckpt.write_json(target, {"v": 2})
     assert ckpt.read_json(target) == {"v": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration.json"]  # no temp file left behind

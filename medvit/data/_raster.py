@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from io import BytesIO
 
@@ -33,7 +34,8 @@ def decode_raster(
             img = ImageOps.exif_transpose(im)  # phone photos of films carry their rotation in EXIF
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{name}: {exc}") from exc
-    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's errors for corrupt/truncated files
+    # Pillow raises assorted types on broken files (IndexError for a PNG without IDAT, struct.error, ...)
+    except (OSError, SyntaxError, ValueError, IndexError, EOFError, struct.error, ZeroDivisionError) as exc:
         raise ImageReadError(f"{name}: cannot decode this {kind.upper()} (truncated or corrupt?): {exc}") from exc
     warnings: list[str] = []
     if img.mode in _SIXTEEN_BIT_MODES:
