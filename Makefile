@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medvit-installed
 
-.PHONY: install review predict test test-fast lint bench clean
+.PHONY: install review predict test test-fast lint bench audit fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/medvit bench
+
+audit: $(STAMP)
+	.ci/audit.sh
+
+fuzz: $(STAMP)
+	$(BIN)/python benchmarks/fuzz.py --seconds 600
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
