@@ -132,6 +132,10 @@ class TrainConfig(_Strict):
     eval_batch_size: int = Field(default=64, ge=1)
     loss: LossConfig = Field(default_factory=lambda: LossConfig())
     mixup: MixupConfig = Field(default_factory=lambda: MixupConfig())
+    cache_frozen_features: bool = Field(
+        default=False,
+        description="compute the frozen stem + blocks once and train only the rest; needs model.freeze_blocks > 0, "
+        "data.augment.enabled: false and no MixUp (the prefix output must not change between epochs)")
     ema: EmaConfig = Field(default_factory=lambda: EmaConfig())
     deterministic: bool = True
     num_threads: int | None = Field(

@@ -123,11 +123,16 @@ class _Trainer:
         train_ds = XrayDataset(self.splits.train, self.findings, train_tf, cache=cfg.data.cache, seed=cfg.seed)
         val_ds = XrayDataset(self.splits.val, self.findings, eval_tf, cache=cfg.data.cache)
         micro = t.batch_size // (info.world_size * t.accum_steps)
-        self.train_loader, self.train_sampler = _loader(train_ds, micro, info, cfg.seed, cfg.data.num_workers)
+        self.dtype = resolve_precision(t.precision, info.device)
+        labels = train_ds.labels
+        if t.cache_frozen_features:
+            train_ds = self._frozen_features(train_ds)
+        workers = 0 if t.cache_frozen_features else cfg.data.num_workers
+        self.train_loader, self.train_sampler = _loader(train_ds, micro, info, cfg.seed, workers)
         self.val_loader: DataLoader = DataLoader(val_ds, batch_size=t.eval_batch_size,  # type: ignore[arg-type]
                                                  num_workers=cfg.data.num_workers)
 
-        pos_weight = pos_weight_from_labels(train_ds.labels, t.loss.pos_weight_max)
+        pos_weight = pos_weight_from_labels(labels, t.loss.pos_weight_max)
         self.criterion = MaskedMultiLabelLoss(t.loss, pos_weight).to(info.device)
         self.optimizer = create_optimizer_v2(self.net, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay,
                                              layer_decay=t.layer_decay)
@@ -136,15 +141,32 @@ class _Trainer:
             self.optimizer, sched="cosine", num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
             warmup_lr=t.warmup_lr, min_lr=t.min_lr, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
         self.ema = ModelEmaV3(self.net, decay=t.ema.decay, use_warmup=t.ema.warmup) if t.ema.enabled else None
-        self.model: Any = self.net  # the DDP wrapper under torchrun
+        # What the training step calls: the whole net, or only its trainable suffix on cached prefix tokens;
+        # wrapped in DDP under torchrun. EMA, validation and checkpoints always use self.net.
+        self.model: Any = self.net
+        if t.cache_frozen_features:
+            from medvit.feature_cache import TrainableSuffix
+
+            self.model = TrainableSuffix(self.net)
         if info.enabled:
             self.model = nn.parallel.DistributedDataParallel(
-                self.net, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-        self.dtype = resolve_precision(t.precision, info.device)
+                self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
         self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
         self.state: dict[str, Any] = {"epoch": 0, "global_step": 0, "best_score": -math.inf, "best_epoch": -1,
                                       "best_val_mean_auroc": math.nan, "bad_epochs": 0,
                                       "saved_epoch": -1, "saved_val_mean_auroc": math.nan, "elapsed_s": 0.0}
+
+    def _frozen_features(self, train_ds: Any) -> Any:
+        """The train split as cached frozen-prefix tokens (`train.cache_frozen_features`)."""
+        from medvit.feature_cache import FrozenFeatures
+
+        t = self.cfg.train
+        if self.cfg.data.augment.enabled or t.mixup.enabled:
+            raise ConfigError("train.cache_frozen_features needs data.augment.enabled: false and no MixUp: "
+                              "the frozen prefix output must be the same every epoch")
+        return FrozenFeatures.build(self.net, train_ds, batch_size=t.eval_batch_size,
+                                    num_workers=self.cfg.data.num_workers, device=self.info.device,
+                                    autocast_dtype=self.dtype)
 
     # ---- setup / teardown ----
 
@@ -170,7 +192,8 @@ class _Trainer:
     def _train_epoch(self, epoch: int) -> float:
         t, dev = self.cfg.train, self.info.device
         self.train_sampler.set_epoch(epoch)
-        self.train_loader.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+        if hasattr(self.train_loader.dataset, "set_epoch"):  # not for cached frozen features
+            self.train_loader.dataset.set_epoch(epoch)
         self.model.train()
         n_batches, total, count = len(self.train_loader), 0.0, 0
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,

@@ -14,6 +14,7 @@ from medvit import checkpoint as ckpt
 from medvit._train_utils import mean_auroc, mix_batch
 from medvit.cli import main
 from medvit.config import LossConfig, MixupConfig, load_config
+from medvit.errors import ConfigError
 from medvit.findings import NIH_FINDINGS
 from medvit.losses import MaskedMultiLabelLoss, pos_weight_from_labels
 from medvit.train import NonFiniteLossError, fit
@@ -245,3 +246,22 @@ def test_patient_wise_assigned_split(dev_labels: Path, dev_images: Path) -> None
     assert not set(splits.train["patient_id"]) & set(splits.val["patient_id"])
     n = len(splits.train) + len(splits.val)
     assert 0.15 < len(splits.val) / 337 < 0.25 and n < 337  # the calib share is held out of both
+
+
+def test_cached_frozen_features_train_like_the_naive_loop(dev_subset_csv: Path, dev_images: Path,
+                                                          tmp_path: Path) -> None:
+    # no dropout: building the cache draws from the global RNG, so dropout masks would differ, not the maths
+    base = data_overrides(dev_subset_csv, dev_images) + ["data.augment.enabled=false", "train.epochs=1",
+                                                         "model.head_dropout=0.0"]
+    naive = fit(load_config(SMOKE, base), out_dir=tmp_path / "naive")
+    cached = fit(load_config(SMOKE, base + ["train.cache_frozen_features=true"]), out_dir=tmp_path / "cached")
+    a, b = ckpt.load_tensors(naive / "last.safetensors"), ckpt.load_tensors(cached / "last.safetensors")
+    changed = 0
+    for k in a:
+        if not k.startswith("rng."):
+            torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3, msg=k)
+            changed += 1
+    assert changed
+    with pytest.raises(ConfigError, match="augment.enabled: false"):
+        fit(load_config(SMOKE, data_overrides(dev_subset_csv, dev_images) + ["train.cache_frozen_features=true"]),
+            out_dir=tmp_path / "refused")
