@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from medvit.data.datasets import _WIDE_PATH_COLUMNS, load_labels
+from medvit.data.datasets import WIDE_PATH_COLUMNS, load_labels
 from medvit.errors import DatasetError, MedvitError
 
 _log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def _cache_one(job: tuple[str, str, int]) -> tuple[str, str]:
 def _image_column(raw: pd.DataFrame) -> str:
     if "Image Index" in raw.columns:
         return "Image Index"
-    return next(c for c in _WIDE_PATH_COLUMNS if c in raw.columns)
+    return next(c for c in WIDE_PATH_COLUMNS if c in raw.columns)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ _log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "calib", "test")
 UNCERTAINTY_POLICIES = ("ignore", "ones", "zeros")
 _NIH_REQUIRED = ("Image Index", "Finding Labels", "Patient ID")
-_WIDE_PATH_COLUMNS = ("Path", "path", "image", "Image", "filename")
+WIDE_PATH_COLUMNS = ("Path", "path", "image", "Image", "filename")
 _CHEXPERT_PATIENT = re.compile(r"(patient\d+)")
 
 
@@ -68,11 +68,11 @@ def _from_nih(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _from_wide(df: pd.DataFrame, uncertainty: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    path_col = next((c for c in _WIDE_PATH_COLUMNS if c in df.columns), None)
+    path_col = next((c for c in WIDE_PATH_COLUMNS if c in df.columns), None)
     if path_col is None:
         raise DatasetError(
             "labels CSV is neither NIH format (needs 'Image Index', 'Finding Labels', 'Patient ID') "
-            f"nor wide format (needs a path column: one of {', '.join(_WIDE_PATH_COLUMNS)}); "
+            f"nor wide format (needs a path column: one of {', '.join(WIDE_PATH_COLUMNS)}); "
             f"columns found: {', '.join(map(str, df.columns))}"
         )
     paths = df[path_col].astype(str)

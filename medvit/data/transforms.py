@@ -47,6 +47,7 @@ def resolve_preprocessing(model: torch.nn.Module) -> dict[str, Any]:
     """
     from timm.data import resolve_model_data_config
 
+    model = getattr(model, "backbone", model)  # a medvit Classifier: the timm model is its backbone
     cfg = resolve_model_data_config(model)
     size = list(cfg["input_size"])
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
