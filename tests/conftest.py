@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+import uuid
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -57,3 +61,38 @@ def testdata(name: str) -> str:
 def cxr_dicom() -> str:
     """RG1_UNCI.dcm: a real 15-bit MONOCHROME1 PA chest CR."""
     return testdata("RG1_UNCI.dcm")
+
+
+PG_URL = os.environ.get("MEDVIT_TEST_PG_URL", "")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path):
+    """A fresh, empty review database: a SQLite file, or its own schema on $MEDVIT_TEST_PG_URL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'reviews.sqlite3'}"
+        return
+    if not PG_URL:
+        pytest.skip('MEDVIT_TEST_PG_URL not set: run `eval "$(.ci/postgres.sh)"` to test against PostgreSQL')
+    from sqlalchemy import create_engine, text
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in PG_URL else "?"
+    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+def bad_corpus() -> ModuleType:
+    """tests/data/bad/make_corpus.py (the bad-input corpus), loaded once by file path."""
+    name = "medvit_bad_corpus"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "data" / "bad" / "make_corpus.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

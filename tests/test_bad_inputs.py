@@ -8,31 +8,20 @@ bad file, the good file still predicted) and the review app (`st.error`).
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
+from conftest import bad_corpus
 
 from medvit.cli import main as cli_main
 from medvit.data.datasets import load_labels
 from medvit.data.dicom import check_chest_frontal, read_image
 from medvit.errors import MedvitError
 
-
-def _corpus_module():
-    path = Path(__file__).parent / "data" / "bad" / "make_corpus.py"
-    spec = importlib.util.spec_from_file_location("medvit_bad_corpus", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-corpus = _corpus_module()
+corpus = bad_corpus()
 CASES = corpus.CASES
 IMAGE_CASES = [c for c in CASES if c.kind == "image"]
 LABEL_CASES = [c for c in CASES if c.kind == "labels"]

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -310,27 +309,6 @@ _WRITER = """
         print(rid, flush=True)
     store.close()
 """
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    """A fresh, empty review database: a SQLite file, or its own schema on $MEDVIT_TEST_PG_URL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'reviews.sqlite3'}"
-        return
-    if not PG_URL:
-        pytest.skip('MEDVIT_TEST_PG_URL not set: run `eval "$(.ci/postgres.sh)"` to test against PostgreSQL')
-    from sqlalchemy import create_engine, text
-
-    schema = f"f_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
 
 
 def _open(url: str):

@@ -10,15 +10,14 @@ is `python benchmarks/fuzz.py`.
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import bad_corpus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,17 +25,7 @@ from medvit.data.datasets import load_labels
 from medvit.data.dicom import read_image
 from medvit.errors import MedvitError
 
-
-def _corpus_module():
-    path = Path(__file__).parent / "data" / "bad" / "make_corpus.py"
-    spec = importlib.util.spec_from_file_location("medvit_bad_corpus", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-corpus = _corpus_module()
+corpus = bad_corpus()
 FUZZ = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

@@ -11,12 +11,11 @@ import inspect
 import io
 import os
 import threading
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import create_engine, text
 from sqlalchemy import inspect as sa_inspect
+from sqlalchemy import text
 
 from medvit.errors import MedvitError
 from medvit.review_store import (
@@ -48,24 +47,6 @@ def _review(store: ReviewStore, **over) -> int:
     )  # fmt: skip
     kwargs.update(over)
     return store.add_review(**kwargs)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'reviews.sqlite3'}"
-        return
-    if not PG_URL:
-        pytest.skip('MEDVIT_TEST_PG_URL not set: run `eval "$(.ci/postgres.sh)"` to test against PostgreSQL')
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in PG_URL else "?"
-    yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
 
 
 @pytest.fixture
