@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -290,30 +289,14 @@ HOSTILE = [
 ]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request, tmp_path):
+@pytest.fixture
+def store(db_url):
+    """A review store on a fresh database (SQLite, and PostgreSQL when configured: see conftest.db_url)."""
     from medvit.review_store import ReviewStore
 
-    if request.param == "sqlite":
-        s = ReviewStore(f"sqlite:///{tmp_path / 'reviews.sqlite3'}")
-        yield s
-        s.close()
-        return
-    if not PG_URL:
-        pytest.skip('MEDVIT_TEST_PG_URL not set: run `eval "$(.ci/postgres.sh)"` to test against PostgreSQL')
-    from sqlalchemy import create_engine, text
-
-    schema = f"s_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL)
-    with admin.begin() as conn:
-        conn.execute(text(f"CREATE SCHEMA {schema}"))
-    sep = "&" if "?" in PG_URL else "?"
-    s = ReviewStore(f"{PG_URL}{sep}options=-csearch_path%3D{schema}")
+    s = ReviewStore(db_url)
     yield s
     s.close()
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-    admin.dispose()
 
 
 def _add(store, **over):
