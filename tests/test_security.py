@@ -25,7 +25,6 @@ from medvit.errors import CheckpointError, ImageTooLargeError, MedvitError
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("medvit", "apps", "benchmarks", "tests")
-PG_URL = os.environ.get("MEDVIT_TEST_PG_URL", "")
 
 
 class _Exploit:
