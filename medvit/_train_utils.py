@@ -65,8 +65,12 @@ class Splits:
     val: pd.DataFrame
 
 
-def load_splits(cfg: Config) -> Splits:
-    """Labels CSV -> patient-wise train/val frames, per the config's split policy."""
+def split_frame(cfg: Config) -> pd.DataFrame:
+    """The config's labels with the `split` column exactly as training uses it (train/val, and calib if any).
+
+    Calibration and evaluation rebuild the run's held-out rows through this same function, so they can
+    never see a different split (and patients) than training did.
+    """
     from medvit.data.datasets import assign_splits, load_labels
 
     d = cfg.data
@@ -78,6 +82,13 @@ def load_splits(cfg: Config) -> Splits:
                            respect_existing=bool(d.split_files))
     elif "split" not in df.columns or df["split"].isna().all():
         raise DatasetError(f"{d.labels_csv} has no 'split' column; set data.split.policy: assign")
+    return df
+
+
+def load_splits(cfg: Config) -> Splits:
+    """Labels CSV -> patient-wise train/val frames, per the config's split policy."""
+    d = cfg.data
+    df = split_frame(cfg)
     train = df[df["split"] == d.split.train_name].reset_index(drop=True)
     val = df[df["split"] == d.split.val_name].reset_index(drop=True)
     if train.empty or val.empty:

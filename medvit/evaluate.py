@@ -247,7 +247,8 @@ def run_split_frame(info: Any, split: str | None = None) -> tuple[pd.DataFrame, 
 
     The split is rebuilt exactly as training did (the CSV's column, or the seeded patient-wise assignment).
     """
-    from medvit.data.datasets import assign_splits, load_labels
+    from medvit._train_utils import split_frame
+    from medvit.config import Config
 
     data = info.config.get("data")
     if not data:
@@ -257,13 +258,10 @@ def run_split_frame(info: Any, split: str | None = None) -> tuple[pd.DataFrame, 
         raise DatasetError(
             f"the run's labels {csv} / images {root} are not found from {Path.cwd()}; pass --labels CSV --images DIR"
         )
-    split_files = data.get("split_files")
-    df = load_labels(csv, root, info.findings, uncertainty=data.get("uncertainty", "ignore"), split_files=split_files)
-    policy = data.get("split", {})
-    if policy.get("policy") == "assign":
-        df = assign_splits(df, seed=policy.get("seed", 0), val=policy.get("val", 0.15), calib=policy.get("calib", 0.15))
+    cfg = Config.model_validate(info.config)
+    df = split_frame(cfg)
     if split is None:
-        split = "calib" if (df["split"] == "calib").any() else policy.get("val_name", "val")
+        split = "calib" if (df["split"] == "calib").any() else cfg.data.split.val_name
     out = df[df["split"] == split].reset_index(drop=True)
     if out.empty:
         raise DatasetError(f"the run's data ({csv}) has no {split!r} rows to calibrate or evaluate on")

@@ -232,3 +232,22 @@ def test_collect_logits_runs_in_order_without_grad_and_restores_training_mode():
     np.testing.assert_allclose(logits, model.fc(x.flatten(1)).detach().numpy(), rtol=1e-6)
     assert np.isnan(labels[:, 1]).all() and (labels[:, 0] == 1).all()
     assert model.seen_grad == [False, False, False] and model.training
+
+
+def test_run_split_frame_never_overlaps_the_training_split(dev_labels, dev_images, smoke_run):
+    """With policy 'assign' on a CSV that has its own split column, training re-draws the split; the
+    calibration rows must come from that re-drawn split, never from the CSV's column."""
+    from medvit._train_utils import load_splits
+    from medvit.checkpoint import load_run
+    from medvit.config import Config
+
+    _, info = load_run(smoke_run)
+    cfg = info.config | {"data": info.config["data"] | {
+        "labels_csv": str(dev_labels), "images_root": str(dev_images),
+        "split": {"policy": "assign", "val": 0.15, "calib": 0.2, "seed": 3}}}
+    info.config.clear()
+    info.config.update(cfg)
+    calib, name = evaluate.run_split_frame(info)
+    train = load_splits(Config.model_validate(cfg)).train
+    assert name == "calib" and len(calib) == round(337 * 0.2)
+    assert not set(calib["patient_id"]) & set(train["patient_id"])
