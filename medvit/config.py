@@ -143,6 +143,31 @@ class TrainConfig(_Strict):
     )
 
 
+class PretrainConfig(_Strict):
+    """Self-supervised MAE pretraining of the backbone on the train split, run by `medvit train` first."""
+
+    method: Literal["mae"] = "mae"
+    epochs: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    lr: float = Field(default=1.5e-3, gt=0)
+    min_lr: float = Field(default=1e-6, ge=0)
+    warmup_epochs: int = Field(default=10, ge=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    clip_grad: float | None = Field(default=None, gt=0)
+    mask_ratio: float = Field(default=0.75, gt=0, lt=1, description="fraction of patches hidden from the encoder")
+    decoder_dim: int = Field(default=128, ge=8)
+    decoder_depth: int = Field(default=2, ge=1)
+    decoder_heads: int = Field(default=4, ge=1)
+    norm_pix_loss: bool = Field(default=True, description="reconstruct per-patch normalised pixels (MAE default)")
+    num_threads: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError("pretrain.decoder_dim must be divisible by pretrain.decoder_heads")
+        return self
+
+
 class LogConfig(_Strict):
     tensorboard: bool = False
     progress: bool = True
@@ -156,6 +181,8 @@ class Config(_Strict):
     data: DataConfig
     model: ModelConfig = Field(default_factory=lambda: ModelConfig())
     train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    pretrain: PretrainConfig | None = Field(
+        default=None, description="self-supervised pretraining on the train images before training (optional)")
     log: LogConfig = Field(default_factory=lambda: LogConfig())
 
     @model_validator(mode="after")

@@ -147,7 +147,8 @@ def _hub_hint(name: str) -> str:
     return f"download the pretrained weights of {name!r} (timm has no Hugging Face hub id for it)"
 
 
-def _create_backbone(cfg: ModelConfig, kwargs: dict[str, Any]) -> Any:
+def create_backbone(cfg: ModelConfig, kwargs: dict[str, Any]) -> Any:
+    """The timm backbone from `cfg`'s weight source (none, local file, or hub); `kwargs` go to timm.create_model."""
     if not cfg.pretrained:
         return timm.create_model(cfg.name, pretrained=False, **kwargs)
     if cfg.weights_file is not None:
@@ -187,7 +188,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     if not timm.is_model(base):
         raise CheckpointError(f"unknown timm model {cfg.name!r}; see timm.list_models()")
     kwargs = {"drop_path_rate": cfg.drop_path_rate, **cfg.model_kwargs, "num_classes": 0}
-    backbone = _create_backbone(cfg, kwargs)
+    backbone = create_backbone(cfg, kwargs)
     width = backbone.num_features
     if cfg.head == "mlp":
         head: nn.Module = MlpHead(width, cfg.head_hidden, num_classes, cfg.head_dropout)

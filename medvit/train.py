@@ -87,9 +87,28 @@ def fit(cfg: Config, *, out_dir: str | Path | None = None, resume: str | Path | 
     """
     info = init_distributed()
     try:
-        return _Trainer(cfg, info, _run_dir(cfg, out_dir, resume), resume is not None).run(stop_after)
+        run_dir = _run_dir(cfg, out_dir, resume)
+        return _Trainer(_with_pretraining(cfg, run_dir, info), info, run_dir, resume is not None).run(stop_after)
     finally:
         cleanup(info)
+
+
+def _with_pretraining(cfg: Config, run_dir: Path, info: DistInfo) -> Config:
+    """Run the config's self-supervised stage once per run folder, then start the model from its encoder.
+
+    The encoder is loaded through the ordinary `model.weights_file` path, so the saved config says exactly
+    which weights training started from, and `--resume` finds the stage already done.
+    """
+    from medvit.pretrain import ENCODER, pretrain
+
+    if cfg.pretrain is None:
+        return cfg
+    encoder = run_dir / "pretrain" / ENCODER
+    if not encoder.is_file():
+        if info.is_main:
+            pretrain(cfg, encoder.parent)
+        barrier(info)
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": True, "weights_file": encoder})})
 
 
 class _Trainer:
@@ -301,4 +320,14 @@ class _Trainer:
             "train_seconds": round(st["elapsed_s"], 1), "world_size": self.info.world_size,
             "device": str(self.info.device), "precision": str(self.dtype or "fp32"),
             "torch": torch.__version__,
+            **self._pretrain_summary(),
         }
+
+    def _pretrain_summary(self) -> dict[str, Any]:
+        from medvit.pretrain import SUMMARY
+
+        path = self.run_dir / "pretrain" / SUMMARY
+        if self.cfg.pretrain is None or not path.is_file():
+            return {}
+        done = ckpt.read_json(path)
+        return {"pretrain": done["method"], "pretrain_epochs": done["epochs"], "pretrain_seconds": done["seconds"]}
