@@ -22,6 +22,7 @@ _log = logging.getLogger("medvit")
 COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("data", "inspect a labels CSV + image folder: per-finding counts, missing files, patient overlap"),
     "prepare": ("prepare", "decode images once into a resized uint8 cache for training/evaluation"),
+    "pretrain": ("pretrain", "self-supervised MAE pretraining of a ViT backbone on unlabelled training images"),
     "train": ("train", "train a multi-label classifier from a YAML config"),
     "calibrate": ("calibrate", "fit per-finding calibrators and operating thresholds for a run"),
     "evaluate": ("evaluate", "per-finding metrics, bootstrap CIs and plots on a labelled set"),

@@ -130,3 +130,18 @@ def test_train_runs_the_pretraining_stage_first_and_resume_skips_it(dev_subset_c
     assert encoder.stat().st_mtime_ns == stamp  # not pretrained again
     summary = ckpt.read_json(run / "train_summary.json")
     assert summary["epochs_run"] == 2 and summary["pretrain"] == "mae" and summary["pretrain_epochs"] == 3
+
+
+def test_pretrain_command(dev_subset_csv: Path, dev_images: Path, tmp_path: Path, capsys) -> None:
+    from medvit.cli import main
+
+    data = ["--set", f"data.labels_csv={dev_subset_csv}", "--set", f"data.images_root={dev_images}"]
+    assert main(["pretrain", "-c", str(SMOKE), "--out", str(tmp_path / "none"), *data]) == 2
+    assert "no 'pretrain' section" in capsys.readouterr().err
+    args = ["pretrain", "-c", str(SMOKE), "--out", str(tmp_path / "mae"), *data]
+    for o in PRETRAIN:
+        args += ["--set", o]
+    assert main(args) == 0
+    assert f"model.weights_file={tmp_path / 'mae' / ENCODER}" in capsys.readouterr().out
+    assert main(args) == 2
+    assert "already holds a pretrained encoder" in capsys.readouterr().err
