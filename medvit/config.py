@@ -159,7 +159,7 @@ class PretrainConfig(_Strict):
     decoder_depth: int = Field(default=2, ge=1)
     decoder_heads: int = Field(default=4, ge=1)
     norm_pix_loss: bool = Field(default=True, description="reconstruct per-patch normalised pixels (MAE default)")
-    num_threads: int | None = Field(default=None, ge=1)
+    num_threads: int | None = Field(default=None, ge=1, description="default: train.num_threads")
 
     @model_validator(mode="after")
     def _check(self) -> PretrainConfig:

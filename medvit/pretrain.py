@@ -136,8 +136,9 @@ def pretrain(cfg: Config, out_dir: str | Path) -> Path:
     if p is None:
         raise ConfigError("the config has no 'pretrain' section (method, epochs, mask_ratio, ...)")
     out = Path(out_dir)
-    if p.num_threads is not None:
-        torch.set_num_threads(p.num_threads)
+    threads = p.num_threads or cfg.train.num_threads
+    if threads is not None:
+        torch.set_num_threads(threads)
     seed_everything(cfg.seed, cfg.train.deterministic)
     train = load_splits(cfg).train
     encoder = create_backbone(cfg.model, {**cfg.model.model_kwargs, "num_classes": 0})
