@@ -221,24 +221,30 @@ def test_concurrent_writers_lose_nothing(store):
     assert all(len(r.verdicts) == 2 for r in history)
 
 
-def test_stores_opened_concurrently_on_a_fresh_database_all_work(db_url):
-    """Several app processes starting at once: one migrates, the others wait and find the schema at head."""
+def _open_concurrently(url: str, n: int, then=lambda s: None) -> tuple[list[ReviewStore], list[BaseException]]:
+    """Open `n` stores on `url` from `n` threads at once (each then runs `then`); the stores and any errors."""
     stores: list[ReviewStore] = []
     errors: list[BaseException] = []
 
-    def open_and_write() -> None:
+    def open_one() -> None:
         try:
-            s = ReviewStore(db_url)
-            _review(s)
+            s = ReviewStore(url)
+            then(s)
             stores.append(s)
-        except BaseException as e:  # noqa: BLE001 - surfaced below
+        except BaseException as e:  # noqa: BLE001 - surfaced by the caller
             errors.append(e)
 
-    workers = [threading.Thread(target=open_and_write) for _ in range(4)]
+    workers = [threading.Thread(target=open_one) for _ in range(n)]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
+    return stores, errors
+
+
+def test_stores_opened_concurrently_on_a_fresh_database_all_work(db_url):
+    """Several app processes starting at once: one migrates, the others wait and find the schema at head."""
+    stores, errors = _open_concurrently(db_url, 4, then=_review)
     assert not errors, errors
     assert stores[0].count() == 4 and schema_revision(stores[0].engine) == "0001"
     for s in stores:
@@ -252,20 +258,10 @@ def test_many_processes_switching_a_new_sqlite_file_to_wal_at_once_all_succeed(t
     """
     for round_ in range(40):
         url = f"sqlite:///{tmp_path / f'fresh{round_}.sqlite3'}"
-        errors: list[BaseException] = []
-
-        def open_store(url: str = url, errors: list[BaseException] = errors) -> None:
-            try:
-                ReviewStore(url).close()
-            except BaseException as e:  # noqa: BLE001 - surfaced below
-                errors.append(e)
-
-        workers = [threading.Thread(target=open_store) for _ in range(8)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+        stores, errors = _open_concurrently(url, 8)
         assert not errors, (round_, errors)
+        for s in stores:
+            s.close()
         store = ReviewStore(url)
         assert schema_revision(store.engine) == "0001"
         with store.engine.connect() as conn:
