@@ -123,7 +123,7 @@ def pretrain(cfg: Config, out_dir: str | Path) -> Path:
 
     Raises:
         ConfigError: no `pretrain` section, or the backbone is not a ViT with a cls token.
-        NonFiniteLossError: the reconstruction loss diverged (nothing is written).
+        NonFiniteLossError: the reconstruction loss diverged (no encoder is written).
     """
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
