@@ -45,6 +45,17 @@ def dev_subset_csv(dev_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
+def stored_reviews(url: str) -> list:
+    """Every review in the database at `url`, read through a fresh engine: proof it really was committed."""
+    from medvit.review_store import ReviewStore
+
+    store = ReviewStore(url)
+    try:
+        return store.history(limit=None)
+    finally:
+        store.close()
+
+
 def testdata(name: str) -> str:
     """Path of a real DICOM from pydicom's test files / pydicom-data; skips if the package is missing."""
     try:

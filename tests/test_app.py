@@ -9,12 +9,12 @@ import pandas as pd
 import pydicom
 import pytest
 from _inference_run import make_tiny_run
+from conftest import stored_reviews
 from conftest import testdata as dicom_path
 from streamlit.testing.v1 import AppTest
 
 from medvit.checkpoint import write_json
 from medvit.findings import DEFAULT_FINDINGS
-from medvit.review_store import ReviewStore
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "review.py"
 TIMEOUT = 180
@@ -181,9 +181,7 @@ def test_feedback_is_written_and_read_back(env):
     assert not at.error, _errors(at)
     assert any("Saved review #1" in s.value for s in at.success)
 
-    store = ReviewStore(env)
-    [review] = store.history()
-    store.close()
+    [review] = stored_reviews(env)
     assert review.reviewer == "Dr Test" and review.note == "looks fine"
     assert review.verdicts == {"Effusion": "agree", "Cardiomegaly": "disagree"}
     assert review.image_uid == "1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457"
@@ -204,9 +202,7 @@ def test_feedback_without_reviewer_is_refused(env):
     at.radio(key=f"{key}_Effusion").set_value("agree")
     at = next(b for b in at.button if b.label == "Save review").click().run()
     assert "reviewer name is empty" in _errors(at)
-    store = ReviewStore(env)
-    assert store.count() == 0
-    store.close()
+    assert stored_reviews(env) == []
 
 
 def _image_url(at: AppTest) -> str:

@@ -14,6 +14,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from conftest import stored_reviews
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
 
@@ -60,9 +61,7 @@ def test_round_trip_keeps_what_was_shown(store, db_url):
     before = datetime.now(UTC)
     rid = _review(store)
     store.close()
-    reopened = ReviewStore(db_url)  # read back through a fresh engine: it really is in the database
-    [r] = reopened.history()
-    reopened.close()
+    [r] = stored_reviews(db_url)
     assert r.id == rid
     assert (r.reviewer, r.image_uid, r.image_uid_kind) == ("Dr Reviewer", UID, "sop_instance_uid")
     assert (r.model_name, r.weights_sha256, r.note) == ("deit3-demo", WEIGHTS, "small left effusion")

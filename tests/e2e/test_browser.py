@@ -22,6 +22,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from _inference_run import make_tiny_run  # noqa: E402
+from conftest import stored_reviews  # noqa: E402
 from conftest import testdata as dicom_path  # noqa: E402
 
 CHROMIUM = os.environ.get("MEDVIT_CHROMIUM", "/usr/bin/chromium")
@@ -84,8 +85,6 @@ def server(tmp_path, dev_images):
 def test_upload_review_and_audit_in_a_real_browser(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    from medvit.review_store import ReviewStore
-
     url, db, log = server
     artifacts = Path(os.environ.get("MEDVIT_ARTIFACT_DIR") or tmp_path / "artifacts")
     artifacts.mkdir(parents=True, exist_ok=True)
@@ -116,9 +115,7 @@ def test_upload_review_and_audit_in_a_real_browser(server, tmp_path):
             page.screenshot(path=str(artifacts / "review_saved.png"))
             browser.close()
 
-    store = ReviewStore(db)
-    [review] = store.history()
-    store.close()
+    [review] = stored_reviews(db)
     assert review.reviewer == "Dr Browser" and review.note == "checked in Chromium"
     assert review.verdicts == {"Effusion": "agree", "Cardiomegaly": "uncertain"}
     assert review.image_uid == "1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457"
