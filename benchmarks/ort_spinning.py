@@ -11,34 +11,21 @@ ratio eager / variant at batch 1 (median of 5 calls per round) and batch 8 (one 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 
-
-def _session(path: Path, threads: int, spin: bool) -> Callable[[np.ndarray], np.ndarray]:
+def _without_spinning(shipped: Any) -> Any:
+    """The shipped `OnnxBackend` with one change: intra-op pool threads sleep instead of spinning."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    if not spin:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
-
-
-def _median_seconds(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, calls: int) -> float:
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    opts = shipped.session.get_session_options()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    variant = copy.copy(shipped)
+    variant.session = ort.InferenceSession(str(shipped.path), opts, providers=shipped.session.get_providers())
+    return variant
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/medvit_ort_spinning"))
     args = parser.parse_args(argv)
 
+    import numpy as np
     import torch
 
+    from medvit.backends import OnnxBackend, TorchBackend, median_ms
     from medvit.config import ModelConfig
     from medvit.export import export_onnx
     from medvit.model import build_model
@@ -63,26 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     if not path.is_file():
         args.out.mkdir(parents=True, exist_ok=True)
         export_onnx(model, path, (3, 384, 384), int8=True)
-    variants = {
-        "eager fp32": lambda x: model(torch.from_numpy(x)).numpy(),
-        "onnx-int8 (spinning)": _session(path, args.threads, spin=True),
-        "onnx-int8 (no spinning)": _session(path, args.threads, spin=False),
-    }
+    shipped = OnnxBackend(path, name="onnx-int8", threads=args.threads)
+    variants = {"eager fp32": TorchBackend(model), "onnx-int8 (spinning)": shipped,
+                "onnx-int8 (no spinning)": _without_spinning(shipped)}
     rng = np.random.default_rng(0)
     batches = {1: rng.random((1, 3, 384, 384), dtype=np.float32), 8: rng.random((8, 3, 384, 384), dtype=np.float32)}
     times: dict[tuple[str, int], list[float]] = {(v, b): [] for v in variants for b in batches}
-    with torch.inference_mode():
-        for fn in variants.values():  # warm-up
-            for x in batches.values():
-                fn(x)
-        for _ in range(args.rounds):
-            for v, fn in variants.items():
-                for b, x in batches.items():
-                    times[v, b].append(_median_seconds(fn, x, 5 if b == 1 else 1))
+    for backend in variants.values():  # warm-up
+        for x in batches.values():
+            backend(x)
+    for _ in range(args.rounds):
+        for v, backend in variants.items():
+            for b, x in batches.items():
+                times[v, b].append(median_ms(lambda: backend(x), repeats=5 if b == 1 else 1))  # noqa: B023
     for b in batches:
         base = statistics.median(times["eager fp32", b])
         ratios = ", ".join(f"{v} {base / statistics.median(times[v, b]):.2f}x" for v in variants if v != "eager fp32")
-        print(f"batch {b}: eager fp32 {1000 * base / b:.0f} ms/image; {ratios}")
+        print(f"batch {b}: eager fp32 {base / b:.0f} ms/image; {ratios}")
     return 0
 
 
