@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
 
 from medvit.config import Config, MixupConfig
 from medvit.errors import ConfigError, DatasetError
@@ -122,17 +121,6 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, cfg: MixupConfig) -> tuple[torch
     else:
         x = x * lam + x_flip * (1 - lam)
     return x, y * lam + y_flip * (1 - lam)
-
-
-def mean_auroc(labels: np.ndarray, scores: np.ndarray, findings: list[str]) -> tuple[float, dict[str, float]]:
-    """Mean AUROC over findings with both classes among the known labels (NaN when none has)."""
-    per: dict[str, float] = {}
-    for j, name in enumerate(findings):
-        known = ~np.isnan(labels[:, j])
-        y = labels[known, j]
-        if len(np.unique(y)) == 2:
-            per[name] = float(roc_auc_score(y, scores[known, j]))
-    return (float(np.mean(list(per.values()))) if per else math.nan), per
 
 
 class MetricsLog:

@@ -250,21 +250,10 @@ def bench_speed(opts: BenchOptions, report: Report, work_dir: Path) -> None:
     report.info["peak_rss_mb"] = peak_rss_mb()
 
 
-def _mean_auroc(probs: np.ndarray, labels: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    scores = []
-    for k in range(labels.shape[1]):
-        m = ~np.isnan(labels[:, k])
-        y = labels[m, k]
-        if 0 < y.sum() < len(y):
-            scores.append(roc_auc_score(y, probs[m, k]))
-    return float(np.mean(scores))
-
-
 def bench_auroc(opts: BenchOptions, report: Report, work_dir: Path) -> None:
     """Mean val AUROC of the run under every backend (drift = backend - eager fp32)."""
     from medvit.inference import load_model
+    from medvit.metrics import mean_auroc
 
     paths, labels = dev_images(opts.data_dir)
     if not paths or labels is None:
@@ -280,7 +269,7 @@ def bench_auroc(opts: BenchOptions, report: Report, work_dir: Path) -> None:
         backend = create_backend(name, model, input_size=info.preprocessing["input_size"],
                                  work_dir=work_dir / "auroc", warmup=False)
         outputs[name] = np.concatenate([backend(x[i : i + 8]) for i in range(0, len(x), 8)])
-        report.auroc[name] = _mean_auroc(1 / (1 + np.exp(-outputs[name])), labels)
+        report.auroc[name] = mean_auroc(labels, outputs[name], info.findings)[0]  # ranks: logits = probs
     report.info["auroc_run_max_abs_dp"] = {b: max_prob_diff(o, outputs[BASELINE]) for b, o in outputs.items()}
 
 

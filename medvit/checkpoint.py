@@ -88,15 +88,20 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                 dtype: torch.dtype | None = None) -> None:
-    """Atomically save tensors as safetensors; floating tensors are cast to `dtype` when given."""
+                 dtype: torch.dtype | None = None) -> str:
+    """Atomically save tensors as safetensors; floating tensors are cast to `dtype` when given.
+
+    Returns the SHA-256 of the written file, hashed from memory (no second read of a possibly large file).
+    """
     out = {}
     for k, v in tensors.items():
         v = v.detach().cpu()
         if dtype is not None and v.is_floating_point():
             v = v.to(dtype)
         out[k] = v.contiguous().clone()
-    atomic_write_bytes(path, save(out, metadata=metadata))
+    data = save(out, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -240,9 +245,9 @@ def save_resume_state(run_dir: str | os.PathLike, model: nn.Module, optimizer: t
     rng_tensors, rng_meta = _rng_state()
     tensors.update(rng_tensors)
     epoch = str(state["epoch"])
-    save_tensors(run_dir / LAST, tensors, metadata={"epoch": epoch})
+    digest = save_tensors(run_dir / LAST, tensors, metadata={"epoch": epoch})
     write_json(run_dir / STATE, {**state, "param_groups": opt["param_groups"], "rng": rng_meta,
-                                 "tensors_sha256": sha256_file(run_dir / LAST)})
+                                 "tensors_sha256": digest})
 
 
 def load_resume_state(run_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,

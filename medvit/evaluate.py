@@ -277,17 +277,6 @@ def model_logits(model: Any, info: Any, df: pd.DataFrame, batch_size: int = 32) 
     return collect_logits(model, dataset, batch_size)
 
 
-def load_calibration(run_dir: str | os.PathLike, findings: Sequence[str]) -> Calibration:
-    """The run's calibration.json, or the identity (raw sigmoid, threshold 0.5) with a warning when absent."""
-    path = Path(run_dir) / "calibration.json"
-    if not path.is_file():
-        _log.warning("%s not found: reporting uncalibrated probabilities with threshold 0.5", path)
-        return Calibration.identity(findings)
-    cal = Calibration.load(path)
-    cal.check_findings(findings)
-    return cal
-
-
 def evaluate_run(
     run_dir: str | os.PathLike,
     labels_csv: str | os.PathLike,
@@ -301,9 +290,10 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluate a run on a labelled set; writes OUT_DIR/metrics.json (and plots) and returns the report."""
     from medvit.checkpoint import load_run
+    from medvit.inference import load_calibration
 
     model, info = load_run(run_dir)
-    calibration = load_calibration(run_dir, info.findings)
+    calibration = load_calibration(info)
     df = labelled_frame(labels_csv, images_dir, info.findings, split)
     logits, labels = model_logits(model, info, df, batch_size)
     report = build_report(logits, labels, info.findings, df["patient_id"].to_numpy(), calibration, n_boot=n_boot)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sized
-from contextlib import nullcontext
 from typing import Any, cast
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
+from medvit._train_utils import autocast
 from medvit.errors import ConfigError
 
 _log = logging.getLogger(__name__)
@@ -38,12 +37,7 @@ def _check_splittable(net: nn.Module) -> None:
 def prefix_forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Tokens after the frozen stem + blocks of a medvit Classifier (B, tokens, width), without autograd."""
     _check_splittable(net)
-    b: Any = net.backbone
-    with torch.no_grad():
-        x = b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(x))))
-        for blk in b.blocks[: net._split_blocks]:
-            x = blk(x)
-    return x
+    return cast(Any, net).forward_prefix(x)
 
 
 class TrainableSuffix(nn.Module):
@@ -59,14 +53,7 @@ class TrainableSuffix(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         net: Any = self.net
-        b: Any = net.backbone
-        x = tokens
-        for blk in b.blocks[net._split_blocks :]:
-            if net.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return net.head(b.forward_head(b.norm(x), pre_logits=True))
+        return net.head(net.forward_suffix(tokens))
 
 
 class FrozenFeatures(Dataset):
@@ -99,8 +86,7 @@ class FrozenFeatures(Dataset):
         t0 = time.perf_counter()
         feats: list[torch.Tensor] = []
         labels: list[torch.Tensor] = []
-        amp = torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        with amp:
+        with autocast(torch.device(device), autocast_dtype):
             for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
                 f = prefix_forward(net, x.to(device))
                 if not feats:

@@ -12,6 +12,7 @@ independently makes intervals too narrow.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -50,6 +51,17 @@ def auroc(probs: np.ndarray, labels: np.ndarray) -> float | None:
     if undefined_reason(labels) is not None:
         return None
     return float(roc_auc_score(labels, probs))
+
+
+def mean_auroc(labels: np.ndarray, scores: np.ndarray, findings: Sequence[str]) -> tuple[float, dict[str, float]]:
+    """Mean AUROC over findings with both classes among the known labels (NaN when none has), and each value."""
+    per: dict[str, float] = {}
+    for j, name in enumerate(findings):
+        m = known(labels[:, j])
+        value = auroc(scores[m, j], labels[m, j])
+        if value is not None:
+            per[name] = value
+    return (float(np.mean(list(per.values()))) if per else math.nan), per
 
 
 def auprc(probs: np.ndarray, labels: np.ndarray) -> float | None:

@@ -103,12 +103,18 @@ class Classifier(nn.Module):
             m.eval()
         return self
 
-    def _vit_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """ViT tokens (B, tokens, width) after the stem and the frozen blocks; no autograd when any are frozen."""
         b = self.backbone
         with torch.no_grad() if self.frozen_layers else torch.enable_grad():
             x = b.norm_pre(b.patch_drop(b._pos_embed(b.patch_embed(x))))
             for blk in b.blocks[: self._split_blocks]:
                 x = blk(x)
+        return x
+
+    def forward_suffix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Pooled features from `forward_prefix` tokens: the trainable blocks (checkpointed if asked), norm, pool."""
+        b, x = self.backbone, tokens
         for blk in b.blocks[self._split_blocks :]:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False)
@@ -119,7 +125,7 @@ class Classifier(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, num_features) fed to the head."""
         if self._is_vit and torch.is_grad_enabled():
-            return self._vit_features(x)
+            return self.forward_suffix(self.forward_prefix(x))
         return self.backbone(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

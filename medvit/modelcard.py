@@ -32,7 +32,7 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def _front_matter(findings: list[str]) -> str:
+def _front_matter() -> str:
     tags = ["medical-imaging", "chest-x-ray", "multi-label-classification", "vision-transformer", "medvit"]
     lines = ["---", "library_name: timm", "pipeline_tag: image-classification", "license: other", "tags:"]
     lines += [f"- {t}" for t in tags]
@@ -70,11 +70,13 @@ def _training(cfg: dict[str, Any], summary: dict[str, Any] | None) -> list[str]:
         lines.append(
             f"- **Images:** {summary['train_images']} training images of {summary['train_patients']} patients; "
             f"{summary['val_images']} validation images of {summary['val_patients']} patients "
-            "(used for early stopping and checkpoint selection)."
+            + ("(used to report the per-epoch AUROC only: the last epoch was kept)."
+               if summary.get("select") == "last" else "(used for early stopping and checkpoint selection).")
         )
+        weights = {"ema": "EMA", "raw": "raw"}.get(summary.get("weights", ""), "unknown")
         lines.append(
-            f"- **Procedure:** {summary.get('epochs_run')} epochs (best epoch {summary.get('best_epoch')}, "
-            f"{summary.get('selection_weights')} weights), batch {train.get('batch_size')}, peak lr {train.get('lr')}, "
+            f"- **Procedure:** {summary.get('epochs_run')} epochs (kept epoch {summary.get('saved_epoch')}, "
+            f"{weights} weights), batch {train.get('batch_size')}, peak lr {train.get('lr')}, "
             f"loss `{train.get('loss', {}).get('name')}` with pos_weight={train.get('loss', {}).get('pos_weight')}, "
             f"{summary.get('train_seconds')} s on {summary.get('device')} ({summary.get('precision')})."
         )
@@ -155,7 +157,7 @@ def render_model_card(run_dir: str | os.PathLike, notes: str | None = None) -> s
     summary = _read(run_dir, "train_summary.json")
     n_train = (summary or {}).get("train_images")
     title = f"medvit {run_dir.resolve().name}: {meta.get('model', {}).get('name', 'model')}"
-    lines = [_front_matter(findings), f"# {title}", ""]
+    lines = [_front_matter(), f"# {title}", ""]
     lines += [
         "> **Not a diagnostic device.** This model is for research, education and demonstration only. It has not "
         "been cleared or approved by any regulator, has not been clinically validated, and must not be used to "

@@ -182,12 +182,12 @@ def pretrain(cfg: Config, out_dir: str | Path) -> Path:
     finally:
         log.close()
     path = out / ENCODER
-    ckpt.save_tensors(path, encoder.state_dict(), metadata={"format": "pt"})
+    digest = ckpt.save_tensors(path, encoder.state_dict(), metadata={"format": "pt"})
     ckpt.write_json(out / SUMMARY, {
         "method": p.method, "model": cfg.model.name, "model_kwargs": cfg.model.model_kwargs,
         "train_images": len(train), "train_patients": int(train["patient_id"].nunique()),
         "epochs": p.epochs, "final_loss": loss_avg, "seconds": round(elapsed, 1),
-        "pretrain": p.model_dump(mode="json"), "encoder_sha256": ckpt.sha256_file(path),
+        "pretrain": p.model_dump(mode="json"), "encoder_sha256": digest,
     })
     _log.info("MAE pretraining done in %.0f s (final loss %.4f): %s", elapsed, loss_avg, path)
     return path

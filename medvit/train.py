@@ -26,7 +26,6 @@ from medvit._train_utils import (
     MetricsLog,
     autocast,
     load_splits,
-    mean_auroc,
     mix_batch,
     resolve_precision,
     seed_everything,
@@ -34,6 +33,7 @@ from medvit._train_utils import (
 from medvit.config import Config
 from medvit.distributed import DistInfo, all_true, barrier, broadcast_flag, cleanup, init_distributed, mean_over_ranks
 from medvit.errors import ConfigError, NonFiniteLossError
+from medvit.metrics import mean_auroc
 
 _log = logging.getLogger(__name__)
 

@@ -135,6 +135,7 @@ def test_calibrate_writes_calibration_metrics_and_model_card(smoke_run):
         "## Training data",
         "## Evaluation",
         "24 training images of 24 patients",
+        "EMA weights",
         "Demonstration model",
         "| Effusion |",
     ):

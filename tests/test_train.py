@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from medvit import checkpoint as ckpt
-from medvit._train_utils import mean_auroc, mix_batch
+from medvit._train_utils import mix_batch
 from medvit.cli import main
 from medvit.config import LossConfig, MixupConfig, load_config
 from medvit.errors import ConfigError
 from medvit.findings import NIH_FINDINGS
 from medvit.losses import MaskedMultiLabelLoss, pos_weight_from_labels
+from medvit.metrics import mean_auroc
 from medvit.train import NonFiniteLossError, fit
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
