@@ -12,7 +12,7 @@ import streamlit as st
 from medvit.errors import MedvitError
 from medvit.review_display import display_pixels, metadata_rows, window_defaults
 from medvit.review_service import Analysis, ReviewService, findings_table, zero_shot_table
-from medvit.review_store import NOTE_MAX, REVIEWER_MAX, VERDICTS, ReviewStore
+from medvit.review_store import NOTE_MAX, REVIEWER_MAX, VERDICTS, ReviewStore, rows_csv
 
 _log = logging.getLogger("medvit.app")
 
@@ -51,7 +51,7 @@ def image_panel(service: ReviewService, analysis: Analysis) -> None:
                        key=f"wc_{key}")  # fmt: skip
     width = c2.slider("Window width", 1.0, max(2 * span, d.width), max(d.width, 1.0), step, fmt, key=f"ww_{key}")
     invert = c3.toggle("Invert", key=f"inv_{key}")
-    pixels = display_pixels(analysis.image, center, width, invert)
+    pixels = display_pixels(analysis.image, center, width, invert, d)
 
     s1, s2, s3 = st.columns([2, 2, 2])
     method = SALIENCY[s1.selectbox("Saliency overlay", list(SALIENCY), key=f"sal_{key}")]
@@ -173,7 +173,7 @@ def history_panel(store: ReviewStore, analysis: Analysis) -> None:
             st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_order=order)
         else:
             st.caption("No reviews stored yet" + (" for this image." if this_only else "."))
-        st.download_button("Download CSV", store.export_csv(**filters), file_name="medvit_reviews.csv",
+        st.download_button("Download CSV", rows_csv(rows), file_name="medvit_reviews.csv",
                            mime="text/csv", key="history_csv")  # fmt: skip
         st.caption(f"Database: {store.display_url}")
 

@@ -220,7 +220,8 @@ def bench_speed(opts: BenchOptions, report: Report, work_dir: Path) -> None:
     x_all = real_inputs(paths, pre, max(opts.batch_sizes))
     report.info.update(model=SIZES[opts.model_size].timm_name, gflop_per_image=gflop, input_size=input_size)
     names = [BASELINE, *(b for b in opts.backends if b != BASELINE)]
-    reference = {bs: create_backend(BASELINE, model, input_size=input_size)(x_all[:bs]) for bs in opts.batch_sizes}
+    fp32 = create_backend(BASELINE, model, input_size=input_size)
+    reference = {bs: fp32(x_all[:bs]) for bs in opts.batch_sizes}
     for name in names:
         if name not in available_backends():
             report.info.setdefault("skipped", {})[name] = "not available on this machine"

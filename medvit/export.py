@@ -8,6 +8,7 @@ side file), so the Predictor can tell a verified export of *these* weights from 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -33,7 +34,6 @@ _log = logging.getLogger(__name__)
 
 OPSET = 17
 EXPORTS_FILE = "exports.json"
-FORMATS = ("onnx", "torchscript")
 # max |delta p| against torch: fp32 graphs must agree to rounding; int8 may move a probability by 2 points.
 TOLERANCE = {"onnx": 1e-4, "torchscript": 1e-4, "onnx-int8": AUTO_TOLERANCE}
 FILENAMES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "torchscript": "model.torchscript.pt"}
@@ -159,7 +159,7 @@ def _run_images(config: dict[str, Any], n: int) -> list[str]:
         return []
     if df["split"].notna().any():
         df = df.assign(_order=df["split"] != "val").sort_values("_order", kind="stable")
-    return [p for p in df["path"] if os.path.isfile(p)][:n]
+    return list(itertools.islice((p for p in df["path"] if os.path.isfile(p)), n))
 
 
 def reference_images(config: dict[str, Any] | None, n: int = 4) -> list[str]:

@@ -107,7 +107,8 @@ def parse_nih_labels(labels: str | float) -> set[str]:
 def numeric_labels(col: pd.Series) -> np.ndarray:
     """A wide-format label column as floats; blank is unknown, text such as "yes" is an error, not NaN."""
     values = pd.to_numeric(col, errors="coerce")
-    text = col[values.isna() & col.notna() & (col.astype(str).str.strip() != "")]
+    candidates = col[values.isna() & col.notna()]  # only these can be text: stringify them, not the whole column
+    text = candidates[candidates.astype(str).str.strip() != ""]
     if len(text):
         raise DatasetError(
             f"column {col.name!r} holds non-numeric labels such as {text.iloc[0]!r}; use 1, 0, -1 or blank"

@@ -104,13 +104,12 @@ def make_table(findings: Sequence[str], logits: np.ndarray, probs: np.ndarray, t
     })
 
 
-def _auto_backend(model: nn.Module, info: RunInfo, candidates: Sequence[str] | None
-                  ) -> tuple[Backend, SelfCheck | None]:
+def _auto_backend(model: nn.Module, info: RunInfo) -> tuple[Backend, SelfCheck | None]:
     """The backend of the cached self-check for these weights on this machine, or of a fresh self-check."""
     key = f"{info.weights_sha256}:{machine_fingerprint()}"
     cached = load_choice(key)
     input_size = info.preprocessing["input_size"]
-    if cached and cached.get("backend") in available_backends() and candidates is None:
+    if cached and cached.get("backend") in available_backends():
         _log.info("backend %s (self-check of %s cached)", cached["backend"], cached.get("date", "?"))
         return create_backend(cached["backend"], model, input_size=input_size,
                               onnx_provider=_onnx_provider(model, info)), None
@@ -118,7 +117,7 @@ def _auto_backend(model: nn.Module, info: RunInfo, candidates: Sequence[str] | N
 
     sample = reference_inputs(info.config, info.preprocessing)
     _log.info("choosing the fastest backend that matches fp32 (one-time self-check on %d real image(s))", len(sample))
-    check, engine = self_check(model, sample, candidates=candidates, onnx_provider=_onnx_provider(model, info))
+    check, engine = self_check(model, sample, onnx_provider=_onnx_provider(model, info))
     save_choice(key, check)
     return engine, check
 
@@ -155,14 +154,12 @@ class Predictor:
         self.calibrated = calibration.method != "none"
 
     @classmethod
-    def from_dir(cls, run_dir: str | os.PathLike | None = None, backend: str = AUTO, *,
-                 candidates: Sequence[str] | None = None) -> Predictor:
+    def from_dir(cls, run_dir: str | os.PathLike | None = None, backend: str = AUTO) -> Predictor:
         """Load a run and build its backend.
 
         Args:
             run_dir: run folder (None: $MEDVIT_RUN, else the demo model).
             backend: one of medvit.backends.BACKENDS, or "auto" ($MEDVIT_BACKEND overrides "auto").
-            candidates: restrict the auto self-check to these backends (and skip its cache).
         """
         model, info = load_model(run_dir)
         calibration = load_calibration(info)
@@ -170,7 +167,7 @@ class Predictor:
             backend = os.environ.get(BACKEND_ENV) or AUTO
         check = None
         if backend == AUTO:
-            engine, check = _auto_backend(model, info, candidates)
+            engine, check = _auto_backend(model, info)
         else:
             engine = create_backend(backend, model, input_size=info.preprocessing["input_size"],
                                     onnx_provider=_onnx_provider(model, info))

@@ -41,13 +41,15 @@ def window_defaults(image: XrayImage) -> WindowDefaults:
     return WindowDefaults(image.pixels * 255.0, 0.0, 255.0, 127.5, 255.0, False)
 
 
-def display_pixels(image: XrayImage, center: float, width: float, invert: bool) -> np.ndarray:
+def display_pixels(image: XrayImage, center: float, width: float, invert: bool,
+                   defaults: WindowDefaults | None = None) -> np.ndarray:
     """The image as the reader wants to see it, at most `DISPLAY_MAX_SIDE` pixels on a side.
 
     At the header's own VOI the reader's pixels are shown unchanged (this also covers VOI LUT tables,
     which a linear window only approximates); otherwise `apply_window` re-windows the modality values.
+    `defaults` is `window_defaults(image)` when the caller already has it (it costs full-resolution passes).
     """
-    d = window_defaults(image)
+    d = defaults if defaults is not None else window_defaults(image)
     if np.isclose(center, d.center) and np.isclose(width, d.width):
         pixels = 1.0 - image.pixels if invert else image.pixels
     else:

@@ -26,7 +26,7 @@ import torch
 from medvit.data.dicom import XrayImage, check_chest_frontal, read_image
 from medvit.errors import ImageReadError, ImageTooLargeError, MedvitError, UnsupportedImageError
 from medvit.inference import Prediction, Predictor, resolve_run_dir
-from medvit.review_store import ShownFinding
+from medvit.review_store import ShownFinding, is_dicom_uid
 
 if TYPE_CHECKING:
     from medvit.zeroshot import ZeroShotScorer  # imported lazily: the app works without a CLIP
@@ -217,7 +217,7 @@ class ReviewService:
         timings["total"] = (time.perf_counter() - t0) * 1e3
         timings["overhead"] = timings["total"] - sum(v for k, v in timings.items() if k != "total")
         uid = meta.sop_instance_uid
-        use_uid = meta.source == "dicom" and uid is not None and _is_dicom_uid(uid)
+        use_uid = meta.source == "dicom" and uid is not None and is_dicom_uid(uid)
         _log.info("analyzed %s in %.0f ms%s", name, timings["total"], f" (refused: {refusal})" if refusal else "")
         return Analysis(
             name=name, sha256=digest, image=image, image_uid=uid if uid and use_uid else digest,
@@ -247,10 +247,6 @@ class ReviewService:
         grid = self._saliency.get_or_compute(key, compute)
         _, h_in, w_in = self.predictor.info.preprocessing["input_size"]
         return to_image(grid, (int(h_in), int(w_in)), size)
-
-
-def _is_dicom_uid(uid: str) -> bool:
-    return 0 < len(uid) <= 64 and all(part.isdigit() for part in uid.split("."))
 
 
 def load_zero_shot() -> ZeroShotScorer:

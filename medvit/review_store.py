@@ -62,7 +62,7 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 _MIGRATION_LOCK = 0x6D65_6476_6974  # "medvit": the advisory lock key serialising PostgreSQL migrations
-_DICOM_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")  # PS3.5 9.1: digits and dots, at most 64 chars
+_DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # PS3.5 9.1: digits and dots, at most 64 chars
 _HEX = re.compile(r"^[0-9a-f]+$")
 
 
@@ -306,11 +306,16 @@ class ReviewStore:
 
     def export_csv(self, **filters: Any) -> str:
         """The flattened history as CSV text (for download buttons and audits)."""
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.history_rows(**filters))
-        return buf.getvalue()
+        return rows_csv(self.history_rows(**filters))
+
+
+def rows_csv(rows: list[dict[str, Any]]) -> str:
+    """`ReviewStore.history_rows` output as CSV text, for callers that already hold the rows."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def _to_review(r: ReviewRow) -> Review:
@@ -339,11 +344,16 @@ def _check_note(note: str) -> str:
     return _check_text("note", note, NOTE_MAX, required=False)
 
 
+def is_dicom_uid(uid: str) -> bool:
+    """Whether `uid` can key a review as a DICOM UID (ASCII digits and dots, at most 64 characters)."""
+    return len(uid) <= 64 and _DICOM_UID.fullmatch(uid) is not None
+
+
 def _check_uid(uid: str, kind: str) -> str:
     """Only a DICOM UID or a SHA-256 hex digest is accepted, so nothing identifying can be stored as the key."""
     uid = (uid or "").strip()
     if kind == "sop_instance_uid":
-        if len(uid) > 64 or not _DICOM_UID.match(uid):
+        if not is_dicom_uid(uid):
             raise MedvitError(f"review not saved: {uid!r} is not a DICOM SOP Instance UID (digits and dots)")
     elif kind == "sha256":
         uid = uid.lower()

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from scipy.special import expit
 
 from medvit.calibrators import fit_temperature
 from medvit.clip_backends import ClipBackend, default_spec, load_clip
@@ -44,8 +45,7 @@ _BATCH = 32
 
 def pair_probability(s_pos: np.ndarray, s_neg: np.ndarray, temperature: float) -> np.ndarray:
     """softmax([s_pos, s_neg] / T)[0], computed stably as sigmoid((s_pos - s_neg) / T)."""
-    z = (np.asarray(s_pos, np.float64) - np.asarray(s_neg, np.float64)) / temperature
-    return 1.0 / (1.0 + np.exp(-z))
+    return expit((np.asarray(s_pos, np.float64) - np.asarray(s_neg, np.float64)) / temperature)
 
 
 def ensemble(embeddings: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ class ZeroShotScorer:
         return ensemble(self.text_embeddings(texts))
 
     def _image_key(self, pixels: np.ndarray) -> str:
-        h = hashlib.sha256(pixels.tobytes())
+        h = hashlib.sha256(np.ascontiguousarray(pixels).data)  # the buffer in place: no full-size copy
         h.update(f"{pixels.shape}|{self.normalization}|{self.backend.model_id}".encode())
         return h.hexdigest()
 

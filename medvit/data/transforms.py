@@ -130,11 +130,6 @@ class XrayTransform:
         self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
-    @property
-    def random(self) -> bool:
-        """Whether the output depends on the random state (training augmentation)."""
-        return self._photometric is not None
-
     def reseed(self, seed: int) -> None:
         """Seed the augmentation's random state."""
         self._spatial.set_random_seed(seed)
