@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pandas as pd
 import streamlit as st
 from _widgets import (
     BANNER,
@@ -43,6 +44,15 @@ def get_zero_shot():
     return load_zero_shot()
 
 
+@st.cache_data(show_spinner=False, max_entries=4)
+def worklist_listing(folder: str, mtime_ns: int) -> pd.DataFrame:
+    """The worklist's header listing, read once per change of the folder instead of on every rerun (slider moves).
+
+    Adding or removing files changes the folder's mtime, which is part of the cache key.
+    """
+    return list_worklist(folder)
+
+
 def choose_file(settings: AppSettings) -> tuple[bytes, str] | None:
     """The image to review: an upload, else the worklist selection, else the default example."""
     st.sidebar.header("Image")
@@ -54,7 +64,8 @@ def choose_file(settings: AppSettings) -> tuple[bytes, str] | None:
         return upload.getvalue(), upload.name
     if settings.worklist is not None:
         with reported("Worklist"):
-            listing = list_worklist(settings.worklist)
+            folder = settings.worklist
+            listing = worklist_listing(str(folder), folder.stat().st_mtime_ns if folder.is_dir() else 0)
             st.sidebar.caption(f"Worklist: {settings.worklist} ({len(listing)} files)")
             st.sidebar.dataframe(listing, hide_index=True, key="worklist_table")
             names = ["—", *listing["file"]]

@@ -173,8 +173,9 @@ class ClipBackend:
         square = np.zeros((side, side), np.float32)
         top, left = (side - h) // 2, (side - w) // 2
         square[top:top + h, left:left + w] = grey
-        x = torch.from_numpy(square)[None].expand(3, -1, -1)
-        x = v2.functional.resize(x, list(self.image_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        x = v2.functional.resize(torch.from_numpy(square)[None], list(self.image_size),
+                                 interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+        x = x.expand(3, -1, -1)  # resize the grey plane once, then repeat it as RGB
         mean, std = CHEXZERO_MEAN_STD
         return ((x - mean) / std).contiguous()
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from medvit.data.dicom import header_text
 from medvit.errors import DatasetError
 
 _log = logging.getLogger(__name__)
@@ -22,7 +23,8 @@ _log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ""})
 WORKLIST_COLUMNS = ("file", "format", "modality", "view", "body_part", "date")
 PATIENT_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber")
-_HEADER_TAGS = ("Modality", "ViewPosition", "BodyPartExamined", "StudyDate", "SeriesDate", "AcquisitionDate")
+_DATE_TAGS = ("StudyDate", "SeriesDate", "AcquisitionDate")  # the first one set is the study's date
+_HEADER_TAGS = ("Modality", "ViewPosition", "BodyPartExamined", *_DATE_TAGS)
 _MAGIC = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg"}
 
 
@@ -65,9 +67,9 @@ def list_worklist(folder: str | Path, limit: int = 1000) -> pd.DataFrame:
                 _log.warning("worklist: unreadable DICOM header %s: %s", path, e)
                 continue
             row |= {
-                "modality": _text(ds, "Modality"), "view": _text(ds, "ViewPosition"),
-                "body_part": _text(ds, "BodyPartExamined"),
-                "date": _date(_text(ds, "StudyDate") or _text(ds, "SeriesDate") or _text(ds, "AcquisitionDate")),
+                "modality": header_text(ds, "Modality"), "view": header_text(ds, "ViewPosition"),
+                "body_part": header_text(ds, "BodyPartExamined"),
+                "date": _date(next(filter(None, (header_text(ds, t) for t in _DATE_TAGS)), None)),
             }  # fmt: skip
         rows.append(row)
     return pd.DataFrame(rows, columns=list(WORKLIST_COLUMNS))
@@ -81,13 +83,7 @@ def patient_identifiers(data: bytes) -> dict[str, str]:
         ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=list(PATIENT_TAGS))
     except (InvalidDicomError, OSError, ValueError):
         return {}
-    return {tag: value for tag in PATIENT_TAGS if (value := _text(ds, tag))}
-
-
-def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
-    text = str(value).strip() if value is not None else ""
-    return text or None
+    return {tag: value for tag in PATIENT_TAGS if (value := header_text(ds, tag))}
 
 
 def _date(value: str | None) -> str | None:

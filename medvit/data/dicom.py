@@ -229,7 +229,7 @@ def _read_dicom(data: bytes, name: str, max_pixels: int, *, preamble: bool) -> X
 
 def _validate(ds: Dataset, name: str, max_pixels: int) -> list[str]:
     """Everything checkable from the header, before paying for decoding; returns warnings."""
-    modality = (_text(ds, "Modality") or "").upper()
+    modality = (header_text(ds, "Modality") or "").upper()
     if "PixelData" not in ds:
         kind = _sop_class_name(ds)
         # A truncated file often parses up to an element boundary, without error: an image class, image
@@ -239,7 +239,7 @@ def _validate(ds: Dataset, name: str, max_pixels: int) -> list[str]:
         raise UnsupportedImageError(f"{name}: no pixel data ({kind}, Modality {modality or 'not given'}): not an image")
     warnings = []
     if modality not in RADIOGRAPH_MODALITIES | UNCONFIRMED_MODALITIES:
-        body = _text(ds, "BodyPartExamined") or "not given"
+        body = header_text(ds, "BodyPartExamined") or "not given"
         raise UnsupportedImageError(
             f"{name}: Modality {modality}, BodyPartExamined {body}: not a chest radiograph "
             "(medvit reads CR and DX radiographs, and OT secondary captures)"
@@ -255,7 +255,7 @@ def _validate(ds: Dataset, name: str, max_pixels: int) -> list[str]:
     if not rows or not columns:
         raise ImageReadError(f"{name}: the header has no Rows/Columns (corrupt file?)")
     _check_size(int(rows), int(columns), name, max_pixels)
-    photometric = _text(ds, "PhotometricInterpretation")
+    photometric = header_text(ds, "PhotometricInterpretation")
     if photometric not in _PHOTOMETRIC:
         raise UnsupportedImageError(
             f"{name}: Photometric Interpretation {photometric or '(missing)'} is not supported "
@@ -274,18 +274,18 @@ def _sop_class_name(ds: Dataset) -> str | None:
 
 
 def _dicom_meta(ds: Dataset, rendered: Rendered, warnings: list[str]) -> ImageMeta:
-    modality = _text(ds, "Modality")
+    modality = header_text(ds, "Modality")
     spacing, spacing_source = _pixel_spacing(ds, modality, warnings)
     return ImageMeta(
         source="dicom",
         rows=int(ds.Rows),
         columns=int(ds.Columns),
         modality=modality,
-        body_part=_text(ds, "BodyPartExamined"),
-        view_position=_text(ds, "ViewPosition"),
-        photometric_interpretation=_text(ds, "PhotometricInterpretation"),
+        body_part=header_text(ds, "BodyPartExamined"),
+        view_position=header_text(ds, "ViewPosition"),
+        photometric_interpretation=header_text(ds, "PhotometricInterpretation"),
         transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        sop_instance_uid=header_text(ds, "SOPInstanceUID"),
         bits_stored=int(ds.BitsStored) if "BitsStored" in ds else None,
         pixel_spacing=spacing,
         pixel_spacing_source=spacing_source,
@@ -293,7 +293,7 @@ def _dicom_meta(ds: Dataset, rendered: Rendered, warnings: list[str]) -> ImageMe
         window_width=rendered.window_width,
         voi_source=rendered.voi_source,
         inverted=rendered.inverted,
-        study_date=_text(ds, "StudyDate"),
+        study_date=header_text(ds, "StudyDate"),
         warnings=tuple(warnings),
     )
 
@@ -332,7 +332,7 @@ def _read_raster(data: bytes, name: str, kind: str, max_pixels: int) -> XrayImag
     return XrayImage(pixels=pixels, meta=meta, raw=None)
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
+def header_text(ds: Dataset, keyword: str) -> str | None:
     """A header string, stripped; None when absent or blank."""
     value = ds.get(keyword)
     text = str(value).strip() if value is not None else ""
