@@ -56,8 +56,14 @@ def load_pairs(
 
     An NIH-format labels CSV (`Finding Labels`) becomes label captions (variants: the caption through every prompt
     template); otherwise the CSV needs an `image` (or `path`) column relative to `images_root` and a `text` column
-    (one variant: the text itself). `split` keeps only rows of that split.
+    (one variant: the text itself). `split` keeps only rows of that split (see `select_pairs`).
     """
+    return select_pairs(read_pairs(csv_path, images_root, prompts), split, csv_path)
+
+
+def read_pairs(csv_path: str | os.PathLike[str], images_root: str | os.PathLike[str],
+               prompts: PromptConfig) -> pd.DataFrame:
+    """All pairs of the CSV (`load_pairs` without the split filter), with its `split` column when it has one."""
     from medvit.data.datasets import load_labels
 
     head = pd.read_csv(csv_path, nrows=0).columns
@@ -80,6 +86,15 @@ def load_pairs(
             raise DatasetError(f"{len(missing)} image(s) of {csv_path} not found under {root}, e.g. {missing[0]}")
         df["text"] = df["text"].fillna("").astype(str).str.strip()
         df["variants"] = [(t,) for t in df["text"]]
+    return df
+
+
+def select_pairs(df: pd.DataFrame, split: str | None, csv_path: str | os.PathLike[str]) -> pd.DataFrame:
+    """The non-empty pairs of `split` (all when None) as `path`, `text`, `variants`.
+
+    Raises:
+        DatasetError: `split` given but the CSV has no split column, or fewer than 2 pairs remain.
+    """
     if split is not None:
         if "split" not in df.columns or df["split"].isna().all():
             raise DatasetError(f"{csv_path} has no 'split' column; drop --split or add one")

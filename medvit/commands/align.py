@@ -8,8 +8,11 @@ become captions through the prompt templates. The result folder loads like any o
 from __future__ import annotations
 
 import argparse
+import logging
 
 from medvit.commands.zeroshot import add_model_arguments, prepare_offline
+
+_log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from medvit.align import AlignConfig, align, load_pairs, preprocess_images
+    from medvit.align import AlignConfig, align, preprocess_images, read_pairs, select_pairs
     from medvit.clip_backends import default_spec, load_clip
     from medvit.errors import DatasetError
     from medvit.prompts import load_prompt_config
@@ -46,14 +49,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = AlignConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_steps=args.warmup_steps, normalization=args.normalization, seed=args.seed,
                       trainable_image_blocks=None if args.trainable_image_blocks < 0 else args.trainable_image_blocks)
-    train = load_pairs(args.pairs, args.images, prompts, split=args.split or None)
+    pairs = read_pairs(args.pairs, args.images, prompts)  # read and check the CSV and its images once
+    train = select_pairs(pairs, args.split or None, args.pairs)
     val = None
     if args.val_split:
         try:
-            val = load_pairs(args.pairs, args.images, prompts, split=args.val_split)
-        except DatasetError as e:
-            if "split" not in str(e):
-                raise
+            val = select_pairs(pairs, args.val_split, args.pairs)
+        except DatasetError as e:  # no split column, or fewer than 2 pairs in it: align without validation
+            _log.warning("no validation pairs: %s", e)
     spec = default_spec(args.model, prompts.model)
     # training needs fp32 weights; --dtype only affects scoring. --seed also seeds a --random-init start, so
     # `zeroshot-eval --random-init --seed S` scores exactly the weights align started from.
