@@ -292,13 +292,12 @@ def load_choice(key: str, path: Path | None = None) -> dict[str, Any] | None:
 
 def save_choice(key: str, check: SelfCheck, path: Path | None = None) -> None:
     """Record a self-check result (atomic replace; other keys are kept)."""
+    from medvit.checkpoint import write_json
+
     path = path or cache_root() / CHOICE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         data = {}
     data[key] = check.to_json()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_json(path, data)

@@ -15,8 +15,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from torch import nn
 
 from medvit.backends import AUTO_TOLERANCE, Backend, OnnxBackend, TorchBackend, cache_root, max_prob_diff
-from medvit.checkpoint import RunInfo
+from medvit.checkpoint import RunInfo, atomic_path, write_json
 from medvit.checkpoint import sha256_file as file_sha256
 from medvit.errors import CheckpointError, MedvitError
 
@@ -38,22 +37,6 @@ EXPORTS_FILE = "exports.json"
 TOLERANCE = {"onnx": 1e-4, "torchscript": 1e-4, "onnx-int8": AUTO_TOLERANCE}
 FILENAMES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx", "torchscript": "model.torchscript.pt"}
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temp path next to `path` that replaces it only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an export is meant to be shared
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _to_onnx(model: nn.Module, path: Path, input_size: Sequence[int], opset: int = OPSET) -> None:
@@ -88,7 +71,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
     """
     path = Path(path)
     t0 = time.perf_counter()
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         if int8:
             with tempfile.TemporaryDirectory(dir=path.parent, prefix=".fp32.") as fp32_dir:
                 fp32 = Path(fp32_dir) / "model.onnx"
@@ -114,7 +97,7 @@ class _ScriptBackend(Backend):
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int]) -> Path:
     """A traced TorchScript archive (for C++/mobile deployment, as the reference material uses)."""
     path = Path(path)
-    with _atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(model.eval(), torch.zeros(1, *input_size))
         torch.jit.save(traced, str(tmp))
@@ -211,8 +194,7 @@ def _record(folder: Path, result: ExportResult, weights_sha256: str) -> None:
         "format": result.format, "sha256": result.sha256, "weights_sha256": weights_sha256, "opset": OPSET,
         **asdict(result.verification), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    with _atomic_path(folder / EXPORTS_FILE) as tmp:
-        tmp.write_text(json.dumps(exports, indent=2))
+    write_json(folder / EXPORTS_FILE, exports)
     (folder / f"{result.path.name}.sha256").write_text(f"{result.sha256}  {result.path.name}\n")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +43,10 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     """Atomic PNG write: an interrupted run never leaves a half file that a re-run would trust."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    from medvit.checkpoint import atomic_path
+
+    with atomic_path(path) as tmp:
         Image.fromarray(image, mode="L").save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _cache_one(job: tuple[str, str, int]) -> tuple[str, str]:
