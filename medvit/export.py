@@ -252,9 +252,10 @@ def export_run(run_dir: str | os.PathLike | None, fmt: str, *, int8: bool = Fals
     return export_model(model, info.run_dir, kind, inputs, weights_sha256=info.weights_sha256, tolerance=tolerance)
 
 
-def verified_onnx(model: nn.Module, info: RunInfo, int8: bool) -> Path:
+def verified_onnx(model: nn.Module, info: RunInfo, int8: bool, inputs: np.ndarray | None = None) -> Path:
     """A verified ONNX file of exactly these weights: the run's own export if current, else one exported (and
-    verified) into the user cache, which also serves read-only run folders such as the packaged demo."""
+    verified on `inputs`, default `reference_inputs`) into the user cache, which also serves read-only run
+    folders such as the packaged demo."""
     kind = "onnx-int8" if int8 else "onnx"
     name = FILENAMES[kind]
     weights_sha256 = info.weights_sha256
@@ -265,5 +266,6 @@ def verified_onnx(model: nn.Module, info: RunInfo, int8: bool) -> Path:
             return path
     folder = cache_root() / "onnx" / weights_sha256[:16]
     folder.mkdir(parents=True, exist_ok=True)
-    inputs = reference_inputs(info.config, info.preprocessing)
+    if inputs is None:
+        inputs = reference_inputs(info.config, info.preprocessing)
     return export_model(model, folder, kind, inputs, weights_sha256=weights_sha256).path

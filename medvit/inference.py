@@ -117,7 +117,7 @@ def _auto_backend(model: nn.Module, info: RunInfo) -> tuple[Backend, SelfCheck |
 
     sample = reference_inputs(info.config, info.preprocessing)
     _log.info("choosing the fastest backend that matches fp32 (one-time self-check on %d real image(s))", len(sample))
-    check, engine = self_check(model, sample, onnx_provider=_onnx_provider(model, info))
+    check, engine = self_check(model, sample, onnx_provider=_onnx_provider(model, info, sample))
     save_choice(key, check)
     return engine, check
 
@@ -135,10 +135,11 @@ def _check_against_fp32(model: nn.Module, info: RunInfo, engine: Backend) -> Non
         )
 
 
-def _onnx_provider(model: nn.Module, info: RunInfo):
+def _onnx_provider(model: nn.Module, info: RunInfo, inputs: np.ndarray | None = None):
+    """Builds (or finds) the verified ONNX file for a backend; `inputs`: images already decoded for the check."""
     from medvit.export import verified_onnx
 
-    return lambda int8: verified_onnx(model, info, int8)
+    return lambda int8: verified_onnx(model, info, int8, inputs)
 
 
 class Predictor:
