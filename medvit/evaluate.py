@@ -79,19 +79,16 @@ def _mean_auroc_ci(
     probs: np.ndarray, labels: np.ndarray, defined: Sequence[int], resamples: Sequence[np.ndarray]
 ) -> tuple[float, float] | None:
     """Patient-bootstrap CI of the mean AUROC; a resample averages over the findings defined in it."""
-    known = ~np.isnan(labels)
-    means = []
-    for idx in resamples:
-        aurocs = [
-            metrics.fast_auroc(probs[idx, k][m], labels[idx, k][m]) for k in defined if (m := known[idx, k]).any()
-        ]
-        vals = [v for v in aurocs if v is not None]
-        if vals:
-            means.append(float(np.mean(vals)))
-    if len(means) < 0.9 * len(resamples) or not means:
-        return None
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(lo), float(hi)
+
+    def mean_auroc(p: np.ndarray, y: np.ndarray) -> float | None:
+        aurocs = []
+        for k in defined:
+            m = metrics.known(y[:, k])
+            if m.any() and (v := metrics.fast_auroc(p[m, k], y[m, k])) is not None:
+                aurocs.append(v)
+        return float(np.mean(aurocs)) if aurocs else None
+
+    return metrics.bootstrap_ci(mean_auroc, probs, labels, resamples)
 
 
 def build_report(
