@@ -83,17 +83,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
     return path
 
 
-class _ScriptBackend(Backend):
-    name = "torchscript"
-
-    def __init__(self, path: Path) -> None:
-        self.module = torch.jit.load(str(path), map_location="cpu").eval()
-
-    def __call__(self, x: np.ndarray | torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return self.module(torch.as_tensor(x, dtype=torch.float32)).float().numpy()
-
-
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int]) -> Path:
     """A traced TorchScript archive (for C++/mobile deployment, as the reference material uses)."""
     path = Path(path)
@@ -220,7 +209,7 @@ def export_model(model: nn.Module, out_dir: Path, fmt: str, inputs: np.ndarray, 
         staged = Path(tmp) / final.name
         if fmt == "torchscript":
             export_torchscript(model, staged, input_size)
-            candidate: Backend = _ScriptBackend(staged)
+            candidate: Backend = TorchBackend(torch.jit.load(str(staged), map_location="cpu"))
         else:
             export_onnx(model, staged, input_size, int8=fmt == "onnx-int8")
             candidate = OnnxBackend(staged, name=fmt)
