@@ -24,7 +24,7 @@ def _ms(t0: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", default=None, help="run folder (default: $MEDVIT_RUN, else models/demo)")
+    parser.add_argument("--run", default=None, help="run folder (default: $MEDVIT_RUN, else medvit/resources/demo)")
     parser.add_argument("--file", default=None, help="image to upload (default: RG1_UNCI.dcm from pydicom-data)")
     parser.add_argument("--repeats", type=int, default=10, help="timed uploads (each with an empty cache)")
     parser.add_argument("--backend", default="auto", help="predictor backend (default auto, as in the app)")
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from medvit.data.dicom import read_image
-    from medvit.inference import Predictor, resolve_run_dir
-    from medvit.review_service import ReviewService, default_example, findings_table
+    from medvit.inference.predictor import Predictor, resolve_run_dir
+    from medvit.review.service import ReviewService, default_example, findings_table
 
     path = Path(args.file) if args.file else default_example()
     if path is None:

@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     from medvit.config import LossConfig, ModelConfig
     from medvit.data.datasets import XrayDataset, load_labels
     from medvit.data.transforms import build_transforms, resolve_preprocessing
-    from medvit.feature_cache import FrozenFeatures, TrainableSuffix
     from medvit.findings import DEFAULT_FINDINGS
-    from medvit.losses import MaskedMultiLabelLoss
-    from medvit.model import build_model
+    from medvit.model.classifier import build_model
+    from medvit.model.losses import MaskedMultiLabelLoss
+    from medvit.train.frozen import FrozenFeatures, TrainableSuffix
 
     data = Path(args.data)
     df = load_labels(data / "labels.csv", data / "images")

@@ -38,10 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from medvit.backends import OnnxBackend, TorchBackend, median_ms
     from medvit.config import ModelConfig
-    from medvit.export import export_onnx
-    from medvit.model import build_model
+    from medvit.inference.engines import OnnxBackend, TorchBackend, median_ms
+    from medvit.inference.export import export_onnx
+    from medvit.model.classifier import build_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -21,11 +21,11 @@ def _random_base_run(folder: Path) -> Path:
     """A DeiT3-B/16-384 run folder with random weights, written through the real checkpoint code."""
     import torch
 
-    from medvit.checkpoint import model_build_args, save_weights, write_run_config
     from medvit.config import ModelConfig
     from medvit.data.transforms import resolve_preprocessing
     from medvit.findings import DEFAULT_FINDINGS
-    from medvit.model import build_model
+    from medvit.model.classifier import build_model
+    from medvit.runs import model_build_args, save_weights, write_run_config
 
     torch.manual_seed(0)
     cfg = ModelConfig(name="deit3_base_patch16_384", pretrained=False, freeze_stem=False, freeze_blocks=0)
@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from medvit.batch_predict import CsvSink, find_images, predict_files
     from medvit.data.dicom import read_image
-    from medvit.inference import Predictor
+    from medvit.inference.batch import CsvSink, find_images, predict_files
+    from medvit.inference.predictor import Predictor
 
     with tempfile.TemporaryDirectory(prefix="medvit-throughput-") as tmp:
         tmp_dir = Path(tmp)

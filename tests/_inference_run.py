@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medvit.calibrate import Calibration, Temperature
-from medvit.checkpoint import model_build_args, save_weights, write_run_config
 from medvit.config import ModelConfig
 from medvit.data.transforms import resolve_preprocessing
+from medvit.evaluate.calibration import Calibration, Temperature
 from medvit.findings import DEFAULT_FINDINGS
-from medvit.model import build_model
+from medvit.model.classifier import build_model
+from medvit.runs import model_build_args, save_weights, write_run_config
 
 TINY = {"embed_dim": 64, "depth": 2, "num_heads": 2, "img_size": 64}
 

@@ -47,7 +47,7 @@ def dev_subset_csv(dev_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def stored_reviews(url: str) -> list:
     """Every review in the database at `url`, read through a fresh engine: proof it really was committed."""
-    from medvit.review_store import ReviewStore
+    from medvit.review.store import ReviewStore
 
     store = ReviewStore(url)
     try:

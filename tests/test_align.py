@@ -12,17 +12,17 @@ import torch
 import torch.nn.functional as F
 from test_zeroshot import make_hf_dir, make_open_clip_dir
 
-from medvit.align import AlignConfig, align, contrastive_loss, evaluate_loss, load_pairs, preprocess_images
-from medvit.clip_backends import load_clip
 from medvit.errors import DatasetError
-from medvit.prompts import load_prompt_config
+from medvit.zeroshot.clip import load_clip
+from medvit.zeroshot.finetune import AlignConfig, align, contrastive_loss, evaluate_loss, load_pairs, preprocess_images
+from medvit.zeroshot.prompts import load_prompt_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def prompts():
-    return load_prompt_config(ROOT / "configs" / "prompts.yaml")
+    return load_prompt_config(ROOT / "medvit" / "resources" / "prompts.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_align_lowers_contrastive_loss_on_real_batch(open_clip_dir, train_pairs)
 
 def test_align_cli_saves_a_model_the_scorer_loads(open_clip_dir, dev_subset_csv, dev_images, tmp_path, capsys):
     from medvit.cli import main
-    from medvit.zeroshot import ZeroShotScorer
+    from medvit.zeroshot.scorer import ZeroShotScorer
 
     out = tmp_path / "aligned"
     rc = main(["align", "--model", str(open_clip_dir), "--pairs", str(dev_subset_csv), "--images", str(dev_images),
@@ -121,7 +121,7 @@ def test_align_cli_saves_a_model_the_scorer_loads(open_clip_dir, dev_subset_csv,
     meta = json.loads((out / "align.json").read_text())
     assert meta["n_train"] == 24 and meta["n_val"] == 12 and len(meta["history"]) == 3
     assert "val_loss" in pd.read_csv(out / "metrics.csv").columns
-    scorer = ZeroShotScorer.load(str(out), prompts=ROOT / "configs" / "prompts.yaml")
+    scorer = ZeroShotScorer.load(str(out), prompts=ROOT / "medvit" / "resources" / "prompts.yaml")
     source = load_clip(str(open_clip_dir))
     changed = [k for k, v in scorer.backend.model.state_dict().items()
                if not torch.equal(v, source.model.state_dict()[k])]

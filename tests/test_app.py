@@ -13,8 +13,9 @@ from conftest import stored_reviews
 from conftest import testdata as dicom_path
 from streamlit.testing.v1 import AppTest
 
-from medvit.checkpoint import write_json
+from medvit._io import write_json
 from medvit.findings import DEFAULT_FINDINGS
+from medvit.resources import APP_SCRIPT
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "review.py"
 TIMEOUT = 180
@@ -294,7 +295,7 @@ def test_review_command_binds_localhost_and_passes_settings(run_dir, tmp_path):
     args = build_parser("review").parse_args(["review", "--run", str(run_dir), "--worklist", str(tmp_path)])
     cmd, env = build_command(args)
     flags = dict(zip(cmd[5::2], cmd[6::2], strict=True))
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(APP)
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(APP_SCRIPT)
     assert flags["--server.address"] == "localhost" and flags["--server.maxUploadSize"] == "64"
     assert flags["--client.showErrorDetails"] == "none"
     assert env["MEDVIT_RUN"] == str(run_dir.resolve()) and env["MEDVIT_WORKLIST"] == str(tmp_path.resolve())
@@ -308,8 +309,8 @@ def test_review_command_binds_localhost_and_passes_settings(run_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def service(run_dir):
-    from medvit.inference import Predictor
-    from medvit.review_service import ReviewService
+    from medvit.inference.predictor import Predictor
+    from medvit.review.service import ReviewService
 
     return ReviewService(Predictor.from_dir(run_dir, backend="torch"))
 
@@ -344,7 +345,7 @@ def test_windowing_defaults_reproduce_the_reader_and_rewindow_raw(service):
     import numpy as np
 
     from medvit.data.dicom import apply_window, read_image
-    from medvit.review_display import display_pixels, downscale, window_defaults
+    from medvit.review.display import display_pixels, downscale, window_defaults
 
     image = read_image(dicom_path("RG1_UNCI.dcm"))
     d = window_defaults(image)
@@ -360,7 +361,7 @@ def test_windowing_defaults_reproduce_the_reader_and_rewindow_raw(service):
 
 def test_fresh_launch_uses_the_demo_model(env, monkeypatch):
     """No --run, no MEDVIT_RUN: the packaged demo model on RG1_UNCI.dcm, as on a fresh machine."""
-    from medvit.inference import DEMO_RUN
+    from medvit.inference.predictor import DEMO_RUN
 
     if not (DEMO_RUN / "config.json").is_file():
         pytest.skip(f"the demo model is not in {DEMO_RUN} yet")
@@ -372,7 +373,7 @@ def test_fresh_launch_uses_the_demo_model(env, monkeypatch):
 
 
 def test_unexpected_failures_are_logged_and_shown_without_a_traceback(env, monkeypatch, caplog):
-    from medvit.review_service import ReviewService
+    from medvit.review.service import ReviewService
 
     def broken(self, data, name, **kw):
         raise RuntimeError("boom in a library bug")

@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 from _inference_run import make_tiny_run
 
-from medvit import backends, inference
-from medvit.backends import BACKENDS, available_backends, self_check
 from medvit.data.dicom import read_image
 from medvit.errors import ConfigError
-from medvit.export import reference_inputs
-from medvit.inference import Predictor, load_model
+from medvit.inference import choice, engines
+from medvit.inference import predictor as inference
+from medvit.inference.choice import self_check
+from medvit.inference.engines import BACKENDS, available_backends
+from medvit.inference.export import reference_inputs
+from medvit.inference.predictor import Predictor, load_model
 
 # bf16 keeps 8 bits of mantissa and int8 quantises activations: both may move a probability a little.
 TOLERANCE = {"torch": 1e-5, "torch-compile": 1e-4, "onnx": 1e-4, "torch-bf16": 0.02, "torch-compile-bf16": 0.02,
@@ -32,7 +34,7 @@ def run(tmp_path_factory, dev_data):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_backend_table_matches_fp32_on_real_dicom(name, run, cxr_dicom):
     if name not in available_backends():
-        pytest.skip(f"{name}: {backends.unavailable_reason(name)}")
+        pytest.skip(f"{name}: {engines.unavailable_reason(name)}")
     image = read_image(cxr_dicom)
     ref = Predictor.from_dir(run, backend="torch").predict(image).table
     pred = Predictor.from_dir(run, backend=name).predict(image)
@@ -49,13 +51,13 @@ def test_backend_table_matches_fp32_on_real_dicom(name, run, cxr_dicom):
 def test_auto_picks_a_matching_backend_and_caches_the_choice(run, monkeypatch):
     # compiling costs ~10-30 s per variant on a shared CPU; their tables are checked above
     eager = [b for b in available_backends() if not b.startswith("torch-compile")]
-    monkeypatch.setattr(backends, "available_backends", lambda: eager)
+    monkeypatch.setattr(choice, "available_backends", lambda: eager)
     monkeypatch.setattr(inference, "available_backends", lambda: eager)
     first = Predictor.from_dir(run)
     check = first.self_check
     assert check is not None and check.backend == first.backend.name
     assert check.results[check.backend]["ok"]
-    assert check.results[check.backend]["max_abs_dp"] <= backends.AUTO_TOLERANCE
+    assert check.results[check.backend]["max_abs_dp"] <= engines.AUTO_TOLERANCE
     assert set(check.results) == set(eager)
     second = Predictor.from_dir(run)
     assert second.self_check is None, "the second start must reuse the cached self-check"
@@ -65,14 +67,14 @@ def test_auto_picks_a_matching_backend_and_caches_the_choice(run, monkeypatch):
 def test_self_check_rejects_drifting_and_failing_backends(run, monkeypatch):
     model, info = load_model(run)
     sample = reference_inputs(info.config, info.preprocessing, n=2)
-    real_create = backends.create_backend
+    real_create = engines.create_backend
 
     def flaky(name, *args, **kwargs):
         if name == "onnx":
             raise RuntimeError("simulated broken ORT build")
         return real_create(name, *args, **kwargs)
 
-    monkeypatch.setattr(backends, "create_backend", flaky)
+    monkeypatch.setattr(choice, "create_backend", flaky)
     candidates = [b for b in ("torch", "torch-bf16", "onnx") if b in available_backends()]
     check, engine = self_check(model, sample, candidates=candidates, tolerance=1e-9)
     assert check.backend == "torch" and engine.name == "torch"

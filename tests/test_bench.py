@@ -8,8 +8,8 @@ import math
 import pytest
 from _inference_run import make_tiny_run
 
-from medvit.bench import matmul_peak_gflops, model_gflop, speed_model
 from medvit.cli import main
+from medvit.inference.bench import matmul_peak_gflops, model_gflop, speed_model
 
 
 @pytest.fixture(autouse=True)

@@ -9,9 +9,10 @@ import pytest
 from scipy.special import expit
 from sklearn.isotonic import IsotonicRegression
 
-from medvit import calibrate, metrics
-from medvit.calibrate import Calibration, fit_calibration, fit_temperature
 from medvit.errors import CheckpointError
+from medvit.evaluate import calibration as calibrate
+from medvit.evaluate import metrics
+from medvit.evaluate.calibration import Calibration, fit_calibration, fit_temperature
 
 
 def _synthetic(n: int, k: int, temperatures, bias=0.0, seed=0):
@@ -254,7 +255,7 @@ def test_calibration_accepts_lists_and_rejects_mismatched_lengths():
 
 def test_calibrators_module_is_the_one_calibrate_re_exports():
     """The calibrators moved to medvit.calibrators; old imports from medvit.calibrate must keep working."""
-    from medvit import calibrators
+    from medvit.evaluate import calibrators
 
     moved = {"Calibrator", "Temperature", "Platt", "Isotonic", "ISOTONIC_EPS", "fit_temperature", "fit_platt",
              "fit_platt_shared_slope", "fit_isotonic"}

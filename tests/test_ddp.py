@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from medvit import checkpoint as ckpt
+from medvit._io import load_tensors, read_json
 from medvit.config import load_config
-from medvit.train import fit
+from medvit.train.resume import LAST
+from medvit.train.supervised import fit
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 # Per-rank randomness (augmentation, MixUp pairing, dropout, drop-path) cannot match a single process: off.
@@ -36,9 +37,9 @@ def test_two_process_ddp_matches_single_process(dev_subset_csv: Path, dev_images
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world size 2" in proc.stderr
-    assert ckpt.read_json(ddp / "train_summary.json")["world_size"] == 2
+    assert read_json(ddp / "train_summary.json")["world_size"] == 2
 
-    a, b = ckpt.load_tensors(single / ckpt.LAST), ckpt.load_tensors(ddp / ckpt.LAST)
+    a, b = load_tensors(single / LAST), load_tensors(ddp / LAST)
     compared = 0
     for k in a:
         if k.startswith(("model.", "ema.", "optim.")):
@@ -47,7 +48,7 @@ def test_two_process_ddp_matches_single_process(dev_subset_csv: Path, dev_images
     assert compared > 50
     # training really moved the weights, so the match is not trivially the initialisation
     init = fit(load_config(SMOKE, overrides + ["train.epochs=1", "train.lr=1e-12"]), out_dir=tmp_path / "init")
-    moved = ckpt.load_tensors(init / ckpt.LAST)
+    moved = load_tensors(init / LAST)
     assert not torch.allclose(moved["model.head.fc2.weight"], a["model.head.fc2.weight"], atol=1e-4)
     with (single / "metrics.csv").open() as f1, (ddp / "metrics.csv").open() as f2:
         rows_single, rows_ddp = list(csv.DictReader(f1)), list(csv.DictReader(f2))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from medvit import evaluate
-from medvit.calibrate import Calibration, fit_calibration
+from medvit.evaluate import report as evaluate
+from medvit.evaluate.calibration import Calibration, fit_calibration
 from medvit.findings import NIH_FINDINGS
 
 
@@ -238,9 +238,9 @@ def test_collect_logits_runs_in_order_without_grad_and_restores_training_mode():
 def test_run_split_frame_never_overlaps_the_training_split(dev_labels, dev_images, smoke_run):
     """With policy 'assign' on a CSV that has its own split column, training re-draws the split; the
     calibration rows must come from that re-drawn split, never from the CSV's column."""
-    from medvit._train_utils import load_splits
-    from medvit.checkpoint import load_run
     from medvit.config import Config
+    from medvit.data.splits import load_splits
+    from medvit.runs import load_run
 
     _, info = load_run(smoke_run)
     cfg = info.config | {"data": info.config["data"] | {

@@ -10,12 +10,12 @@ import pytest
 import torch
 from _inference_run import make_tiny_run
 
-from medvit import export
-from medvit.backends import OnnxBackend, TorchBackend
-from medvit.checkpoint import sha256_file
+from medvit._io import sha256_file
 from medvit.cli import main
 from medvit.errors import CheckpointError
-from medvit.inference import load_model
+from medvit.inference import export
+from medvit.inference.engines import OnnxBackend, TorchBackend
+from medvit.inference.predictor import load_model
 
 
 @pytest.fixture(autouse=True)

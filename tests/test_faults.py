@@ -24,8 +24,10 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from medvit import checkpoint as ckpt
+from medvit._io import save_tensors, sha256_file, write_json
 from medvit.errors import MedvitError
+from medvit.runs import WEIGHTS, load_run
+from medvit.train.resume import LAST, STATE
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_URL = os.environ.get("MEDVIT_TEST_PG_URL", "")
@@ -85,7 +87,7 @@ def _medvit(*argv: str, timeout: float = TRAIN_TIMEOUT) -> subprocess.CompletedP
 _TRAIN_UNTIL_MID_EPOCH = """
     import sys, time
     from pathlib import Path
-    from medvit import train
+    from medvit.train import supervised as train
     marker = Path(sys.argv[1])
     original = train._Trainer._optimizer_step
     def step(self):
@@ -101,7 +103,7 @@ _TRAIN_UNTIL_MID_EPOCH = """
 # A child that trains normally for one epoch and then sees a non-finite loss on every batch.
 _TRAIN_THEN_DIVERGE = """
     import sys
-    from medvit import train
+    from medvit.train import supervised as train
     bad = float(sys.argv[1])
     original = train._Trainer._train_epoch
     def epoch(self, index):
@@ -140,7 +142,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(augment, tin
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for(marker, child, TRAIN_TIMEOUT)
     _kill(child)
-    state = json.loads((broken / ckpt.STATE).read_text())
+    state = json.loads((broken / STATE).read_text())
     assert state["epoch"] == 1  # the killed epoch is lost, the completed one is not
     assert len(_history(broken)) == 1
 
@@ -150,7 +152,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(augment, tin
     a, b = _history(whole), _history(broken)
     assert list(b["epoch"]) == [1, 2, 3]  # each epoch logged once, none repeated or skipped
     np.testing.assert_allclose(b.to_numpy(float), a.to_numpy(float), rtol=1e-5, atol=1e-6)
-    wa, wb = _model_tensors(whole / ckpt.LAST), _model_tensors(broken / ckpt.LAST)
+    wa, wb = _model_tensors(whole / LAST), _model_tensors(broken / LAST)
     assert wa.keys() == wb.keys()
     for key in wa:
         np.testing.assert_allclose(wb[key], wa[key], rtol=1e-5, atol=1e-6, err_msg=key)
@@ -172,9 +174,9 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_chec
     assert len(errors) == 1 and f"loss became {bad}" in errors[0] and "epoch 2" in errors[0], err
     assert "last good checkpoint" in errors[0]
 
-    state = json.loads((run / ckpt.STATE).read_text())
-    assert state["epoch"] == 1 and state["tensors_sha256"] == ckpt.sha256_file(run / ckpt.LAST)
-    model, info = ckpt.load_run(run)  # the epoch-1 best weights, intact and finite
+    state = json.loads((run / STATE).read_text())
+    assert state["epoch"] == 1 and state["tensors_sha256"] == sha256_file(run / LAST)
+    model, info = load_run(run)  # the epoch-1 best weights, intact and finite
     assert all(np.isfinite(p.detach().numpy()).all() for p in model.parameters())
     assert not list(run.glob(".*.tmp"))
 
@@ -214,13 +216,13 @@ WRITERS = ["weights", "state.json", "calibration.json", "metrics.json"]
 def _writers(tmp_path: Path):
     """{name: (target file, function writing new content to it)} for the files medvit writes atomically,
     each through its real writer."""
-    from medvit.calibrate import Calibration, Temperature
-    from medvit.evaluate import write_metrics
+    from medvit.evaluate.calibration import Calibration, Temperature
+    from medvit.evaluate.report import write_metrics
 
     calibration = Calibration(("Effusion",), (Temperature(2.0),), np.array([0.4]), "temperature")
     return {
-        "weights": (tmp_path / ckpt.WEIGHTS, lambda p: ckpt.save_tensors(p, {"w": _tensor(2.0)})),
-        "state.json": (tmp_path / ckpt.STATE, lambda p: ckpt.write_json(p, {"epoch": 2})),
+        "weights": (tmp_path / WEIGHTS, lambda p: save_tensors(p, {"w": _tensor(2.0)})),
+        "state.json": (tmp_path / STATE, lambda p: write_json(p, {"epoch": 2})),
         "calibration.json": (tmp_path / "calibration.json", calibration.save),
         "metrics.json": (tmp_path / "metrics.json", lambda p: write_metrics({"auroc": 0.5}, p)),
     }
@@ -298,7 +300,7 @@ _SHOWN = {"Effusion": (0.62, 0.40), "Cardiomegaly": (0.08, 0.30)}
 # as soon as add_review has returned (i.e. the transaction is committed).
 _WRITER = """
     import sys
-    from medvit.review_store import ReviewStore, ShownFinding
+    from medvit.review.store import ReviewStore, ShownFinding
     url, who, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     store = ReviewStore(url)
     shown = {"Effusion": ShownFinding(0.62, 0.40), "Cardiomegaly": ShownFinding(0.08, 0.30)}
@@ -312,7 +314,7 @@ _WRITER = """
 
 
 def _open(url: str):
-    from medvit.review_store import ReviewStore
+    from medvit.review.store import ReviewStore
 
     return ReviewStore(url)
 
@@ -351,7 +353,7 @@ def test_a_killed_writer_loses_no_committed_review(db_url, tmp_path):
 
 
 def _shown():
-    from medvit.review_store import ShownFinding
+    from medvit.review.store import ShownFinding
 
     return {k: ShownFinding(p, t) for k, (p, t) in _SHOWN.items()}
 
@@ -386,9 +388,9 @@ def test_schema_is_versioned_with_one_migration_head_and_upgrades_in_place(tmp_p
     from alembic.script import ScriptDirectory
     from sqlalchemy import create_engine
 
-    from medvit.review_store import migrate, schema_revision
+    from medvit.review.store import migrate, schema_revision
 
-    scripts = ScriptDirectory(str(ROOT / "medvit" / "migrations"))
+    scripts = ScriptDirectory(str(ROOT / "medvit" / "review" / "migrations"))
     heads = scripts.get_heads()
     assert len(heads) == 1, f"migrations branch: {heads}"
     chain = list(scripts.walk_revisions())

@@ -9,9 +9,9 @@ from medvit.config import ModelConfig
 from medvit.data.datasets import XrayDataset, load_labels
 from medvit.data.transforms import build_transforms, resolve_preprocessing
 from medvit.errors import ConfigError
-from medvit.feature_cache import FrozenFeatures, TrainableSuffix
 from medvit.findings import DEFAULT_FINDINGS
-from medvit.model import build_model
+from medvit.model.classifier import build_model
+from medvit.train.frozen import FrozenFeatures, TrainableSuffix
 
 
 def _model(freeze_blocks: int):

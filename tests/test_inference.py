@@ -9,11 +9,11 @@ import pytest
 from _inference_run import make_tiny_run
 from scipy.special import expit, logit
 
-from medvit import inference
 from medvit.data.dicom import read_image
 from medvit.errors import CheckpointError, UnsupportedImageError
 from medvit.findings import DEFAULT_FINDINGS
-from medvit.inference import TABLE_COLUMNS, Predictor
+from medvit.inference import predictor as inference
+from medvit.inference.predictor import TABLE_COLUMNS, Predictor
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from medvit import metrics
+from medvit.evaluate import metrics
 
 
 def test_ece_matches_hand_computed_example():

@@ -12,7 +12,7 @@ from timm.optim import create_optimizer_v2
 
 from medvit.config import ModelConfig
 from medvit.errors import CheckpointError, ConfigError, WeightsNotFoundError
-from medvit.model import Classifier, MlpHead, build_model
+from medvit.model.classifier import Classifier, MlpHead, build_model
 
 TINY = {"embed_dim": 64, "depth": 4, "num_heads": 2, "img_size": 64}
 FAMILY = "deit3_small_patch16_384"

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from _inference_run import make_tiny_run
 
-from medvit.batch_predict import CSV_COLUMNS, find_images
 from medvit.cli import main
 from medvit.findings import DEFAULT_FINDINGS
+from medvit.inference.batch import CSV_COLUMNS, find_images
 
 K = len(DEFAULT_FINDINGS)
 

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 
 from medvit.cli import main
+from medvit.data.cache import ERRORS, SOURCE, prepare_cache, to_uint8
 from medvit.data.datasets import label_matrix, load_labels
 from medvit.data.dicom import read_image
 from medvit.findings import DEFAULT_FINDINGS
-from medvit.prepare import ERRORS, SOURCE, prepare_cache, to_uint8
 
 
 def test_nih_cache_round_trip_and_resume(dev_subset_csv, dev_images, tmp_path):

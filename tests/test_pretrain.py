@@ -9,12 +9,13 @@ import pytest
 import timm
 import torch
 
-from medvit import checkpoint as ckpt
+from medvit._io import load_tensors, read_json, sha256_file
 from medvit.config import PretrainConfig, load_config
 from medvit.errors import ConfigError
-from medvit.model import build_model
-from medvit.pretrain import ENCODER, SUMMARY, MaskedAutoencoder, pretrain
-from medvit.train import fit
+from medvit.model.classifier import build_model
+from medvit.runs import CONFIG
+from medvit.train.mae import ENCODER, SUMMARY, MaskedAutoencoder, pretrain
+from medvit.train.supervised import fit
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -104,11 +105,11 @@ def test_pretraining_learns_and_its_encoder_loads_through_weights_file(dev_subse
     with (tmp_path / "mae" / "metrics.csv").open() as f:
         losses = [float(r["train_loss"]) for r in csv.DictReader(f)]
     assert len(losses) == 12 and losses[-1] < 0.9 * losses[0]
-    summary = ckpt.read_json(tmp_path / "mae" / SUMMARY)
+    summary = read_json(tmp_path / "mae" / SUMMARY)
     assert summary["train_images"] == 24  # the train split only: no val patient is ever seen
-    assert summary["encoder_sha256"] == ckpt.sha256_file(encoder)
+    assert summary["encoder_sha256"] == sha256_file(encoder)
 
-    saved = ckpt.load_tensors(encoder)
+    saved = load_tensors(encoder)
     model_cfg = cfg.model.model_copy(update={"pretrained": True, "weights_file": encoder})
     net = build_model(model_cfg, num_classes=14)
     loaded = net.backbone.state_dict()
@@ -123,12 +124,12 @@ def test_train_runs_the_pretraining_stage_first_and_resume_skips_it(dev_subset_c
     run = fit(cfg, out_dir=tmp_path / "run", stop_after=1)
     encoder = run / "pretrain" / ENCODER
     assert encoder.is_file() and (run / "pretrain" / "metrics.csv").is_file()
-    saved = ckpt.read_json(run / ckpt.CONFIG)["config"]["model"]
+    saved = read_json(run / CONFIG)["config"]["model"]
     assert saved["pretrained"] is True and Path(saved["weights_file"]) == encoder
     stamp = encoder.stat().st_mtime_ns
     fit(cfg, resume=run)
     assert encoder.stat().st_mtime_ns == stamp  # not pretrained again
-    summary = ckpt.read_json(run / "train_summary.json")
+    summary = read_json(run / "train_summary.json")
     assert summary["epochs_run"] == 2 and summary["pretrain"] == "mae" and summary["pretrain_epochs"] == 3
 
 

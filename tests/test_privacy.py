@@ -187,7 +187,7 @@ def test_app_page_logs_and_feedback_database_carry_no_identifiers(marked_dicom, 
                                                                    caplog):  # fmt: skip
     from streamlit.testing.v1 import AppTest
 
-    from medvit.review_store import ReviewStore
+    from medvit.review.store import ReviewStore
 
     db_file = tmp_path / "reviews.sqlite3"
     for name in ("MEDVIT_WORKLIST", "MEDVIT_CLIP", "MEDVIT_MAX_UPLOAD_MB"):

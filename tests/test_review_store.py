@@ -19,7 +19,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import text
 
 from medvit.errors import MedvitError
-from medvit.review_store import (
+from medvit.review.store import (
     CSV_COLUMNS,
     NOTE_MAX,
     Base,

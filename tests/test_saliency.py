@@ -9,7 +9,7 @@ import torch
 
 from medvit.data.dicom import read_image
 from medvit.data.transforms import build_transforms, resolve_preprocessing
-from medvit.saliency import attention_rollout, capture_attention, grad_cam, overlay, rollout, to_image
+from medvit.model.saliency import attention_rollout, capture_attention, grad_cam, overlay, rollout, to_image
 
 K = 3
 
@@ -153,7 +153,7 @@ def test_overlay_blends_with_opacity():
 def test_maps_work_on_the_medvit_classifier(x):
     """The app passes medvit's Classifier (timm backbone + MLP head), as rebuilt by load_run."""
     from medvit.config import ModelConfig
-    from medvit.model import build_model
+    from medvit.model.classifier import build_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medvit import checkpoint as ckpt
+from medvit._io import load_tensors
 from medvit.cli import main as cli_main
 from medvit.errors import CheckpointError, ImageTooLargeError, MedvitError
+from medvit.runs import CONFIG, WEIGHTS, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE_DIRS = ("medvit", "apps", "benchmarks", "tests")
@@ -58,31 +59,31 @@ def tiny_run(tmp_path_factory) -> Path:
 def test_a_run_folder_with_only_a_pickle_is_refused(name, tiny_run, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / ckpt.CONFIG).write_bytes((tiny_run / ckpt.CONFIG).read_bytes())
+    (run / CONFIG).write_bytes((tiny_run / CONFIG).read_bytes())
     marker = tmp_path / "pwned"
     _evil_pickle(run / name, marker)
     with pytest.raises(CheckpointError, match=f"pickle.*{name}.*refuses|{name}.*refuses"):
-        ckpt.load_run(run)
+        load_run(run)
     with pytest.raises(CheckpointError, match="refuses"):
-        ckpt.load_tensors(run / name)
+        load_tensors(run / name)
     assert not marker.exists()
 
 
 def test_a_pickle_renamed_safetensors_is_refused_without_running_it(tiny_run, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / ckpt.CONFIG).write_bytes((tiny_run / ckpt.CONFIG).read_bytes())
+    (run / CONFIG).write_bytes((tiny_run / CONFIG).read_bytes())
     marker = tmp_path / "pwned"
-    _evil_pickle(run / ckpt.WEIGHTS, marker)
+    _evil_pickle(run / WEIGHTS, marker)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        ckpt.load_run(run)
+        load_run(run)
     assert not marker.exists()
 
 
 def test_cli_refuses_a_pickle_run_with_one_line(tiny_run, tmp_path, capsys, cxr_dicom):
     run = tmp_path / "run"
     run.mkdir()
-    (run / ckpt.CONFIG).write_bytes((tiny_run / ckpt.CONFIG).read_bytes())
+    (run / CONFIG).write_bytes((tiny_run / CONFIG).read_bytes())
     marker = tmp_path / "pwned"
     _evil_pickle(run / "model.pth", marker)
     code = cli_main(["predict", "--run", str(run), "--backend", "torch", cxr_dicom])
@@ -99,7 +100,7 @@ def test_pretrained_weights_file_refuses_pickles_with_a_clear_error(suffix, tmp_
     """`model.weights_file` (local pretrained weights for training) is loaded through timm: a pickle there must
     neither run nor surface as a raw torch/safetensors exception."""
     from medvit.config import ModelConfig
-    from medvit.model import build_model
+    from medvit.model.classifier import build_model
 
     marker = tmp_path / "pwned"
     weights = _evil_pickle(tmp_path / f"weights{suffix}", marker)
@@ -259,7 +260,7 @@ def test_read_image_caps_bytes_and_pixels(monkeypatch):
 
 
 def test_the_app_service_caps_upload_size():
-    from medvit.review_service import check_upload
+    from medvit.review.service import check_upload
 
     with pytest.raises(ImageTooLargeError, match="upload limit of 1 MB"):
         check_upload(b"\0" * (2**20 + 1), "big.dcm", 2**20)
@@ -291,7 +292,7 @@ HOSTILE = [
 @pytest.fixture
 def store(db_url):
     """A review store on a fresh database (SQLite, and PostgreSQL when configured: see conftest.db_url)."""
-    from medvit.review_store import ReviewStore
+    from medvit.review.store import ReviewStore
 
     s = ReviewStore(db_url)
     yield s
@@ -299,7 +300,7 @@ def store(db_url):
 
 
 def _add(store, **over):
-    from medvit.review_store import ShownFinding
+    from medvit.review.store import ShownFinding
 
     kwargs = dict(reviewer="Dr R", image_uid="1.2.3.4", image_uid_kind="sop_instance_uid", model_name="m",
                   weights_sha256="ab" * 32, shown={"Effusion": ShownFinding(0.6, 0.4)},
@@ -320,7 +321,7 @@ def test_sql_looking_free_text_round_trips_verbatim(store):
 
 
 def test_free_text_is_length_limited(store):
-    from medvit.review_store import NOTE_MAX, REVIEWER_MAX
+    from medvit.review.store import NOTE_MAX, REVIEWER_MAX
 
     _add(store, note="n" * NOTE_MAX, reviewer="r" * REVIEWER_MAX)
     with pytest.raises(MedvitError, match=f"note is {NOTE_MAX + 1} characters long"):
@@ -332,7 +333,7 @@ def test_free_text_is_length_limited(store):
 
 def test_the_app_limits_free_text_inputs():
     """The review form's text widgets carry the same limits the store enforces (Streamlit cuts typing there)."""
-    from medvit.review_store import NOTE_MAX, REVIEWER_MAX
+    from medvit.review.store import NOTE_MAX, REVIEWER_MAX
 
     source = "\n".join(p.read_text() for p in (ROOT / "apps").glob("*.py"))
     tree = ast.parse(source)
@@ -369,7 +370,7 @@ def test_sql_is_never_built_by_formatting_values():
 def test_no_patient_identifier_parameters_in_the_store_api():
     import inspect
 
-    from medvit.review_store import ReviewStore
+    from medvit.review.store import ReviewStore
 
     params = set(inspect.signature(ReviewStore.add_review).parameters)
     assert not params & {"patient_name", "patient_id", "birth_date", "patient_birth_date", "accession_number"}

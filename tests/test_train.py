@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from medvit import checkpoint as ckpt
-from medvit._train_utils import mix_batch
+from medvit._io import load_tensors, read_json
 from medvit.cli import main
 from medvit.config import LossConfig, MixupConfig, load_config
 from medvit.errors import ConfigError
+from medvit.evaluate.metrics import mean_auroc
 from medvit.findings import NIH_FINDINGS
-from medvit.losses import MaskedMultiLabelLoss, pos_weight_from_labels
-from medvit.metrics import mean_auroc
-from medvit.train import NonFiniteLossError, fit
+from medvit.model.losses import MaskedMultiLabelLoss, pos_weight_from_labels
+from medvit.runs import CONFIG, load_run
+from medvit.train.engine import mix_batch
+from medvit.train.resume import LAST, STATE
+from medvit.train.supervised import NonFiniteLossError, fit
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 # Exactly reproducible with augmentation, MixUp and drop path on: the dataset reseeds albumentations per sample.
@@ -48,12 +50,12 @@ def test_smoke_config_trains_end_to_end(dev_subset_csv: Path, dev_images: Path, 
     rows = _read_metrics(run)
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     assert all(math.isfinite(float(r["train_loss"])) and 0 <= float(r["val_mean_auroc"]) <= 1 for r in rows)
-    meta = ckpt.read_json(run / ckpt.CONFIG)
+    meta = read_json(run / CONFIG)
     assert meta["findings"] == list(NIH_FINDINGS)
     assert meta["preprocessing"]["input_size"] == [3, 64, 64]
     assert meta["model"]["name"] == "deit3_small_patch16_384" and meta["model"]["num_classes"] == 14
     assert meta["config"]["train"]["epochs"] == 2
-    summary = ckpt.read_json(run / "train_summary.json")
+    summary = read_json(run / "train_summary.json")
     best = max(rows, key=lambda r: float(r["val_mean_auroc"]))
     assert summary["best_epoch"] == int(best["epoch"]) == summary["saved_epoch"]
     assert summary["train_patients"] == 24 and summary["val_images"] == 12
@@ -62,7 +64,7 @@ def test_smoke_config_trains_end_to_end(dev_subset_csv: Path, dev_images: Path, 
     from medvit.data.datasets import XrayDataset, load_labels
     from medvit.data.transforms import build_transforms
 
-    model, info = ckpt.load_run(run)
+    model, info = load_run(run)
     df = load_labels(dev_subset_csv, dev_images)
     x, _ = XrayDataset(df.head(2), info.findings, build_transforms(info.preprocessing, train=False))[0]
     with torch.no_grad():
@@ -78,10 +80,10 @@ def test_resume_continues_exactly(dev_subset_csv: Path, dev_images: Path, tmp_pa
     cfg = load_config(SMOKE, data_overrides(dev_subset_csv, dev_images) + EXACT)
     straight = fit(cfg, out_dir=tmp_path / "straight")
     split = fit(cfg, out_dir=tmp_path / "split", stop_after=1)
-    assert ckpt.read_json(split / ckpt.STATE)["epoch"] == 1
+    assert read_json(split / STATE)["epoch"] == 1
     fit(cfg, resume=split)
     for name in ("last.safetensors", "model.safetensors"):
-        a, b = ckpt.load_tensors(straight / name), ckpt.load_tensors(split / name)
+        a, b = load_tensors(straight / name), load_tensors(split / name)
         assert a.keys() == b.keys()
         for k in a:
             if not k.startswith("rng."):
@@ -117,8 +119,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     with pytest.raises(NonFiniteLossError, match="loss became nan at epoch 2.*last good checkpoint"):
         fit(cfg, out_dir=tmp_path / "run")
     run = tmp_path / "run"
-    assert ckpt.read_json(run / ckpt.STATE)["epoch"] == 1
-    model, _ = ckpt.load_run(run)
+    assert read_json(run / STATE)["epoch"] == 1
+    model, _ = load_run(run)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert len(_read_metrics(run)) == 1
 
@@ -231,15 +233,15 @@ def test_gradient_accumulation_matches_the_full_batch(dev_subset_csv: Path, dev_
         "data.augment.enabled=false", "model.drop_path_rate=0.0", "model.head_dropout=0.0", "train.epochs=1"]
     full = fit(load_config(SMOKE, base), out_dir=tmp_path / "full")
     accum = fit(load_config(SMOKE, base + ["train.accum_steps=2"]), out_dir=tmp_path / "accum")
-    a, b = ckpt.load_tensors(full / ckpt.LAST), ckpt.load_tensors(accum / ckpt.LAST)
+    a, b = load_tensors(full / LAST), load_tensors(accum / LAST)
     for k in a:
         if k.startswith("model."):
             torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
-    assert ckpt.read_json(full / ckpt.STATE)["global_step"] == ckpt.read_json(accum / ckpt.STATE)["global_step"] == 3
+    assert read_json(full / STATE)["global_step"] == read_json(accum / STATE)["global_step"] == 3
 
 
 def test_patient_wise_assigned_split(dev_labels: Path, dev_images: Path) -> None:
-    from medvit._train_utils import load_splits
+    from medvit.data.splits import load_splits
 
     cfg = load_config(SMOKE, data_overrides(dev_labels, dev_images) + [
         "data.split.policy=assign", "data.split.val=0.2", "data.split.calib=0.1", "data.split.seed=3"])
@@ -256,7 +258,7 @@ def test_cached_frozen_features_train_like_the_naive_loop(dev_subset_csv: Path, 
                                                          "model.head_dropout=0.0"]
     naive = fit(load_config(SMOKE, base), out_dir=tmp_path / "naive")
     cached = fit(load_config(SMOKE, base + ["train.cache_frozen_features=true"]), out_dir=tmp_path / "cached")
-    a, b = ckpt.load_tensors(naive / "last.safetensors"), ckpt.load_tensors(cached / "last.safetensors")
+    a, b = load_tensors(naive / "last.safetensors"), load_tensors(cached / "last.safetensors")
     changed = 0
     for k in a:
         if not k.startswith("rng."):

@@ -70,7 +70,7 @@ def test_reseed_makes_augmentation_reproducible():
 
 def test_preprocessing_of_a_medvit_classifier_is_its_backbones():
     from medvit.config import ModelConfig
-    from medvit.model import build_model
+    from medvit.model.classifier import build_model
 
     cfg = ModelConfig(name="deit3_small_patch16_384", pretrained=False, freeze_blocks=0, freeze_stem=False,
                       model_kwargs={"embed_dim": 64, "depth": 1, "num_heads": 2, "img_size": 80})

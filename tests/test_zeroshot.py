@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
-from medvit.clip_backends import ModelSpec, load_clip, parse_spec
 from medvit.errors import ConfigError, WeightsNotFoundError
-from medvit.prompts import PromptConfig, load_prompt_config
-from medvit.zeroshot import ZeroShotScorer, ensemble, pair_probability
+from medvit.zeroshot.clip import ModelSpec, load_clip, parse_spec
+from medvit.zeroshot.prompts import PromptConfig, load_prompt_config
+from medvit.zeroshot.scorer import ZeroShotScorer, ensemble, pair_probability
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def hf_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def prompts() -> PromptConfig:
-    return load_prompt_config(ROOT / "configs" / "prompts.yaml")
+    return load_prompt_config(ROOT / "medvit" / "resources" / "prompts.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_multiclass_and_raw_similarity(scorer, xrays):
 
 def test_score_table_joins_pairs_and_prompts(scorer, xrays):
     """The one table behind `medvit zeroshot` and the app: pair rows then prompt rows, numbers from the modes."""
-    from medvit.review_service import zero_shot_table
+    from medvit.review.service import zero_shot_table
 
     image = xrays[0]
     typed = [scorer.prompts.parse_pair(t) for t in ("large heart | normal heart size", "pneumothorax", "  ")]
@@ -345,7 +345,7 @@ def test_offline_cli_sets_hub_env_first_and_names_download_and_target(dev_images
     image = next(dev_images.glob("*.png"))
     code = (
         "import sys\n"
-        "import medvit.zeroshot, medvit.align, medvit.commands.zeroshot\n"
+        "import medvit.zeroshot.scorer, medvit.zeroshot.finetune, medvit.commands.zeroshot\n"
         "assert 'huggingface_hub' not in sys.modules and 'open_clip' not in sys.modules, 'imported too early'\n"
         "from medvit.cli import main\n"
         "rc = main(['zeroshot', '--offline', '--model', 'open_clip:ViT-B-32/laion2b_s34b_b79k', '--image', "
@@ -493,7 +493,7 @@ def test_zeroshot_eval_metrics_schema(open_clip_dir, dev_subset_csv, dev_images,
     import jsonschema
 
     from medvit.cli import main
-    from medvit.evaluate import METRICS_SCHEMA
+    from medvit.evaluate.report import METRICS_SCHEMA
 
     out = tmp_path / "eval"
     rc = main(["zeroshot-eval", "--model", str(open_clip_dir), "--labels", str(dev_subset_csv), "--images",

@@ -40,10 +40,11 @@ def run(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from medvit.align import AlignConfig, align, preprocess_images, read_pairs, select_pairs
-    from medvit.clip_backends import default_spec, load_clip
     from medvit.errors import DatasetError
-    from medvit.prompts import load_prompt_config
+    from medvit.runs import METRICS_CSV
+    from medvit.zeroshot.clip import default_spec, load_clip
+    from medvit.zeroshot.finetune import AlignConfig, align, preprocess_images, read_pairs, select_pairs
+    from medvit.zeroshot.prompts import load_prompt_config
 
     prompts = load_prompt_config(args.prompts)
     cfg = AlignConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     val_data = None if val is None else (preprocess_images(backend, list(val["path"]), cfg.normalization),
                                          list(val["text"]))
     history = align(backend, images, list(train["text"]), cfg, variants=list(train["variants"]), val=val_data,
-                    log_csv=out / "metrics.csv")
+                    log_csv=out / METRICS_CSV)
     saved = backend.save(out)
     meta = {"source_model": str(backend.spec), "random_init": bool(args.random_init), "saved_as": saved,
             "pairs": str(args.pairs), "split": args.split, "val_split": args.val_split, "n_train": len(train),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from medvit.backends import BACKENDS
+from medvit.inference.engines import BACKENDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from medvit.bench import DEV_DATA, BenchOptions, run_bench
     from medvit.errors import ConfigError
+    from medvit.inference.bench import DEV_DATA, BenchOptions, run_bench
 
     if args.repeats < 1 or args.e2e_repeats < 1 or args.warmup < 0:
         raise ConfigError("--repeats and --e2e-repeats must be >= 1, --warmup >= 0")

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from medvit.calibrate import METHODS, THRESHOLD_RULES
+from medvit.evaluate.calibration import METHODS, THRESHOLD_RULES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,11 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medvit.calibrate import cross_validated_probs, fit_calibration
-    from medvit.checkpoint import load_run
     from medvit.errors import ConfigError
-    from medvit.evaluate import build_report, labelled_frame, model_logits, run_split_frame, write_metrics
-    from medvit.modelcard import NOTES, write_model_card
+    from medvit.evaluate.calibration import cross_validated_probs, fit_calibration
+    from medvit.evaluate.modelcard import NOTES, write_model_card
+    from medvit.evaluate.report import build_report, labelled_frame, model_logits, run_split_frame, write_metrics
+    from medvit.runs import CALIBRATION, METRICS, load_run
 
     if (args.labels is None) != (args.images is None):
         raise ConfigError("--labels and --images go together")
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         target_sensitivity=args.target_sensitivity,
     )
     cal.info["fitted_on"].update({"labels": source, "split": split})
-    cal.save(args.run / "calibration.json")
+    cal.save(args.run / CALIBRATION)
 
     report = build_report(
         logits,
@@ -98,14 +98,14 @@ def run(args: argparse.Namespace) -> int:
         "cross_validated": True,
     }
     report["run"] = {"dir": str(args.run), "model": info.model_name, "weights_sha256": info.weights_sha256}
-    write_metrics(report, args.run / "metrics.json")
+    write_metrics(report, args.run / METRICS)
     if args.notes is not None:
         (args.run / NOTES).write_text(args.notes.read_text())
     write_model_card(args.run)
     print(
         json.dumps(
             {
-                "calibration": str(args.run / "calibration.json"),
+                "calibration": str(args.run / CALIBRATION),
                 "chosen": cal.info["chosen"],
                 "n_images": report["n_images"],
                 "mean_auroc": round(report["mean_auroc"], 4),

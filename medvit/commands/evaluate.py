@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medvit.evaluate import evaluate_run
-    from medvit.modelcard import write_model_card
+    from medvit.evaluate.modelcard import write_model_card
+    from medvit.evaluate.report import evaluate_run
+    from medvit.runs import METRICS
 
     report = evaluate_run(
         args.run,
@@ -41,5 +42,5 @@ def run(args: argparse.Namespace) -> int:
     if args.out.resolve() == args.run.resolve():
         write_model_card(args.run)  # the card shows the run's metrics.json, which just changed
     summary = {k: report[k] for k in ("n_images", "mean_auroc", "mean_ece", "mean_ece_uncalibrated")}
-    print(json.dumps({"metrics": str(args.out / "metrics.json"), **summary}, indent=2))
+    print(json.dumps({"metrics": str(args.out / METRICS), **summary}, indent=2))
     return 0

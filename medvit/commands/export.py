@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medvit.export import export_run
+    from medvit.inference.export import export_run
 
     result = export_run(args.run, args.format, int8=args.int8, tolerance=args.tolerance)
     v = result.verification

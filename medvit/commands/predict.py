@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medvit.backends import AUTO, BACKENDS
+from medvit.inference.engines import AUTO, BACKENDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from medvit.batch_predict import CsvSink, done_files, find_images, predict_files
     from medvit.errors import MedvitError
-    from medvit.inference import Predictor
+    from medvit.inference.batch import CsvSink, done_files, find_images, predict_files
+    from medvit.inference.predictor import Predictor
 
     if args.batch_size < 1:
         raise MedvitError("--batch-size must be >= 1")

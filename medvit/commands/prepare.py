@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from medvit.prepare import prepare_cache
+    from medvit.data.cache import prepare_cache
 
     result = prepare_cache(args.labels, args.images, args.out, size=args.size, workers=args.workers,
                            progress=sys.stderr.isatty())

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from medvit.config import load_config
     from medvit.errors import ConfigError
-    from medvit.pretrain import ENCODER, pretrain
+    from medvit.train.mae import ENCODER, pretrain
 
     if (args.out / ENCODER).exists():
         raise ConfigError(f"{args.out} already holds a pretrained encoder; choose another --out")

@@ -22,12 +22,14 @@ DEFAULT_MAX_UPLOAD_MB = 64
 
 
 def app_path() -> Path:
-    """apps/review.py of this source checkout (the app is not part of the installed package)."""
-    return Path(__file__).resolve().parents[2] / "apps" / "review.py"
+    """The page script inside the installed package, so a wheel serves the same app as a checkout."""
+    from medvit.resources import APP_SCRIPT
+
+    return APP_SCRIPT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", help="run folder to serve (default: $MEDVIT_RUN, else the demo model in models/demo)")
+    parser.add_argument("--run", help="run folder to serve (default: $MEDVIT_RUN, else the packaged demo model)")
     parser.add_argument("--worklist", help="folder of DICOM/PNG/JPEG files to list in the app")
     parser.add_argument("--file", help="image to open at start (default: RG1_UNCI.dcm from pydicom-data)")
     parser.add_argument("--port", type=int, default=8501, help="port (default 8501)")
@@ -42,7 +44,7 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The streamlit command line and the environment for the app; validated, not yet run."""
     script = app_path()
     if not script.is_file():
-        raise ConfigError(f"{script} not found: `medvit review` runs from a source checkout of medvit")
+        raise ConfigError(f"{script} not found: the medvit install is incomplete; reinstall medvit")
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: not a TCP port")
     if args.max_upload_mb < 1:

@@ -18,10 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medvit.checkpoint import CONFIG, read_json
+    from medvit._io import read_json
     from medvit.config import load_config, validate_config
     from medvit.errors import ConfigError
-    from medvit.train import fit
+    from medvit.runs import CONFIG, SUMMARY
+    from medvit.train.supervised import fit
 
     if args.config is None and args.resume is None:
         raise ConfigError("medvit train needs -c CONFIG (or --resume RUN_DIR to continue a run)")
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         saved = read_json(args.resume / CONFIG)["config"]
         cfg = validate_config(apply_overrides(saved, args.overrides), str(args.resume / CONFIG))
     run_dir = fit(cfg, out_dir=args.out, resume=args.resume, stop_after=args.stop_after)
-    summary = run_dir / "train_summary.json"
+    summary = run_dir / SUMMARY
     if summary.is_file():
         print(json.dumps({"run_dir": str(run_dir), **json.loads(summary.read_text())}, indent=2))
     return 0

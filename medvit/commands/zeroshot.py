@@ -17,7 +17,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CLIP spec, e.g. open_clip:ViT-B-32/laion2b_s34b_b79k, hf-hub:org/repo, "
                              "open_clip:local-dir:DIR, transformers:openai/clip-vit-base-patch32, transformers:DIR "
                              "(default: $MEDVIT_CLIP, then `model:` in the prompts config)")
-    parser.add_argument("--prompts", default=None, help="prompts YAML (default: $MEDVIT_PROMPTS, configs/prompts.yaml)")
+    parser.add_argument("--prompts", default=None, help="prompts YAML (default: $MEDVIT_PROMPTS, else packaged)")
     parser.add_argument("--offline", action="store_true", default=None,
                         help="never touch the network (sets HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
@@ -30,7 +30,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def prepare_offline(args: argparse.Namespace) -> None:
     """Set the Hugging Face offline variables before open_clip/transformers are imported."""
-    from medvit.clip_backends import offline_requested, set_offline_env
+    from medvit.zeroshot.clip import offline_requested, set_offline_env
 
     if offline_requested(args.offline):
         set_offline_env()
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     prepare_offline(args)
     from medvit.data.dicom import read_image
-    from medvit.zeroshot import ZeroShotScorer
+    from medvit.zeroshot.scorer import ZeroShotScorer
 
     image = read_image(args.image)
     scorer = ZeroShotScorer.load(args.model, prompts=args.prompts, offline=args.offline, dtype=args.dtype,

@@ -37,13 +37,14 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from medvit.calibrate import Calibration, Temperature
     from medvit.data.datasets import label_matrix, load_labels
     from medvit.data.dicom import read_image
     from medvit.errors import DatasetError
-    from medvit.evaluate import build_report, plot_curves, write_metrics
+    from medvit.evaluate.calibration import Calibration, Temperature
+    from medvit.evaluate.report import build_report, plot_curves, write_metrics
     from medvit.findings import resolve_findings
-    from medvit.zeroshot import CALIBRATED, UNCALIBRATED, ZeroShotScorer
+    from medvit.runs import METRICS
+    from medvit.zeroshot.scorer import CALIBRATED, UNCALIBRATED, ZeroShotScorer
 
     findings = resolve_findings(args.findings)
     df = load_labels(args.labels, args.images, findings)
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         "temperatures": {f: scorer.temperature(f)[0] for f in findings},
         "prompts": {p.name: {"positive": list(p.positive), "negative": list(p.negative)} for p in pairs},
     }
-    write_metrics(report, out / "metrics.json")
+    write_metrics(report, out / METRICS)
     probs = calibration.apply(logits)
     pred = eval_df[["image_id", "patient_id"]].copy()
     for k, f in enumerate(findings):

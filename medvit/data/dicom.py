@@ -25,8 +25,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
-from medvit.data._dicom_pixels import Rendered, apply_window, decode, one_line, render
-from medvit.data._raster import decode_raster
+from medvit.data.pixels import Rendered, apply_window, decode, one_line, render
+from medvit.data.raster import decode_raster
 from medvit.errors import ImageReadError, ImageTooLargeError, UnsupportedImageError
 
 __all__ = ["MAX_PIXELS", "ImageMeta", "XrayImage", "apply_window", "check_chest_frontal", "read_image"]

@@ -1,0 +1,109 @@
+"""`auto`: time every engine on real images; keep the fastest that matches eager fp32, cached per weights + machine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from medvit._platform import cache_root
+from medvit.inference.engines import (
+    AUTO_TOLERANCE,
+    Backend,
+    TorchBackend,
+    available_backends,
+    create_backend,
+    max_prob_diff,
+    median_ms,
+    unavailable_reason,
+)
+
+_log = logging.getLogger(__name__)
+
+CHOICE_FILE = "backend_choice.json"
+
+
+@dataclass
+class SelfCheck:
+    """The result of `auto`: the chosen backend and what every candidate measured."""
+
+    backend: str
+    tolerance: float
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"backend": self.backend, "tolerance": self.tolerance, "results": self.results,
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def self_check(
+    model: nn.Module, sample: np.ndarray, *, candidates: Sequence[str] | None = None,
+    tolerance: float = AUTO_TOLERANCE, repeats: int = 3, **backend_kwargs: Any,
+) -> tuple[SelfCheck, Backend]:
+    """Time every candidate at batch 1 on `sample` (N real inputs) and keep the fastest that matches fp32.
+
+    Returns the check record and the built winning backend (so the caller need not build it twice).
+    A candidate that raises or drifts beyond `tolerance` is recorded with the reason and skipped.
+    """
+    candidates = list(candidates or available_backends())
+    if "torch" not in candidates:
+        candidates.insert(0, "torch")
+    input_size = sample.shape[1:]
+    ref = TorchBackend(model)
+    reference = ref(sample)
+    results: dict[str, dict[str, Any]] = {}
+    built: dict[str, Backend] = {}
+    for name in candidates:
+        reason = unavailable_reason(name)
+        if reason:
+            results[name] = {"ok": False, "reason": reason}
+            continue
+        try:
+            backend = ref if name == "torch" else create_backend(name, model, input_size=input_size, **backend_kwargs)
+            drift = max_prob_diff(backend(sample), reference)
+            one = sample[:1]
+            backend(one)
+            ms = median_ms(partial(backend, one), repeats)
+        except Exception as e:  # noqa: BLE001 - any failure just disqualifies the candidate, with its reason
+            _log.warning("backend %s failed its self-check: %s", name, e)
+            results[name] = {"ok": False, "reason": f"{type(e).__name__}: {e}"}
+            continue
+        ok = drift <= tolerance
+        results[name] = {"ok": ok, "ms_batch1": round(ms, 3), "max_abs_dp": drift}
+        if not ok:
+            results[name]["reason"] = f"max |dp| {drift:.4g} > tolerance {tolerance}"
+        else:
+            built[name] = backend
+        _log.info("self-check %s: %.1f ms/image, max |dp| %.2g%s", name, ms, drift, "" if ok else " (rejected)")
+    best = min(built, key=lambda n: results[n]["ms_batch1"])
+    return SelfCheck(best, tolerance, results), built[best]
+
+
+def load_choice(key: str, path: Path | None = None) -> dict[str, Any] | None:
+    """A cached self-check for `key` (weights sha + machine), or None."""
+    path = path or cache_root() / CHOICE_FILE
+    try:
+        return json.loads(path.read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+
+
+def save_choice(key: str, check: SelfCheck, path: Path | None = None) -> None:
+    """Record a self-check result (atomic replace; other keys are kept)."""
+    from medvit._io import write_json
+
+    path = path or cache_root() / CHOICE_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data[key] = check.to_json()
+    write_json(path, data)

@@ -1,0 +1,220 @@
+"""The Predictor: a run folder + a backend -> per-finding raw and calibrated probabilities, thresholds, flags.
+
+This is the one prediction path shared by the app, `medvit predict`, the batch predictor and the
+benchmark. Which run: the argument, else `$MEDVIT_RUN`, else the demo model in `medvit/resources/demo/`.
+Which backend: the argument, else `$MEDVIT_BACKEND`, else `auto` (the fastest backend that matches
+eager fp32 on this machine; see `medvit.backends`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from medvit._platform import machine_fingerprint
+from medvit.data.dicom import XrayImage, check_chest_frontal
+from medvit.errors import CheckpointError, ConfigError
+from medvit.evaluate.calibration import Calibration
+from medvit.inference.choice import SelfCheck, load_choice, save_choice, self_check
+from medvit.inference.engines import (
+    AUTO,
+    AUTO_TOLERANCE,
+    Backend,
+    TorchBackend,
+    available_backends,
+    create_backend,
+    max_prob_diff,
+    sigmoid,
+)
+from medvit.resources import DEMO_RUN
+from medvit.runs import CALIBRATION, RunInfo, load_run
+
+_log = logging.getLogger(__name__)
+
+RUN_ENV, BACKEND_ENV = "MEDVIT_RUN", "MEDVIT_BACKEND"
+TABLE_COLUMNS = ("finding", "prob_raw", "prob", "threshold", "flag", "margin")
+
+
+def resolve_run_dir(run_dir: str | os.PathLike | None = None) -> Path:
+    """The run to use: `run_dir`, else $MEDVIT_RUN, else the packaged demo model."""
+    if run_dir:
+        return Path(run_dir)
+    if os.environ.get(RUN_ENV):
+        return Path(os.environ[RUN_ENV])
+    if (DEMO_RUN / "config.json").is_file():
+        return DEMO_RUN
+    raise CheckpointError(
+        f"no model given and the demo model is missing from {DEMO_RUN}: pass --run RUN_DIR or set {RUN_ENV}"
+    )
+
+
+def load_model(run_dir: str | os.PathLike | None = None) -> tuple[nn.Module, RunInfo]:
+    """`load_run` on the resolved run folder (see `resolve_run_dir`)."""
+    return load_run(resolve_run_dir(run_dir))
+
+
+def load_calibration(info: RunInfo) -> Calibration:
+    """The run's calibration, or an explicit identity (sigmoid, threshold 0.5) for a never-calibrated run."""
+    path = info.run_dir / CALIBRATION
+    if not path.is_file():
+        _log.warning("%s has no %s: probabilities are uncalibrated, thresholds 0.5 (run `medvit calibrate`)",
+                     info.run_dir, CALIBRATION)
+        return Calibration.identity(info.findings)
+    cal = Calibration.load(path)
+    cal.check_findings(info.findings)
+    return cal
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's result. `timings_ms` splits the latency into preprocess / forward / calibrate."""
+
+    table: pd.DataFrame
+    model_name: str
+    weights_sha256: str
+    backend: str
+    calibrated: bool
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def make_table(findings: Sequence[str], logits: np.ndarray, probs: np.ndarray, thresholds: np.ndarray
+               ) -> pd.DataFrame:
+    """The table a clinician sees, one row per finding."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return pd.DataFrame({
+        "finding": list(findings),
+        "prob_raw": sigmoid(logits),
+        "prob": probs,
+        "threshold": np.asarray(thresholds, dtype=np.float64),
+        "flag": probs >= thresholds,
+        "margin": probs - thresholds,
+    })
+
+
+def _auto_backend(model: nn.Module, info: RunInfo) -> tuple[Backend, SelfCheck | None]:
+    """The backend of the cached self-check for these weights on this machine, or of a fresh self-check."""
+    key = f"{info.weights_sha256}:{machine_fingerprint()}"
+    cached = load_choice(key)
+    input_size = info.preprocessing["input_size"]
+    if cached and cached.get("backend") in available_backends():
+        _log.info("backend %s (self-check of %s cached)", cached["backend"], cached.get("date", "?"))
+        return create_backend(cached["backend"], model, input_size=input_size,
+                              onnx_provider=_onnx_provider(model, info)), None
+    from medvit.inference.export import reference_inputs
+
+    sample = reference_inputs(info.config, info.preprocessing)
+    _log.info("choosing the fastest backend that matches fp32 (one-time self-check on %d real image(s))", len(sample))
+    check, engine = self_check(model, sample, onnx_provider=_onnx_provider(model, info, sample))
+    save_choice(key, check)
+    return engine, check
+
+
+def _check_against_fp32(model: nn.Module, info: RunInfo, engine: Backend) -> None:
+    """An explicitly chosen backend is checked too (one real image): fast must never mean silently wrong."""
+    from medvit.inference.export import reference_inputs
+
+    sample = reference_inputs(info.config, info.preprocessing, n=1)
+    drift = max_prob_diff(engine(sample), TorchBackend(model)(sample))
+    if drift > AUTO_TOLERANCE:
+        raise CheckpointError(
+            f"backend {engine.name} differs from fp32 torch by max |dp| {drift:.3g} (> {AUTO_TOLERANCE}) on a real "
+            "image with this model; use --backend torch or auto"
+        )
+
+
+def _onnx_provider(model: nn.Module, info: RunInfo, inputs: np.ndarray | None = None):
+    """Builds (or finds) the verified ONNX file for a backend; `inputs`: images already decoded for the check."""
+    from medvit.inference.export import verified_onnx
+
+    return lambda int8: verified_onnx(model, info, int8, inputs)
+
+
+class Predictor:
+    """Preprocess -> backend forward -> calibration -> table, for one run folder."""
+
+    def __init__(self, model: nn.Module, info: RunInfo, calibration: Calibration, backend: Backend,
+                 check: SelfCheck | None = None) -> None:
+        from medvit.data.transforms import build_transforms
+
+        self.model, self.info, self.calibration, self.backend = model, info, calibration, backend
+        self.self_check = check
+        self.transform = build_transforms(info.preprocessing, train=False)
+        self.calibrated = calibration.method != "none"
+
+    @classmethod
+    def from_dir(cls, run_dir: str | os.PathLike | None = None, backend: str = AUTO) -> Predictor:
+        """Load a run and build its backend.
+
+        Args:
+            run_dir: run folder (None: $MEDVIT_RUN, else the demo model).
+            backend: one of medvit.backends.BACKENDS, or "auto" ($MEDVIT_BACKEND overrides "auto").
+        """
+        model, info = load_model(run_dir)
+        calibration = load_calibration(info)
+        if backend == AUTO:
+            backend = os.environ.get(BACKEND_ENV) or AUTO
+        check = None
+        if backend == AUTO:
+            engine, check = _auto_backend(model, info)
+        else:
+            engine = create_backend(backend, model, input_size=info.preprocessing["input_size"],
+                                    onnx_provider=_onnx_provider(model, info))
+            if engine.name != "torch":
+                _check_against_fp32(model, info, engine)
+        _log.info("predictor: %s on %s backend", info.model_name, engine.name)
+        return cls(model, info, calibration, engine, check)
+
+    @property
+    def findings(self) -> tuple[str, ...]:
+        return self.info.findings
+
+    def preprocess(self, image: XrayImage) -> torch.Tensor:
+        """Refuse unsuitable images (lateral, non-chest), then the model's eval transform (3xHxW)."""
+        check_chest_frontal(image.meta)
+        return self.transform(image.pixels)
+
+    def predict_inputs(self, x: np.ndarray | torch.Tensor) -> list[Prediction]:
+        """Predictions for a preprocessed batch (N, C, H, W); timings are per batch."""
+        t0 = time.perf_counter()
+        logits = self.backend(x)
+        t1 = time.perf_counter()
+        probs = self.calibration.apply(logits)
+        out = [
+            make_table(self.findings, logits[i], probs[i], self.calibration.thresholds) for i in range(len(logits))
+        ]
+        t2 = time.perf_counter()
+        timings = {"forward": (t1 - t0) * 1e3, "calibrate": (t2 - t1) * 1e3}
+        return [Prediction(t, self.info.model_name, self.info.weights_sha256, self.backend.name, self.calibrated,
+                           dict(timings)) for t in out]
+
+    def predict(self, image: XrayImage) -> Prediction:
+        """The table for one image.
+
+        Raises:
+            UnsupportedImageError: lateral view or not a chest radiograph.
+        """
+        t0 = time.perf_counter()
+        x = self.preprocess(image).unsqueeze(0)
+        pre_ms = (time.perf_counter() - t0) * 1e3
+        pred = self.predict_inputs(x)[0]
+        pred.timings_ms["preprocess"] = pre_ms
+        return pred
+
+    def predict_many(self, images: Sequence[XrayImage], batch_size: int = 8) -> list[Prediction]:
+        """Tables for several images, batched through the backend (any unsuitable image raises)."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        inputs = [self.preprocess(im) for im in images]
+        out: list[Prediction] = []
+        for i in range(0, len(inputs), batch_size):
+            out.extend(self.predict_inputs(torch.stack(inputs[i : i + batch_size])))
+        return out

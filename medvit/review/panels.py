@@ -1,0 +1,206 @@
+"""Panels of the review app. Layout only: every number comes from medvit.review_service / review_store."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pandas as pd
+import streamlit as st
+
+from medvit.errors import MedvitError
+from medvit.review.display import display_pixels, metadata_rows, window_defaults
+from medvit.review.service import Analysis, ReviewService, findings_table, zero_shot_table
+from medvit.review.store import NOTE_MAX, REVIEWER_MAX, VERDICTS, ReviewStore, rows_csv
+
+_log = logging.getLogger("medvit.app")
+
+BANNER = (
+    "**Research decision support — not a diagnostic device.** Outputs are model estimates for research use; "
+    "they are not a diagnosis and must not replace a clinician's reading of the image."
+)
+NO_VERDICT = "—"
+MASK = "•••••"
+SALIENCY = {"None": None, "Attention rollout": "rollout", "Grad-CAM (one finding)": "gradcam"}
+
+
+@contextmanager
+def reported(what: str) -> Iterator[None]:
+    """Show a failure as one st.error naming the problem: never a traceback (unexpected ones go to the log)."""
+    try:
+        yield
+    except MedvitError as e:
+        st.error(f"{what}: {e}")
+    except Exception as e:  # noqa: BLE001 - the app must never show a traceback
+        _log.exception("%s failed", what)
+        st.error(f"{what}: unexpected {type(e).__name__}; the details are in the server log.")
+
+
+def image_panel(service: ReviewService, analysis: Analysis) -> None:
+    """Windowed image with optional saliency overlay, reader notes, metadata and (masked) patient identifiers."""
+    from medvit.model.saliency import overlay
+
+    key = analysis.sha256[:12]
+    d = window_defaults(analysis.image)
+    step = 1.0 if d.high - d.low > 50 else 0.5
+    span = max(d.high - d.low, 2.0)
+    c1, c2, c3 = st.columns([3, 3, 1])
+    fmt = "%.0f" if step >= 1 else "%.1f"
+    center = c1.slider("Window centre", min(d.low, d.center), max(d.high, d.center), d.center, step, fmt,
+                       key=f"wc_{key}")  # fmt: skip
+    width = c2.slider("Window width", 1.0, max(2 * span, d.width), max(d.width, 1.0), step, fmt, key=f"ww_{key}")
+    invert = c3.toggle("Invert", key=f"inv_{key}")
+    pixels = display_pixels(analysis.image, center, width, invert, d)
+
+    s1, s2, s3 = st.columns([2, 2, 2])
+    method = SALIENCY[s1.selectbox("Saliency overlay", list(SALIENCY), key=f"sal_{key}")]
+    finding = None
+    if method == "gradcam":
+        finding = s2.selectbox("Finding", list(service.findings), key=f"salf_{key}")
+    alpha = s3.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key=f"alpha_{key}", disabled=method is None)
+    shown = pixels
+    if method is not None:
+        if analysis.prediction is None:
+            st.info("No saliency for an image the model did not score.")
+        else:
+            with reported("Saliency"), st.spinner("Computing saliency…"):
+                heat = service.saliency(analysis, method, finding, pixels.shape)
+                shown = overlay(pixels, heat, alpha)
+                if not heat.any():
+                    st.info(
+                        f"Blank map: no region raises the {finding} score (Grad-CAM shows positive evidence only)."
+                        if method == "gradcam" else "Blank map: the attention is spread evenly over the image."
+                    )  # fmt: skip
+    caption = f"{analysis.name} — window C {center:g} / W {width:g}" + (" (inverted)" if invert else "")
+    st.image(shown, caption=caption, clamp=True, width="stretch")
+    for note in analysis.notes:
+        st.caption(f"ℹ️ {note}")
+    with st.expander("Image metadata", expanded=True):
+        rows = metadata_rows(analysis.image.meta)
+        st.dataframe(pd.DataFrame({"field": list(rows), "value": list(rows.values())}), hide_index=True,
+                     width="stretch", height=_rows_height(len(rows)))  # fmt: skip
+
+
+def _rows_height(n: int) -> int:
+    """Pixel height that shows `n` data-grid rows without an inner scrollbar."""
+    return 35 * (n + 1) + 3
+
+
+def patient_panel(identifiers: dict[str, str]) -> None:
+    """Patient identifiers, masked until the reader deliberately reveals them (nothing is stored or logged)."""
+    with st.expander("Patient identifiers", expanded=False):
+        if not identifiers:
+            st.caption("No patient identifiers in this file.")
+            return
+        hint = "Masked by default; revealing them is not recorded and they are never stored."
+        show = st.toggle("Show patient identifiers", value=False, key="show_phi", help=hint)
+        values = list(identifiers.values()) if show else [MASK] * len(identifiers)
+        st.dataframe(pd.DataFrame({"field": list(identifiers), "value": values}), hide_index=True, width="stretch")
+
+
+def findings_panel(service: ReviewService, analysis: Analysis) -> pd.DataFrame | None:
+    """The findings table, or a refusal that explains why there are no numbers."""
+    if analysis.refusal or analysis.prediction is None:
+        st.error(f"Not scored — this input is outside what the model was made for. {analysis.refusal}")
+        return None
+    pred = analysis.prediction
+    table = findings_table(pred, service.model_card)
+    view = pd.DataFrame({
+        "finding": table["finding"],
+        "probability (calibrated)": table["prob"],
+        "threshold": table["threshold"],
+        "flag": ["above" if f else "below" for f in table["flag"]],
+        "raw probability": table["prob_raw"],
+    })  # fmt: skip
+    if "auroc" in table:
+        view["model card AUROC"] = table["auroc"]
+        view["model card ECE"] = table["ece"]
+    st.subheader("Findings")
+    if not pred.calibrated:
+        st.warning("This run has no calibration: probabilities are raw model outputs and thresholds are 0.5.")
+    st.dataframe(
+        view, hide_index=True, width="stretch", height=_rows_height(len(view)),
+        column_config={
+            "probability (calibrated)": st.column_config.ProgressColumn(format="%.3f", min_value=0.0, max_value=1.0),
+            "threshold": st.column_config.NumberColumn(format="%.3f"),
+            "raw probability": st.column_config.NumberColumn(format="%.3f"),
+            "model card AUROC": st.column_config.NumberColumn(format="%.3f"),
+            "model card ECE": st.column_config.NumberColumn(format="%.3f"),
+        },
+    )  # fmt: skip
+    st.caption(
+        "Sorted by how far the calibrated probability sits past the finding's operating threshold. "
+        + ("Model card: AUROC and ECE per finding from this run's evaluation." if "auroc" in table
+           else "No metrics.json in this run: model card metrics unavailable.")
+    )  # fmt: skip
+    return table
+
+
+def feedback_form(store: ReviewStore, analysis: Analysis, table: pd.DataFrame, model_name: str) -> None:
+    """Agree / disagree / uncertain per finding, a note and the reviewer's name, saved in one transaction."""
+    key = analysis.sha256[:12]
+    with st.form(f"feedback_{key}"):
+        st.subheader("Your review")
+        verdicts = {}
+        for finding, prob, flag in zip(table["finding"], table["prob"], table["flag"], strict=True):
+            label = f"{finding} — {prob:.2f} ({'above' if flag else 'below'} threshold)"
+            verdicts[finding] = st.radio(label, [NO_VERDICT, *VERDICTS], horizontal=True, key=f"v_{key}_{finding}")
+        reviewer = st.text_input("Reviewer name", max_chars=REVIEWER_MAX, key="reviewer")
+        note = st.text_area("Note", max_chars=NOTE_MAX, key=f"note_{key}")
+        submitted = st.form_submit_button("Save review")
+    if submitted and analysis.prediction is not None:
+        chosen = {f: v for f, v in verdicts.items() if v != NO_VERDICT}
+        with reported("Review not saved"):
+            review_id = store.add_review(
+                reviewer=reviewer, image_uid=analysis.image_uid, image_uid_kind=analysis.image_uid_kind,
+                model_name=model_name, weights_sha256=analysis.prediction.weights_sha256,
+                shown=analysis.shown(), verdicts=chosen, note=note,
+            )  # fmt: skip
+            st.success(f"Saved review #{review_id} ({len(chosen)} finding(s)).")
+
+
+def history_panel(store: ReviewStore, analysis: Analysis) -> None:
+    """Stored reviews (this image or all) with a CSV download."""
+    st.subheader("Review history")
+    this_only = st.toggle("This image only", value=True, key="history_this")
+    filters = {"image_uid": analysis.image_uid} if this_only else {}
+    with reported("Review history"):
+        rows = store.history_rows(**filters)
+        if rows:
+            order = ["created_at", "reviewer", "finding", "verdict", "prob", "threshold", "note", "model_name",
+                     "image_uid", "review_id"]  # fmt: skip
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", column_order=order)
+        else:
+            st.caption("No reviews stored yet" + (" for this image." if this_only else "."))
+        st.download_button("Download CSV", rows_csv(rows), file_name="medvit_reviews.csv",
+                           mime="text/csv", key="history_csv")  # fmt: skip
+        st.caption(f"Database: {store.display_url}")
+
+
+def zero_shot_panel(load_scorer, analysis: Analysis) -> None:
+    """Free-text prompts and positive/negative pairs against a CLIP model (explains set-up when there is none)."""
+    with st.expander("Zero-shot probing (CLIP)", expanded=False):
+        if not st.toggle("Enable zero-shot probing", key="zs_on", help="Loads the CLIP model named by MEDVIT_CLIP"):
+            return
+        try:
+            scorer = load_scorer()
+        except MedvitError as e:
+            st.info(
+                "Zero-shot probing needs a CLIP model, and none could be loaded. Set `MEDVIT_CLIP` before starting "
+                "the app, e.g. `open_clip:local-dir:/models/clip` (a folder from `hf download`), "
+                "`transformers:/models/clip` or a hub id already in the local cache; optionally "
+                "`MEDVIT_CLIP_TEMPERATURES` to a temperatures.json from `medvit zeroshot-eval --fit-split`. "
+                f"Details: {e}"
+            )
+            return
+        with st.form("zero_shot"):
+            prompts = st.text_area("Free-text prompts (one per line)", key="zs_prompts")
+            pairs = st.text_area("Positive | negative pairs (one per line; the negative is optional)", key="zs_pairs")
+            run = st.form_submit_button("Score prompts")
+        if run:
+            with reported("Zero-shot"):
+                table = zero_shot_table(scorer, analysis.image, prompts.splitlines(), pairs.splitlines())
+                st.dataframe(table, hide_index=True, width="stretch", key="zs_table")
+                if (table["calibration"] == "uncalibrated").any():
+                    st.caption("**uncalibrated**: CLIP scores, not probabilities anyone has checked against labels.")

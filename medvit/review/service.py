@@ -1,0 +1,279 @@
+"""Everything the review app does that is not drawing: file bytes -> image + findings + saliency, cached by hash.
+
+The Streamlit app (apps/review.py) only lays these results out; the benchmark (benchmarks/app_latency.py)
+times the same `ReviewService.analyze` call, so the number it reports is the app's upload -> table latency.
+One `ReviewService` is shared by all browser sessions (st.cache_resource), hence the locks: the model is
+not re-entrant while saliency hooks are attached to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+import numpy as np
+import pandas as pd
+import torch
+
+from medvit.data.dicom import XrayImage, check_chest_frontal, read_image
+from medvit.errors import ImageReadError, ImageTooLargeError, MedvitError, UnsupportedImageError
+from medvit.inference.predictor import Prediction, Predictor, resolve_run_dir
+from medvit.review.store import ShownFinding, is_dicom_uid
+from medvit.runs import METRICS
+
+if TYPE_CHECKING:
+    from medvit.zeroshot.scorer import ZeroShotScorer  # imported lazily: the app works without a CLIP
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_MB = 64
+DEFAULT_EXAMPLE = "RG1_UNCI.dcm"  # a real 15-bit MONOCHROME1 PA chest CR from pydicom-data
+SaliencyMethod = Literal["rollout", "gradcam"]
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """The app's configuration, from the environment `medvit review` sets up."""
+
+    run_dir: str | None = None  # None: $MEDVIT_RUN, else the demo model
+    worklist: Path | None = None
+    default_file: Path | None = None
+    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
+    db_url: str | None = None  # None: $MEDVIT_DB_URL, else SQLite in the user data dir
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * 1024 * 1024
+
+    @classmethod
+    def from_env(cls) -> AppSettings:
+        env = os.environ
+        try:
+            max_mb = int(env.get("MEDVIT_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB))
+        except ValueError:
+            raise MedvitError(f"MEDVIT_MAX_UPLOAD_MB={env['MEDVIT_MAX_UPLOAD_MB']!r} is not a whole number") from None
+        file = env.get("MEDVIT_FILE")
+        return cls(
+            run_dir=env.get("MEDVIT_RUN") or None,
+            worklist=Path(env["MEDVIT_WORKLIST"]) if env.get("MEDVIT_WORKLIST") else None,
+            default_file=Path(file) if file else default_example(),
+            max_upload_mb=max_mb,
+            db_url=env.get("MEDVIT_DB_URL") or None,
+        )
+
+
+def default_example() -> Path | None:
+    """RG1_UNCI.dcm from pydicom-data, the image a fresh install opens on (None if the package is missing)."""
+    try:
+        from pydicom.data import get_testdata_file
+
+        path = get_testdata_file(DEFAULT_EXAMPLE)
+    except Exception:  # noqa: BLE001 - optional data package: any failure just means "no example"
+        _log.warning("pydicom-data not available: the app starts without an example image")
+        return None
+    return Path(path) if path else None
+
+
+def check_upload(data: bytes, name: str, max_bytes: int) -> None:
+    """Refuse empty and oversized uploads before decoding them.
+
+    Raises:
+        ImageReadError: the file is empty.
+        ImageTooLargeError: the file exceeds `max_bytes`.
+    """
+    if not data:
+        raise ImageReadError(f"{name}: the file is empty (0 bytes)")
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(
+            f"{name}: {len(data) / 2**20:.1f} MB exceeds the upload limit of {max_bytes / 2**20:.0f} MB "
+            "(raise it with `medvit review --max-upload-mb N`)"
+        )
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One file, read and (unless refused) scored; what the app shows for it."""
+
+    name: str
+    sha256: str
+    image: XrayImage
+    image_uid: str  # SOP Instance UID, or the SHA-256 of the bytes for PNG/JPEG: the review database key
+    image_uid_kind: Literal["sop_instance_uid", "sha256"]
+    prediction: Prediction | None
+    refusal: str | None  # why there are no numbers (lateral view, not a chest...)
+    notes: tuple[str, ...]  # reader warnings and caveats to show beside the image
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def shown(self) -> dict[str, ShownFinding]:
+        """The numbers on screen, in the form the review database stores them."""
+        if self.prediction is None:
+            return {}
+        return {
+            r.finding: ShownFinding(prob=float(r.prob), threshold=float(r.threshold), prob_raw=float(r.prob_raw))
+            for r in self.prediction.table.itertuples()
+        }
+
+
+def findings_table(prediction: Prediction, card: dict[str, dict[str, float | None]] | None = None) -> pd.DataFrame:
+    """The findings panel: sorted by how far each finding sits past its threshold, model-card metrics alongside."""
+    table = prediction.table.sort_values("margin", ascending=False, kind="stable").reset_index(drop=True)
+    if card:
+        table["auroc"] = [card.get(f, {}).get("auroc") for f in table["finding"]]
+        table["ece"] = [card.get(f, {}).get("ece") for f in table["finding"]]
+    return table
+
+
+def model_card_metrics(run_dir: Path) -> dict[str, dict[str, float | None]]:
+    """Per-finding AUROC and ECE from the run's metrics.json ({} when the run was never evaluated)."""
+    from medvit._io import read_json
+
+    path = run_dir / METRICS
+    if not path.is_file():
+        return {}
+    try:
+        doc = read_json(path)
+        return {f: {"auroc": m.get("auroc"), "ece": m.get("ece")} for f, m in doc["findings"].items()}
+    except (MedvitError, KeyError, TypeError, AttributeError) as e:
+        _log.warning("ignoring unreadable model card metrics %s: %s", path, e)
+        return {}
+
+
+class _Lru:
+    """A small thread-safe LRU of computed results (errors are not cached)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._items, self._lock = size, OrderedDict[Any, Any](), threading.Lock()
+
+    def get_or_compute(self, key: Any, compute: Callable[[], _T]) -> _T:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = compute()
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+
+class ReviewService:
+    """One loaded model plus the per-file caches the app reads from."""
+
+    def __init__(self, predictor: Predictor, *, cache_size: int = 32) -> None:
+        self.predictor = predictor
+        self.run_dir = predictor.info.run_dir
+        self.model_card = model_card_metrics(self.run_dir)
+        self._model_lock = threading.Lock()
+        self._analyses = _Lru(cache_size)
+        self._saliency = _Lru(4 * cache_size)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str] | None = None) -> ReviewService:
+        """Load the run (`run_dir`, else $MEDVIT_RUN, else the demo model) once for the app's lifetime."""
+        return cls(Predictor.from_dir(resolve_run_dir(run_dir)))
+
+    @property
+    def findings(self) -> tuple[str, ...]:
+        return self.predictor.findings
+
+    def analyze(self, data: bytes, name: str, *, max_bytes: int = DEFAULT_MAX_UPLOAD_MB * 2**20) -> Analysis:
+        """Decode and score one file; a second call with the same bytes returns the cached result.
+
+        Raises:
+            MedvitError: empty, oversized, corrupt or unsupported file (the message names the problem).
+        """
+        check_upload(data, name, max_bytes)
+        digest = hashlib.sha256(data).hexdigest()
+        return self._analyses.get_or_compute(digest, lambda: self._analyze(data, name, digest))
+
+    def _analyze(self, data: bytes, name: str, digest: str) -> Analysis:
+        t0 = time.perf_counter()
+        image = read_image(data, name=name)  # errors name the file the user chose
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        meta = image.meta
+        notes = list(meta.warnings)
+        if meta.source != "dicom":
+            notes.append(
+                f"{meta.source.upper()} has no DICOM header: view and body part cannot be checked; "
+                "the model reads frontal (PA/AP) chest radiographs only"
+            )
+        prediction, refusal = None, None
+        try:
+            check_chest_frontal(meta)
+            with self._model_lock:
+                prediction = self.predictor.predict(image)
+        except UnsupportedImageError as e:
+            refusal = str(e)
+        timings = {"decode": decode_ms, **(prediction.timings_ms if prediction else {})}
+        timings["total"] = (time.perf_counter() - t0) * 1e3
+        timings["overhead"] = timings["total"] - sum(v for k, v in timings.items() if k != "total")
+        uid = meta.sop_instance_uid
+        use_uid = meta.source == "dicom" and uid is not None and is_dicom_uid(uid)
+        _log.info("analyzed %s in %.0f ms%s", name, timings["total"], f" (refused: {refusal})" if refusal else "")
+        return Analysis(
+            name=name, sha256=digest, image=image, image_uid=uid if uid and use_uid else digest,
+            image_uid_kind="sop_instance_uid" if use_uid else "sha256", prediction=prediction, refusal=refusal,
+            notes=tuple(notes), timings_ms=timings,
+        )  # fmt: skip
+
+    def saliency(
+        self, analysis: Analysis, method: SaliencyMethod, finding: str | None, size: tuple[int, int]
+    ) -> np.ndarray:
+        """An (H, W) map in [0, 1] of where the model looked: rollout, or Grad-CAM for `finding`."""
+        from medvit.model.saliency import attention_rollout, grad_cam, to_image
+
+        target = self.findings.index(finding) if finding in self.findings else -1
+        if method == "gradcam" and target < 0:
+            raise MedvitError(f"choose one of the model's findings for Grad-CAM (got {finding!r})")
+        key = (analysis.sha256, method, finding if method == "gradcam" else None)
+
+        def compute() -> torch.Tensor:
+            x = self.predictor.transform(analysis.image.pixels).unsqueeze(0)
+            model = self.predictor.model
+            with self._model_lock:
+                if method == "rollout":
+                    return attention_rollout(model, x)[0]
+                return grad_cam(model, x, target)[0]
+
+        grid = self._saliency.get_or_compute(key, compute)
+        _, h_in, w_in = self.predictor.info.preprocessing["input_size"]
+        return to_image(grid, (int(h_in), int(w_in)), size)
+
+
+def load_zero_shot() -> ZeroShotScorer:
+    """The CLIP scorer named by $MEDVIT_CLIP, with $MEDVIT_CLIP_TEMPERATURES applied when set.
+
+    Always offline: a review session must not stall on (or depend on) a download, so the weights have to be
+    a local folder or already in the Hugging Face cache.
+
+    Raises:
+        ConfigError: no CLIP model configured.
+        WeightsNotFoundError: the configured weights are not available offline.
+    """
+    from medvit.zeroshot.scorer import ZeroShotScorer
+
+    return ZeroShotScorer.load(offline=True, temperatures=os.environ.get("MEDVIT_CLIP_TEMPERATURES") or None)
+
+
+def zero_shot_table(scorer: ZeroShotScorer, image: XrayImage, prompts: list[str], pairs: list[str]) -> pd.DataFrame:
+    """The app's zero-shot table from its two text boxes: free-text prompts (cosine similarity, and a softmax
+    across them when there are several) and "positive | negative" pair lines (negative optional: the positive is
+    negated). Columns: mode, prompt, prob, similarity, calibration ("uncalibrated" unless a fitted temperature
+    exists for that pair)."""
+    pair_objs = [p for p in (scorer.prompts.parse_pair(line) for line in pairs) if p]
+    n_prompts = sum(bool(p.strip()) for p in prompts)
+    table = scorer.score_table(image, prompts, pair_objs, multiclass=n_prompts > 1)
+    # the reader typed both sides of a pair, so show both; the prompts they typed first come first
+    table.loc[table["mode"] == "pair", "prompt"] = [f"{p.positive[0]} | {p.negative[0]}" for p in pair_objs]
+    table = table.sort_values("mode", key=lambda mode: mode == "pair", kind="stable", ignore_index=True)
+    return table[["mode", "prompt", "prob", "similarity", "calibration"]]

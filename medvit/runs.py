@@ -1,0 +1,119 @@
+"""The run folder: every file name in it, `config.json`'s schema, and `load_run`.
+
+A run folder is self-describing: `config.json` holds everything needed to rebuild the network
+(timm name + kwargs + head), the findings and the preprocessing, so `load_run` needs no YAML.
+Nothing here unpickles: weights are safetensors, the rest is JSON. Other modules name run files
+only through the constants below.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medvit._io import PICKLE_SUFFIXES, load_tensors, read_json, save_tensors, sha256_file, write_json
+from medvit.errors import CheckpointError
+
+_log = logging.getLogger(__name__)
+
+# ---- the files of a run folder (the only place their names are spelled) ----
+CONFIG = "config.json"  # findings, preprocessing, model build args, the resolved training config
+WEIGHTS = "model.safetensors"  # the weights inference serves
+CALIBRATION = "calibration.json"  # per-finding calibrators + thresholds (medvit.evaluate.calibration)
+METRICS = "metrics.json"  # evaluation report (medvit.evaluate.report)
+METRICS_CSV = "metrics.csv"  # one row per epoch, appended during training
+SUMMARY = "train_summary.json"  # how training ended: epochs, best metric, interruption
+CARD = "README.md"  # the model card (medvit.evaluate.modelcard)
+CARD_NOTES = "card_notes.md"  # optional text shown under "About this model" in the card
+EXPORTS = "exports.json"  # verified ONNX/TorchScript exports and their checksums
+PRETRAIN_ENCODER = "encoder.safetensors"  # the MAE stage's encoder, handed to fine-tuning
+PRETRAIN_SUMMARY = "pretrain.json"  # how the MAE stage ended
+
+_MODEL_BUILD_KEYS = ("name", "model_kwargs", "head", "head_hidden", "head_dropout", "drop_path_rate")
+
+
+def save_weights(path: str | os.PathLike, model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Save a model's state dict (optionally in fp16/bf16 to halve the file; `load_run` casts back)."""
+    save_tensors(path, model.state_dict(), metadata={"format": "pt"}, dtype=dtype)
+
+
+def model_build_args(model_cfg: Any, num_classes: int) -> dict[str, Any]:
+    """The subset of a ModelConfig needed to rebuild the network (no pretrained source, no freezing)."""
+    dumped = model_cfg.model_dump(mode="json")
+    return {**{k: dumped[k] for k in _MODEL_BUILD_KEYS}, "num_classes": num_classes}
+
+
+def write_run_config(run_dir: str | os.PathLike, config: dict[str, Any], findings: list[str],
+                     preprocessing: dict[str, Any], model_args: dict[str, Any]) -> None:
+    """Write `config.json`: the resolved config plus what inference needs without the YAML."""
+    write_json(Path(run_dir) / CONFIG, {
+        "findings": list(findings),
+        "preprocessing": preprocessing,
+        "model": model_args,
+        "config": config,
+    })
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run folder says about its model."""
+
+    run_dir: Path
+    findings: tuple[str, ...]
+    preprocessing: dict[str, Any]
+    model_name: str
+    model_args: dict[str, Any]
+    config: dict[str, Any]
+    weights_path: Path
+    weights_sha256: str
+
+
+def _refuse_pickles(run_dir: Path) -> None:
+    pickles = sorted(p.name for p in run_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    hint = f"; found pickle checkpoint(s) {', '.join(pickles)}, which medvit refuses to load" if pickles else ""
+    raise CheckpointError(f"{run_dir} has no {WEIGHTS}{hint} (a run folder needs {CONFIG} + {WEIGHTS})")
+
+
+def load_run(run_dir: str | os.PathLike, weights: str = WEIGHTS) -> tuple[nn.Module, RunInfo]:
+    """Rebuild the trained network from a run folder, in eval mode, with float32 weights.
+
+    Raises:
+        CheckpointError: missing/invalid config.json or weights, pickle-only folders, mismatched weights.
+    """
+    from medvit.config import ModelConfig
+    from medvit.model.classifier import build_model
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run folder not found: {run_dir}")
+    weights_path = run_dir / weights
+    if not weights_path.is_file():
+        _refuse_pickles(run_dir)
+    meta = read_json(run_dir / CONFIG)
+    try:
+        args = dict(meta["model"])
+        findings = tuple(meta["findings"])
+        preprocessing = dict(meta["preprocessing"])
+        num_classes = int(args.pop("num_classes"))
+        model_cfg = ModelConfig(**args, pretrained=False, freeze_stem=False, freeze_blocks=0)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir / CONFIG} is incomplete or invalid: {e}") from None
+    if num_classes != len(findings):
+        raise CheckpointError(f"{run_dir / CONFIG}: {num_classes} outputs but {len(findings)} findings")
+    model = build_model(model_cfg, num_classes)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_tensors(weights_path).items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{weights_path} does not match the model in {CONFIG}: {str(e)[:300]}") from None
+    model.eval()
+    info = RunInfo(run_dir=run_dir, findings=findings, preprocessing=preprocessing, model_name=model_cfg.name,
+                   model_args=meta["model"], config=meta.get("config", {}), weights_path=weights_path,
+                   weights_sha256=sha256_file(weights_path))
+    return model, info
