@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from medvit.data.dicom import read_image
     from medvit.inference.predictor import Predictor, resolve_run_dir
-    from medvit.review.service import ReviewService, default_example, findings_table
+    from medvit.review.service import ReviewService, findings_table
+    from medvit.review.settings import default_example
 
     path = Path(args.file) if args.file else default_example()
     if path is None:

@@ -106,7 +106,7 @@ def _worker(conn, images_root: str) -> None:
     warnings.simplefilter("ignore")
     import logging
 
-    logging.disable(logging.CRITICAL)
+    logging.disable(logging.CRITICAL)  # noqa: TID251 - this fuzz worker is its own process, and only decodes
     from medvit.data.datasets import load_labels
     from medvit.data.dicom import read_image
     from medvit.errors import MedvitError

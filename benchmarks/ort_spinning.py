@@ -1,6 +1,6 @@
 """ONNX Runtime int8 with and without intra-op thread spinning, as ratios to eager torch fp32 (the baseline).
 
-Exports DeiT3-B/16-384 (random init, 14 outputs) to int8 ONNX through `medvit.export.export_onnx`, then times
+Exports DeiT3-B/16-384 (random init, 14 outputs) to int8 ONNX through `medvit.inference.graphs.export_onnx`, then times
 eager fp32, ORT int8 with spinning (ORT's default, what medvit uses) and ORT int8 with
 `session.intra_op.allow_spinning=0`, in interleaved rounds so all three see the same load. Prints the median
 ratio eager / variant at batch 1 (median of 5 calls per round) and batch 8 (one call per round).
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from medvit.config import ModelConfig
     from medvit.inference.engines import OnnxBackend, TorchBackend, median_ms
-    from medvit.inference.export import export_onnx
+    from medvit.inference.graphs import export_onnx
     from medvit.model.classifier import build_model
 
     torch.set_num_threads(args.threads)

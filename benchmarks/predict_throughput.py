@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from medvit.data.dicom import read_image
-    from medvit.inference.batch import CsvSink, find_images, predict_files
+    from medvit.data.files import find_images
+    from medvit.inference.batch import CsvSink, predict_files
     from medvit.inference.predictor import Predictor
 
     with tempfile.TemporaryDirectory(prefix="medvit-throughput-") as tmp:

@@ -44,3 +44,11 @@ class WeightsNotFoundError(CheckpointError):
 
 class NonFiniteLossError(MedvitError):
     """Training loss became NaN/Inf; the run stops and the last good checkpoint in the run folder is kept."""
+
+
+class PacsError(MedvitError):
+    """The PACS (DICOMweb server) cannot be reached or refuses the credentials: nothing can be done until it answers."""
+
+
+class PacsRequestError(PacsError):
+    """The PACS answered one request with an error (an instance gone, a store rejected): only that instance fails."""

@@ -81,6 +81,11 @@ def canonical(name: str) -> str:
         ) from None
 
 
+def display_name(name: str) -> str:
+    """How a finding is written for people (reports, SR code meanings): "Pleural_Thickening" -> "Pleural Thickening"."""
+    return name.replace("_", " ")
+
+
 def is_finding(name: str) -> bool:
     """Whether `name` (any spelling) is a known finding."""
     return _key(name) in _CANONICAL

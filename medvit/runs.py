@@ -18,13 +18,17 @@ import torch
 from torch import nn
 
 from medvit._io import PICKLE_SUFFIXES, load_tensors, read_json, save_tensors, sha256_file, write_json
+from medvit.config import ModelConfig
 from medvit.errors import CheckpointError
+from medvit.model.classifier import build_model
+from medvit.resources import DEMO_RUN
 
 _log = logging.getLogger(__name__)
 
 # ---- the files of a run folder (the only place their names are spelled) ----
 CONFIG = "config.json"  # findings, preprocessing, model build args, the resolved training config
 WEIGHTS = "model.safetensors"  # the weights inference serves
+TIMM_BACKBONE = "timm_backbone.safetensors"  # the backbone alone, as timm.create_model(num_classes=0) names it
 CALIBRATION = "calibration.json"  # per-finding calibrators + thresholds (medvit.evaluate.calibration)
 METRICS = "metrics.json"  # evaluation report (medvit.evaluate.report)
 METRICS_CSV = "metrics.csv"  # one row per epoch, appended during training
@@ -41,6 +45,15 @@ _MODEL_BUILD_KEYS = ("name", "model_kwargs", "head", "head_hidden", "head_dropou
 def save_weights(path: str | os.PathLike, model: nn.Module, dtype: torch.dtype | None = None) -> None:
     """Save a model's state dict (optionally in fp16/bf16 to halve the file; `load_run` casts back)."""
     save_tensors(path, model.state_dict(), metadata={"format": "pt"}, dtype=dtype)
+
+
+def save_timm_backbone(run_dir: str | os.PathLike, model: nn.Module) -> None:
+    """Save the classifier's backbone under timm's own key names, so the model card's `library_name: timm` holds:
+    `timm.create_model(name, num_classes=0, **model_kwargs).load_state_dict(...)` accepts it strictly."""
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise TypeError(f"{type(model).__name__} has no timm backbone to save")
+    save_tensors(Path(run_dir) / TIMM_BACKBONE, backbone.state_dict(), metadata={"format": "pt"})
 
 
 def model_build_args(model_cfg: Any, num_classes: int) -> dict[str, Any]:
@@ -74,6 +87,22 @@ class RunInfo:
     weights_sha256: str
 
 
+RUN_ENV = "MEDVIT_RUN"
+
+
+def resolve_run_dir(run_dir: str | os.PathLike | None = None) -> Path:
+    """The run to serve: `run_dir`, else $MEDVIT_RUN, else the packaged demo model."""
+    if run_dir:
+        return Path(run_dir)
+    if os.environ.get(RUN_ENV):
+        return Path(os.environ[RUN_ENV])
+    if (DEMO_RUN / CONFIG).is_file():
+        return DEMO_RUN
+    raise CheckpointError(
+        f"no model given and the demo model is missing from {DEMO_RUN}: pass --run RUN_DIR or set {RUN_ENV}"
+    )
+
+
 def _refuse_pickles(run_dir: Path) -> None:
     pickles = sorted(p.name for p in run_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     hint = f"; found pickle checkpoint(s) {', '.join(pickles)}, which medvit refuses to load" if pickles else ""
@@ -86,9 +115,6 @@ def load_run(run_dir: str | os.PathLike, weights: str = WEIGHTS) -> tuple[nn.Mod
     Raises:
         CheckpointError: missing/invalid config.json or weights, pickle-only folders, mismatched weights.
     """
-    from medvit.config import ModelConfig
-    from medvit.model.classifier import build_model
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"run folder not found: {run_dir}")

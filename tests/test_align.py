@@ -142,3 +142,12 @@ def test_align_transformers_backend_roundtrip(tmp_path, train_pairs):
     tokens = backend.tokenize(["no acute cardiopulmonary findings"])
     with torch.no_grad():
         assert torch.allclose(again.text_features(tokens), backend.text_features(tokens), atol=1e-6)
+
+
+@pytest.mark.parametrize("escape", ["../../etc/passwd", "/etc/passwd"])
+def test_pair_paths_outside_the_image_root_are_refused(tmp_path, dev_images, prompts, escape):
+    csv = tmp_path / "pairs.csv"
+    name = sorted(p.name for p in dev_images.glob("*.png"))[0]
+    pd.DataFrame({"image": [name, escape], "text": ["Clear lungs.", "x"]}).to_csv(csv, index=False)
+    with pytest.raises(DatasetError, match="escapes the image root"):
+        load_pairs(csv, dev_images, prompts)

@@ -304,6 +304,26 @@ def test_review_command_binds_localhost_and_passes_settings(run_dir, tmp_path):
     assert main(["review", "--port", "70000"]) == 2
 
 
+def test_app_settings_travel_through_the_environment_unchanged(tmp_path):
+    """`medvit review` writes the settings with to_env and the page reads them with from_env: one contract."""
+    from medvit.errors import MedvitError
+    from medvit.review.settings import DEFAULT_MAX_UPLOAD_MB, AppSettings, app_environment
+
+    settings = AppSettings(run_dir=str(tmp_path / "run"), worklist=tmp_path, default_file=tmp_path / "a.dcm",
+                           max_upload_mb=7, db_url=f"sqlite:///{tmp_path / 'r.sqlite3'}")
+    env = settings.to_env()
+    assert AppSettings.from_env(env) == settings
+    assert env["MEDVIT_RUN"] == str(tmp_path / "run") and env["MEDVIT_MAX_UPLOAD_MB"] == "7"
+    bare = AppSettings.from_env({})  # nothing set: the demo model, the default limit, the packaged example
+    assert (bare.run_dir, bare.worklist, bare.max_upload_mb, bare.db_url) == (None, None, DEFAULT_MAX_UPLOAD_MB, None)
+    for bad in ("lots", "0"):
+        with pytest.raises(MedvitError, match="MEDVIT_MAX_UPLOAD_MB"):
+            AppSettings.from_env({"MEDVIT_MAX_UPLOAD_MB": bad})
+    launched = app_environment(settings, {"HF_HUB_OFFLINE": "0", "MEDVIT_RUN": "elsewhere"})
+    assert launched["HF_HUB_OFFLINE"] == "0" and launched["TRANSFORMERS_OFFLINE"] == "1"  # the user's choice wins
+    assert launched["MEDVIT_RUN"] == str(tmp_path / "run")  # the flag wins over the inherited environment
+
+
 # ---- the library behind the app (medvit.review_service), without Streamlit ----
 
 
@@ -321,7 +341,7 @@ def test_analysis_is_cached_by_file_hash(service, monkeypatch):
     real = service.predictor.predict
     monkeypatch.setattr(service.predictor, "predict", lambda image: calls.append(1) or real(image))
     first = service.analyze(data, "a.dcm")
-    assert service.analyze(data, "renamed.dcm") is first and len(calls) <= 1
+    assert service.analyze(data, "renamed.dcm") is first and len(calls) == 1
     assert set(first.timings_ms) >= {"decode", "preprocess", "forward", "calibrate", "overhead", "total"}
     assert first.image_uid_kind == "sop_instance_uid"
     shown = first.shown()
@@ -361,7 +381,7 @@ def test_windowing_defaults_reproduce_the_reader_and_rewindow_raw(service):
 
 def test_fresh_launch_uses_the_demo_model(env, monkeypatch):
     """No --run, no MEDVIT_RUN: the packaged demo model on RG1_UNCI.dcm, as on a fresh machine."""
-    from medvit.inference.predictor import DEMO_RUN
+    from medvit.resources import DEMO_RUN
 
     if not (DEMO_RUN / "config.json").is_file():
         pytest.skip(f"the demo model is not in {DEMO_RUN} yet")

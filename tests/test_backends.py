@@ -12,7 +12,7 @@ from medvit.inference import choice, engines
 from medvit.inference import predictor as inference
 from medvit.inference.choice import self_check
 from medvit.inference.engines import BACKENDS, available_backends
-from medvit.inference.export import reference_inputs
+from medvit.inference.fp32check import reference_inputs
 from medvit.inference.predictor import Predictor, load_model
 
 # bf16 keeps 8 bits of mantissa and int8 quantises activations: both may move a probability a little.

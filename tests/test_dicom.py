@@ -379,10 +379,10 @@ def test_jpeg_and_colour_png(tmp_path):
     img = read_image(path)
     assert img.meta.source == "jpeg" and np.abs(img.pixels - grey / 255.0).max() < 0.05
     rgb = np.zeros((64, 64, 3), np.uint8)
-    rgb[..., 0] = 200
+    rgb[..., 0] = grey[:, :64]  # a red ramp (a uniform colour would be refused as "no anatomy")
     Image.fromarray(rgb).save(tmp_path / "red.png")
     red = read_image(tmp_path / "red.png")
-    np.testing.assert_allclose(red.pixels, 200 * 0.299 / 255.0, atol=1e-6)
+    np.testing.assert_allclose(red.pixels, grey[:, :64] * 0.299 / 255.0, atol=1e-6)
     assert any("converted to grayscale" in w for w in red.meta.warnings)
     Image.fromarray(np.dstack([grey] * 3)).save(tmp_path / "grey_rgb.png")
     assert read_image(tmp_path / "grey_rgb.png").meta.warnings == ()  # R = G = B is not colour

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from medvit.evaluate import pipeline
 from medvit.evaluate import report as evaluate
 from medvit.evaluate.calibration import Calibration, fit_calibration
 from medvit.findings import NIH_FINDINGS
@@ -100,7 +101,17 @@ def test_plots_are_written_for_every_labelled_finding(val_set, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(dev_subset_csv, dev_images, tmp_path_factory):
+def served_env(tmp_path_factory):
+    """The app would serve fp32 ONNX here ($MEDVIT_BACKEND, as a deployment sets it): a non-torch engine that is
+    cheap to build, so calibrate/evaluate must measure it beside fp32. The ONNX export goes to a temp cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDVIT_BACKEND", "onnx")
+        mp.setenv("MEDVIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def smoke_run(dev_subset_csv, dev_images, tmp_path_factory, served_env):
     """A real smoke run (tiny DeiT3) trained and calibrated through the CLI on 24 + 12 real dev images."""
     from medvit.cli import main
 
@@ -138,8 +149,74 @@ def test_calibrate_writes_calibration_metrics_and_model_card(smoke_run):
         "EMA weights",
         "Demonstration model",
         "| Effusion |",
+        "### Served engine",
+        "| onnx (served) |",
+        "timm_backbone.safetensors",
     ):
         assert section in card, section
+
+
+def test_metrics_report_the_served_engine_beside_fp32(smoke_run):
+    """The engine the app serves (fp32 ONNX here) is measured on the same images as eager fp32."""
+    report = json.loads((smoke_run / "metrics.json").read_text())
+    assert report["served_engine"] == "onnx" and set(report["engines"]) == {"torch", "onnx"}
+    fp32, served = report["engines"]["torch"], report["engines"]["onnx"]
+    assert fp32["mean_auroc"] == pytest.approx(report["mean_auroc"])  # the same mean as the report's own
+    assert fp32["mean_auroc_minus_fp32"] == 0 and fp32["max_abs_dp"] == 0 and fp32["flags_changed"] == 0
+    assert 0 < served["max_abs_dp_uncalibrated"] < 1e-4  # a really different engine, yet fp32 ONNX agrees with torch
+    assert served["max_abs_dp"] < 1e-3 and served["flags_changed"] <= 1
+    n_findings = len(json.loads((smoke_run / "config.json").read_text())["findings"])
+    assert abs(served["mean_auroc_minus_fp32"]) < 1e-3 and served["n_outputs"] == 12 * n_findings
+
+
+def test_timm_backbone_loads_strictly_into_timm_and_matches_the_run(smoke_run):
+    """The card's `library_name: timm` is true: timm alone rebuilds the backbone from the run's files."""
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    from medvit.runs import TIMM_BACKBONE, load_run
+
+    model, info = load_run(smoke_run)
+    backbone = timm.create_model(info.model_name, num_classes=0, **info.model_args["model_kwargs"])
+    backbone.load_state_dict(load_file(smoke_run / TIMM_BACKBONE), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.eval()(x), model.backbone(x))
+
+
+def test_card_claims_timm_only_with_the_backbone_file(smoke_run, tmp_path):
+    import shutil
+
+    from medvit.evaluate.modelcard import render_model_card
+    from medvit.runs import TIMM_BACKBONE
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    (run / TIMM_BACKBONE).unlink()
+    card = render_model_card(run)
+    assert card.startswith("---\n") and "library_name" not in card and TIMM_BACKBONE not in card
+
+
+def test_compare_engines_measures_each_engine_against_fp32(val_set):
+    z, y, _ = val_set
+    cal = Calibration.identity(NIH_FINDINGS)
+    noisy = z + np.random.default_rng(1).normal(0, 2.0, z.shape)  # an engine that really changes the ranking
+    out = evaluate.compare_engines({"torch": z, "bad": noisy}, y, cal)
+
+    def mean_auroc(logits):
+        return np.mean([roc_auc_score(y[m, k], logits[m, k]) for k in range(y.shape[1])
+                        if len(set(y[(m := ~np.isnan(y[:, k])), k])) == 2])
+
+    assert out["torch"]["mean_auroc"] == pytest.approx(mean_auroc(z))
+    assert out["bad"]["mean_auroc"] == pytest.approx(mean_auroc(noisy))
+    assert out["bad"]["mean_auroc_minus_fp32"] == pytest.approx(mean_auroc(noisy) - mean_auroc(z))
+    assert out["bad"]["mean_auroc_minus_fp32"] < -0.02
+    flips = int(np.sum((cal.apply(noisy) >= 0.5) != (cal.apply(z) >= 0.5)))
+    assert out["bad"]["flags_changed"] == flips > 0 and out["bad"]["n_outputs"] == z.size
+    assert out["bad"]["max_abs_dp"] == pytest.approx(np.max(np.abs(cal.apply(noisy) - cal.apply(z))))
+    with pytest.raises(ValueError, match="logits"):
+        evaluate.compare_engines({"torch": z, "short": z[:3]}, y, cal)
 
 
 def test_evaluate_cli_writes_schema_valid_metrics_and_plots(smoke_run, dev_subset_csv, dev_images, tmp_path, capsys):
@@ -151,6 +228,7 @@ def test_evaluate_cli_writes_schema_valid_metrics_and_plots(smoke_run, dev_subse
     printed = json.loads(capsys.readouterr().out)
     report = json.loads((out / "metrics.json").read_text())
     jsonschema.validate(report, evaluate.METRICS_SCHEMA)
+    assert printed["served_engine"] == report["served_engine"] == "onnx" and set(report["engines"]) == {"torch", "onnx"}
     assert printed["mean_auroc"] == report["mean_auroc"] and report["n_images"] == 12
     assert report["evaluation"]["calibration_in_sample"] is True  # same split the calibrators were fitted on
     defined = [m["auroc"] for m in report["findings"].values() if m["auroc"] is not None]
@@ -181,6 +259,9 @@ def test_evaluate_cli_writes_schema_valid_metrics_and_plots(smoke_run, dev_subse
         == 2
     )
     assert "no rows with split 'calib'" in capsys.readouterr().err
+    unknown = ["--labels", str(dev_subset_csv), "--out", str(tmp_path / "y"), "--engine", "tpu"]
+    assert main(["evaluate", *args, *unknown]) == 2
+    assert "--engine tpu: unknown engine" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 @pytest.mark.parametrize("policy, expected", [("column", "val"), ("assign", "calib")])
@@ -195,7 +276,7 @@ def test_run_split_frame_rebuilds_the_runs_held_out_split(dev_labels, dev_images
     split = {"policy": policy, "val": 0.15, "calib": 0.2, "seed": 3, "train_name": "train", "val_name": "val"}
     data = {"labels_csv": str(dev_labels), "images_root": str(dev_images), "split": split}
     info = SimpleNamespace(config={"data": data}, findings=NIH_FINDINGS, run_dir=Path("run"))
-    df, name = evaluate.run_split_frame(info)
+    df, name = pipeline.run_split_frame(info)
     assert name == expected and set(df["split"]) == {expected}
     if policy == "column":
         assert len(df) == 51
@@ -209,7 +290,7 @@ def test_run_split_frame_rebuilds_the_runs_held_out_split(dev_labels, dev_images
     from medvit.errors import DatasetError
 
     with pytest.raises(DatasetError, match="pass --labels CSV --images DIR"):
-        evaluate.run_split_frame(info)
+        pipeline.run_split_frame(info)
 
 
 def test_collect_logits_runs_in_order_without_grad_and_restores_training_mode():
@@ -228,7 +309,7 @@ def test_collect_logits_runs_in_order_without_grad_and_restores_training_mode():
     x = torch.randn(10, 1, 2, 2)
     y = torch.tensor([[1.0, float("nan")]] * 10)
     model = Tiny().train()
-    logits, labels = evaluate.collect_logits(model, list(zip(x, y, strict=True)), batch_size=4)
+    logits, labels = pipeline.collect_logits(model, list(zip(x, y, strict=True)), batch_size=4)
     assert logits.shape == (10, 2) and logits.dtype == np.float32
     np.testing.assert_allclose(logits, model.fc(x.flatten(1)).detach().numpy(), rtol=1e-6)
     assert np.isnan(labels[:, 1]).all() and (labels[:, 0] == 1).all()
@@ -248,7 +329,7 @@ def test_run_split_frame_never_overlaps_the_training_split(dev_labels, dev_image
         "split": {"policy": "assign", "val": 0.15, "calib": 0.2, "seed": 3}}}
     info.config.clear()
     info.config.update(cfg)
-    calib, name = evaluate.run_split_frame(info)
+    calib, name = pipeline.run_split_frame(info)
     train = load_splits(Config.model_validate(cfg)).train
     assert name == "calib" and len(calib) == round(337 * 0.2)
     assert not set(calib["patient_id"]) & set(train["patient_id"])

@@ -13,7 +13,7 @@ from _inference_run import make_tiny_run
 from medvit._io import sha256_file
 from medvit.cli import main
 from medvit.errors import CheckpointError
-from medvit.inference import export
+from medvit.inference import export, fp32check, graphs
 from medvit.inference.engines import OnnxBackend, TorchBackend
 from medvit.inference.predictor import load_model
 
@@ -41,14 +41,14 @@ def test_onnx_export_is_verified_checksummed_with_dynamic_batch(run, capsys):
     assert record["n_images"] == 4 and record["max_abs_dp"] <= 1e-4
     assert (run / "model.onnx.sha256").read_text().split()[0] == record["sha256"]
     model, info = load_model(run)
-    x = export.reference_inputs(info.config, info.preprocessing, n=3)  # batch 3: the batch axis is dynamic
+    x = fp32check.reference_inputs(info.config, info.preprocessing, n=3)  # batch 3: the batch axis is dynamic
     np.testing.assert_allclose(OnnxBackend(path)(x), TorchBackend(model)(x), atol=1e-4)
 
 
 def test_export_refuses_a_graph_that_disagrees(run, monkeypatch):
-    real_to_onnx = export._to_onnx
+    real_to_onnx = graphs._to_onnx
 
-    def perturbed(model, path, input_size, opset=export.OPSET):
+    def perturbed(model, path, input_size, opset=graphs.OPSET):
         import copy
 
         bad = copy.deepcopy(model)
@@ -56,7 +56,7 @@ def test_export_refuses_a_graph_that_disagrees(run, monkeypatch):
             bad.head.bias.add_(0.5)  # a wrong graph: every logit shifted
         real_to_onnx(bad, path, input_size, opset)
 
-    monkeypatch.setattr(export, "_to_onnx", perturbed)
+    monkeypatch.setattr(graphs, "_to_onnx", perturbed)
     with pytest.raises(CheckpointError, match="refusing to write model.onnx"):
         export.export_run(run, "onnx")
     assert not (run / "model.onnx").exists()
@@ -86,5 +86,5 @@ def test_verified_onnx_reuses_current_exports_and_replaces_stale_ones(run, tmp_p
 
 def test_reference_images_fall_back_to_pydicom_data(tmp_path, cxr_dicom):
     config = {"data": {"labels_csv": str(tmp_path / "gone.csv"), "images_root": str(tmp_path)}}
-    assert export.reference_images(config) == [cxr_dicom]
-    assert export.reference_images(None) == [cxr_dicom]
+    assert fp32check.reference_images(config) == [cxr_dicom]
+    assert fp32check.reference_images(None) == [cxr_dicom]

@@ -87,15 +87,15 @@ def _medvit(*argv: str, timeout: float = TRAIN_TIMEOUT) -> subprocess.CompletedP
 _TRAIN_UNTIL_MID_EPOCH = """
     import sys, time
     from pathlib import Path
-    from medvit.train import supervised as train
+    from medvit.train.engine import Engine
     marker = Path(sys.argv[1])
-    original = train._Trainer._optimizer_step
+    original = Engine._optimizer_step
     def step(self):
         original(self)
         if self.state["global_step"] == self.updates_per_epoch + 1:
             marker.write_text("inside epoch 2")
             time.sleep(3600)
-    train._Trainer._optimizer_step = step
+    Engine._optimizer_step = step
     from medvit.cli import main
     sys.exit(main(sys.argv[2:]))
 """
@@ -103,15 +103,15 @@ _TRAIN_UNTIL_MID_EPOCH = """
 # A child that trains normally for one epoch and then sees a non-finite loss on every batch.
 _TRAIN_THEN_DIVERGE = """
     import sys
-    from medvit.train import supervised as train
+    from medvit.train.engine import Engine
     bad = float(sys.argv[1])
-    original = train._Trainer._train_epoch
+    original = Engine._train_epoch
     def epoch(self, index):
         if index == 1:
-            forward = self.criterion.forward
-            self.criterion.forward = lambda *a, **k: forward(*a, **k) * bad
+            forward = self.task.criterion.forward
+            self.task.criterion.forward = lambda *a, **k: forward(*a, **k) * bad
         return original(self, index)
-    train._Trainer._train_epoch = epoch
+    Engine._train_epoch = epoch
     from medvit.cli import main
     sys.exit(main(sys.argv[2:]))
 """

@@ -7,8 +7,9 @@ import pytest
 from _inference_run import make_tiny_run
 
 from medvit.cli import main
+from medvit.data.files import find_images
 from medvit.findings import DEFAULT_FINDINGS
-from medvit.inference.batch import CSV_COLUMNS, find_images
+from medvit.inference.batch import CSV_COLUMNS
 
 K = len(DEFAULT_FINDINGS)
 

@@ -75,7 +75,7 @@ def test_schema_is_versioned_and_matches_the_models(store):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    assert schema_revision(store.engine) == "0001"
+    assert schema_revision(store.engine) == "0002"
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], f"migration and ORM models disagree: {diff}"
@@ -86,7 +86,7 @@ def test_downgrade_and_upgrade(store):
     assert schema_revision(store.engine) is None
     assert "reviews" not in sa_inspect(store.engine).get_table_names()
     migrate(store.engine)
-    assert schema_revision(store.engine) == "0001"
+    assert schema_revision(store.engine) == "0002"
     assert _review(store) > 0
 
 
@@ -245,7 +245,7 @@ def test_stores_opened_concurrently_on_a_fresh_database_all_work(db_url):
     """Several app processes starting at once: one migrates, the others wait and find the schema at head."""
     stores, errors = _open_concurrently(db_url, 4, then=_review)
     assert not errors, errors
-    assert stores[0].count() == 4 and schema_revision(stores[0].engine) == "0001"
+    assert stores[0].count() == 4 and schema_revision(stores[0].engine) == "0002"
     for s in stores:
         s.close()
 
@@ -262,7 +262,7 @@ def test_many_processes_switching_a_new_sqlite_file_to_wal_at_once_all_succeed(t
         for s in stores:
             s.close()
         store = ReviewStore(url)
-        assert schema_revision(store.engine) == "0001"
+        assert schema_revision(store.engine) == "0002"
         with store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         store.close()

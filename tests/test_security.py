@@ -1,6 +1,9 @@
 """Security: no pickles are ever loaded, the app is not exposed by default, inputs are capped, and free text is
 stored as data, never as SQL.
 
+How the code is spelled (no pickle/torch.load/np.load, no SQL built from strings, no eval/exec, no unsafe YAML)
+is checked by `make lint` (ruff S301, S608, S307, S102, S506 and the banned APIs in pyproject.toml), not here.
+
 Malicious pickles here are real: unpickling them would create a marker file, so "refused" is checked by the
 marker's absence as well as by the error.
 """
@@ -25,7 +28,6 @@ from medvit.errors import CheckpointError, ImageTooLargeError, MedvitError
 from medvit.runs import CONFIG, WEIGHTS, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE_DIRS = ("medvit", "apps", "benchmarks", "tests")
 
 
 class _Exploit:
@@ -111,66 +113,6 @@ def test_pretrained_weights_file_refuses_pickles_with_a_clear_error(suffix, tmp_
     assert not marker.exists()
     assert isinstance(info.value, CheckpointError), f"raw {type(info.value).__name__}: {str(info.value)[:200]}"
     assert weights.name in str(info.value)
-
-
-def _calls(tree: ast.AST, module: str, attr: str):
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Attribute)
-            and node.func.attr == attr
-            and isinstance(node.func.value, ast.Name)
-            and node.func.value.id == module
-        ):
-            yield node
-
-
-def _python_files():
-    for folder in SOURCE_DIRS:
-        yield from sorted((ROOT / folder).rglob("*.py"))
-
-
-def test_every_torch_load_passes_weights_only_true():
-    offenders = []
-    n_files = 0
-    for path in _python_files():
-        n_files += 1
-        tree = ast.parse(path.read_text(), str(path))
-        for call in _calls(tree, "torch", "load"):
-            kw = {k.arg: k.value for k in call.keywords}
-            ok = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
-            if not ok:
-                offenders.append(f"{path.relative_to(ROOT)}:{call.lineno}")
-    assert n_files > 30  # the scan really ran over the tree
-    assert not offenders, f"torch.load without weights_only=True: {offenders}"
-
-
-def test_the_scan_catches_an_unsafe_torch_load():
-    """The AST scan above is not vacuous: it flags the forms it must flag."""
-    bad = ast.parse("torch.load(p)\ntorch.load(p, weights_only=False)\ntorch.load(p, weights_only=flag)")
-    good = ast.parse("torch.load(p, map_location='cpu', weights_only=True)")
-    flagged = [c for c in _calls(bad, "torch", "load")
-               if not any(k.arg == "weights_only" and getattr(k.value, "value", None) is True for k in c.keywords)]
-    assert len(flagged) == 3
-    assert all(any(k.arg == "weights_only" and k.value.value is True for k in c.keywords)
-               for c in _calls(good, "torch", "load"))  # fmt: skip
-
-
-def test_library_and_app_never_unpickle():
-    """No pickle/joblib/dill loading anywhere a user's file could reach (medvit/ and apps/)."""
-    forbidden = {("pickle", "load"), ("pickle", "loads"), ("joblib", "load"), ("dill", "load"), ("dill", "loads"),
-                 ("cloudpickle", "load"), ("cloudpickle", "loads"), ("pd", "read_pickle")}  # fmt: skip
-    offenders = []
-    for path in (p for p in _python_files() if p.parts[len(ROOT.parts)] in ("medvit", "apps")):
-        tree = ast.parse(path.read_text(), str(path))
-        for module, attr in forbidden:
-            offenders += [f"{path.relative_to(ROOT)}:{c.lineno} {module}.{attr}" for c in _calls(tree, module, attr)]
-        for node in ast.walk(tree):  # np.load(..., allow_pickle=True)
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load":
-                for k in node.keywords:
-                    if k.arg == "allow_pickle" and getattr(k.value, "value", False) is True:
-                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} allow_pickle=True")
-    assert not offenders, offenders
 
 
 # ------------------------------------------------------------------------------------------- serving and limits
@@ -335,7 +277,8 @@ def test_the_app_limits_free_text_inputs():
     """The review form's text widgets carry the same limits the store enforces (Streamlit cuts typing there)."""
     from medvit.review.store import NOTE_MAX, REVIEWER_MAX
 
-    source = "\n".join(p.read_text() for p in (ROOT / "apps").glob("*.py"))
+    ui = [*(ROOT / "apps").glob("*.py"), *(ROOT / "medvit" / "review").glob("*.py")]  # the page and its widgets
+    source = "\n".join(p.read_text() for p in ui)
     tree = ast.parse(source)
     limits = {}
     for node in ast.walk(tree):
@@ -344,27 +287,6 @@ def test_the_app_limits_free_text_inputs():
             limits[label] = next((ast.unparse(k.value) for k in node.keywords if k.arg == "max_chars"), None)
     assert limits.get("Reviewer name") == "REVIEWER_MAX" and limits.get("Note") == "NOTE_MAX", limits
     assert REVIEWER_MAX <= 200 and NOTE_MAX <= 10_000
-
-
-def test_sql_is_never_built_by_formatting_values():
-    """SQL strings given to text()/execute()/exec_driver_sql() in medvit/ may only interpolate module constants."""
-    offenders = []
-    for path in (ROOT / "medvit").rglob("*.py"):
-        tree = ast.parse(path.read_text(), str(path))
-        for node in ast.walk(tree):
-            if not (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None))
-                    in ("text", "execute", "exec_driver_sql", "executescript")):  # fmt: skip
-                continue
-            for arg in node.args[:1]:
-                if isinstance(arg, ast.BinOp) or (
-                    isinstance(arg, ast.Call) and getattr(arg.func, "attr", None) == "format"
-                ):
-                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-                if isinstance(arg, ast.JoinedStr):
-                    names = [v.value for v in arg.values if isinstance(v, ast.FormattedValue)]
-                    if not all(isinstance(n, ast.Name) and n.id.isupper() for n in names):
-                        offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    assert not offenders, f"SQL built from values (use bound parameters): {offenders}"
 
 
 def test_no_patient_identifier_parameters_in_the_store_api():

@@ -8,11 +8,8 @@ become captions through the prompt templates. The result folder loads like any o
 from __future__ import annotations
 
 import argparse
-import logging
 
 from medvit.commands.zeroshot import add_model_arguments, prepare_offline
-
-_log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,57 +24,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--accum-steps", type=int, default=1, help="contrastive batches per optimizer update")
+    parser.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
     parser.add_argument("--trainable-image-blocks", type=int, default=2,
                         help="image blocks left trainable from the top (-1: the whole image tower)")
     parser.add_argument("--seed", type=int, default=0, help="seeds shuffling and any random initialisation")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted alignment in --out exactly")
 
 
 def run(args: argparse.Namespace) -> int:
     prepare_offline(args)
-    import json
-    from dataclasses import asdict
     from pathlib import Path
 
-    import pandas as pd
-
-    from medvit.errors import DatasetError
-    from medvit.runs import METRICS_CSV
     from medvit.zeroshot.clip import default_spec, load_clip
-    from medvit.zeroshot.finetune import AlignConfig, align, preprocess_images, read_pairs, select_pairs
+    from medvit.zeroshot.finetune import AlignConfig, align_and_save, load_alignment_pairs
     from medvit.zeroshot.prompts import load_prompt_config
 
     prompts = load_prompt_config(args.prompts)
     cfg = AlignConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                      warmup_steps=args.warmup_steps, normalization=args.normalization, seed=args.seed,
+                      warmup_steps=args.warmup_steps, accum_steps=args.accum_steps, clip_grad=args.clip_grad,
+                      normalization=args.normalization, seed=args.seed,
                       trainable_image_blocks=None if args.trainable_image_blocks < 0 else args.trainable_image_blocks)
-    pairs = read_pairs(args.pairs, args.images, prompts)  # read and check the CSV and its images once
-    train = select_pairs(pairs, args.split or None, args.pairs)
-    val = None
-    if args.val_split:
-        try:
-            val = select_pairs(pairs, args.val_split, args.pairs)
-        except DatasetError as e:  # no split column, or fewer than 2 pairs in it: align without validation
-            _log.warning("no validation pairs: %s", e)
-    spec = default_spec(args.model, prompts.model)
+    # read and check the CSV and its images before loading the model
+    train, val = load_alignment_pairs(args.pairs, args.images, prompts, args.split or None, args.val_split or None)
     # training needs fp32 weights; --dtype only affects scoring. --seed also seeds a --random-init start, so
     # `zeroshot-eval --random-init --seed S` scores exactly the weights align started from.
-    backend = load_clip(spec, offline=args.offline, dtype="fp32", allow_random_init=args.random_init, seed=args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    images = preprocess_images(backend, list(train["path"]), cfg.normalization)
-    val_data = None if val is None else (preprocess_images(backend, list(val["path"]), cfg.normalization),
-                                         list(val["text"]))
-    history = align(backend, images, list(train["text"]), cfg, variants=list(train["variants"]), val=val_data,
-                    log_csv=out / METRICS_CSV)
-    saved = backend.save(out)
-    meta = {"source_model": str(backend.spec), "random_init": bool(args.random_init), "saved_as": saved,
-            "pairs": str(args.pairs), "split": args.split, "val_split": args.val_split, "n_train": len(train),
-            "n_val": 0 if val is None else len(val), "config": asdict(cfg), "history": history,
-            "captions": pd.Series(train["text"]).value_counts().head(20).to_dict()}
-    (out / "align.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    backend = load_clip(default_spec(args.model, prompts.model), offline=args.offline, dtype="fp32",
+                        allow_random_init=args.random_init, seed=args.seed)
+    meta = align_and_save(backend, train, val, Path(args.out), cfg, resume=args.resume,
+                          meta={"random_init": bool(args.random_init), "pairs": str(args.pairs), "split": args.split,
+                                "val_split": args.val_split})
+    history = meta["history"]
     first, last = history[0], history[-1]
     print(f"aligned {backend.spec} on {len(train)} pairs: train loss {first['train_loss']:.4f} -> "
           f"{last['train_loss']:.4f}" + (f", val loss {first['val_loss']:.4f} -> {last['val_loss']:.4f}"
                                          if "val_loss" in last else ""))
-    print(f"saved: {saved}")
+    print(f"saved: {meta['saved_as']}")
     return 0

@@ -1,7 +1,8 @@
 """`medvit calibrate --run RUN_DIR [--method ...] [--threshold ...] [--labels CSV --images DIR]`.
 
 Fits per-finding calibrators and thresholds on the run's patient-disjoint calib split (its val split when it
-has none), writes calibration.json, metrics.json (cross-validated on that split) and the README.md model card.
+has none), writes calibration.json, metrics.json (cross-validated on that split, with the served inference engine
+beside fp32) and the README.md model card; see `medvit.evaluate.pipeline.calibrate_run`.
 """
 
 from __future__ import annotations
@@ -42,77 +43,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples for CIs (0: none)")
     parser.add_argument("--notes", type=Path, metavar="MD", help="markdown added to the model card (kept in the run)")
+    add_engine_argument(parser)
+
+
+def add_engine_argument(parser: argparse.ArgumentParser) -> None:
+    """--engine, shared with `medvit evaluate`: the inference engine measured beside eager fp32."""
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        metavar="NAME",
+        help="inference engine whose results are reported beside fp32: auto = the one `medvit predict` and the app "
+        "serve on this machine ($MEDVIT_BACKEND wins), or a backend name such as torch or onnx-int8 (default: auto)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from medvit.errors import ConfigError
-    from medvit.evaluate.calibration import cross_validated_probs, fit_calibration
-    from medvit.evaluate.modelcard import NOTES, write_model_card
-    from medvit.evaluate.report import build_report, labelled_frame, model_logits, run_split_frame, write_metrics
-    from medvit.runs import CALIBRATION, METRICS, load_run
+    from medvit.evaluate.pipeline import calibrate_run
 
-    if (args.labels is None) != (args.images is None):
-        raise ConfigError("--labels and --images go together")
-    if args.notes is not None and not args.notes.is_file():
-        raise ConfigError(f"--notes {args.notes}: file not found")
-    if not 0 < args.target_sensitivity <= 1:
-        raise ConfigError(f"--target-sensitivity must be in (0, 1], got {args.target_sensitivity}")
-    model, info = load_run(args.run)
-    if args.labels is not None:
-        df, split = labelled_frame(args.labels, args.images, info.findings, args.split), args.split
-        source = args.labels.name
-    else:
-        df, split = run_split_frame(info, args.split)
-        source = Path(info.config["data"]["labels_csv"]).name
-    logits, labels = model_logits(model, info, df, args.batch_size)
-    groups = df["patient_id"].to_numpy()
-    cal = fit_calibration(
-        logits,
-        labels,
-        info.findings,
-        groups,
-        method=args.method,
-        threshold_rule=args.threshold,
-        target_sensitivity=args.target_sensitivity,
+    result = calibrate_run(
+        args.run, labels_csv=args.labels, images_dir=args.images, split=args.split, method=args.method,
+        threshold_rule=args.threshold, target_sensitivity=args.target_sensitivity, batch_size=args.batch_size,
+        n_boot=args.n_boot, notes=args.notes, engine=args.engine,
     )
-    cal.info["fitted_on"].update({"labels": source, "split": split})
-    cal.save(args.run / CALIBRATION)
-
-    report = build_report(
-        logits,
-        labels,
-        info.findings,
-        groups,
-        cal,
-        n_boot=args.n_boot,
-        probs_calibrated=cross_validated_probs(logits, labels, groups, cal),
-    )
-    folds = cal.info["selection"]["folds"]
-    report["evaluation"] = {
-        "description": f"calibration data: {source}"
-        + (f", split {split!r}" if split else "")
-        + f"; calibrated metrics are out-of-fold ({folds} patient-grouped folds), AUROC and thresholds in-sample",
-        "labels": source,
-        "split": split,
-        "calibration_in_sample": False,
-        "cross_validated": True,
-    }
-    report["run"] = {"dir": str(args.run), "model": info.model_name, "weights_sha256": info.weights_sha256}
-    write_metrics(report, args.run / METRICS)
-    if args.notes is not None:
-        (args.run / NOTES).write_text(args.notes.read_text())
-    write_model_card(args.run)
-    print(
-        json.dumps(
-            {
-                "calibration": str(args.run / CALIBRATION),
-                "chosen": cal.info["chosen"],
-                "n_images": report["n_images"],
-                "mean_auroc": round(report["mean_auroc"], 4),
-                "mean_ece_uncalibrated": round(report["mean_ece_uncalibrated"], 4),
-                "mean_ece_cross_validated": round(report["mean_ece"], 4),
-            },
-            indent=2,
-        )
-    )
+    print(json.dumps(result.summary(), indent=2))
     return 0

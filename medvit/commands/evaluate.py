@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from medvit.commands.calibrate import add_engine_argument
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="run folder from `medvit train`")
@@ -22,25 +24,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples for CIs (0: none)")
     parser.add_argument("--no-plots", action="store_true", help="skip ROC and reliability plots")
+    add_engine_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from medvit.evaluate.modelcard import write_model_card
-    from medvit.evaluate.report import evaluate_run
+    from medvit.evaluate.pipeline import evaluate_run
     from medvit.runs import METRICS
 
     report = evaluate_run(
-        args.run,
-        args.labels,
-        args.images,
-        args.out,
-        split=args.split,
-        batch_size=args.batch_size,
-        n_boot=args.n_boot,
-        plots=not args.no_plots,
+        args.run, args.labels, args.images, args.out, split=args.split, batch_size=args.batch_size,
+        n_boot=args.n_boot, plots=not args.no_plots, engine=args.engine,
     )
-    if args.out.resolve() == args.run.resolve():
-        write_model_card(args.run)  # the card shows the run's metrics.json, which just changed
-    summary = {k: report[k] for k in ("n_images", "mean_auroc", "mean_ece", "mean_ece_uncalibrated")}
+    summary = {k: report[k] for k in ("n_images", "mean_auroc", "mean_ece", "mean_ece_uncalibrated", "served_engine")}
     print(json.dumps({"metrics": str(args.out / METRICS), **summary}, indent=2))
     return 0

@@ -1,15 +1,14 @@
 """`medvit review`: start the Streamlit review app (apps/review.py) on this machine.
 
-Settings reach the app through environment variables (read by `medvit.review_service.AppSettings`), so
-`streamlit run apps/review.py` and the AppTest harness see exactly the same configuration.
-The server binds to localhost unless --host says otherwise: the app shows patient images.
+Settings reach the app through environment variables (`medvit.review.settings`: written by `AppSettings.to_env`,
+read by `AppSettings.from_env`), so `streamlit run apps/review.py` and the AppTest harness see exactly the same
+configuration. The server binds to localhost unless --host says otherwise: the app shows patient images.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +16,6 @@ from pathlib import Path
 from medvit.errors import ConfigError
 
 _log = logging.getLogger(__name__)
-
-DEFAULT_MAX_UPLOAD_MB = 64
 
 
 def app_path() -> Path:
@@ -29,6 +26,8 @@ def app_path() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from medvit.review.settings import DEFAULT_MAX_UPLOAD_MB
+
     parser.add_argument("--run", help="run folder to serve (default: $MEDVIT_RUN, else the packaged demo model)")
     parser.add_argument("--worklist", help="folder of DICOM/PNG/JPEG files to list in the app")
     parser.add_argument("--file", help="image to open at start (default: RG1_UNCI.dcm from pydicom-data)")
@@ -40,8 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _existing(args: argparse.Namespace, flag: str, *, is_dir: bool) -> Path | None:
+    """The absolute path a --run/--worklist/--file flag names (the app may start elsewhere), checked to exist."""
+    value = getattr(args, flag)
+    if value is None:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not (path.is_dir() if is_dir else path.is_file()):
+        raise ConfigError(f"--{flag} {value}: {'folder' if is_dir else 'file'} not found")
+    return path
+
+
 def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """The streamlit command line and the environment for the app; validated, not yet run."""
+    from medvit.review.settings import AppSettings, app_environment
+
     script = app_path()
     if not script.is_file():
         raise ConfigError(f"{script} not found: the medvit install is incomplete; reinstall medvit")
@@ -49,22 +61,11 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         raise ConfigError(f"--port {args.port}: not a TCP port")
     if args.max_upload_mb < 1:
         raise ConfigError("--max-upload-mb must be at least 1")
-    env = dict(os.environ)
-    for flag, name, is_dir in (("run", "MEDVIT_RUN", True), ("worklist", "MEDVIT_WORKLIST", True),
-                               ("file", "MEDVIT_FILE", False)):  # fmt: skip
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        path = Path(value).expanduser().resolve()
-        if not (path.is_dir() if is_dir else path.is_file()):
-            raise ConfigError(f"--{flag} {value}: {'folder' if is_dir else 'file'} not found")
-        env[name] = str(path)
-    if args.db:
-        env["MEDVIT_DB_URL"] = args.db
-    env["MEDVIT_MAX_UPLOAD_MB"] = str(args.max_upload_mb)
-    # The app never downloads weights mid-session; huggingface_hub reads these once, at import.
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    run = _existing(args, "run", is_dir=True)
+    settings = AppSettings(run_dir=str(run) if run else None, worklist=_existing(args, "worklist", is_dir=True),
+                           default_file=_existing(args, "file", is_dir=False), max_upload_mb=args.max_upload_mb,
+                           db_url=args.db or None)
+    env = app_environment(settings)
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(script),
         "--server.address", args.host,

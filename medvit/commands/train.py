@@ -19,22 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medvit._io import read_json
-    from medvit.config import load_config, validate_config
-    from medvit.errors import ConfigError
-    from medvit.runs import CONFIG, SUMMARY
-    from medvit.train.supervised import fit
+    from medvit.runs import SUMMARY
+    from medvit.train.supervised import fit, resolve_config
 
-    if args.config is None and args.resume is None:
-        raise ConfigError("medvit train needs -c CONFIG (or --resume RUN_DIR to continue a run)")
-    if args.config is not None:
-        cfg = load_config(args.config, args.overrides)
-    else:
-        from medvit.config import apply_overrides
-
-        saved = read_json(args.resume / CONFIG)["config"]
-        cfg = validate_config(apply_overrides(saved, args.overrides), str(args.resume / CONFIG))
+    cfg = resolve_config(args.config, args.overrides, args.resume)
     run_dir = fit(cfg, out_dir=args.out, resume=args.resume, stop_after=args.stop_after)
-    summary = run_dir / SUMMARY
-    if summary.is_file():
-        print(json.dumps({"run_dir": str(run_dir), **json.loads(summary.read_text())}, indent=2))
+    if (run_dir / SUMMARY).is_file():  # not on the non-zero ranks of torchrun
+        print(json.dumps({"run_dir": str(run_dir), **read_json(run_dir / SUMMARY)}, indent=2))
     return 0

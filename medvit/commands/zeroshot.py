@@ -60,8 +60,7 @@ def run(args: argparse.Namespace) -> int:
                                  normalization=args.normalization, temperatures=args.temperatures,
                                  allow_random_init=args.random_init)
     findings = args.findings if args.findings is not None else ([] if args.prompt or args.pair else ALL_FINDINGS)
-    pairs = scorer.finding_pairs(findings)
-    pairs += [p for p in (scorer.prompts.parse_pair(t, templated=args.templates) for t in args.pair) if p]
+    pairs = scorer.requested_pairs(findings, args.pair, templated=args.templates)
     out = scorer.score_table(image, args.prompt, pairs, multiclass=args.multiclass)
     if args.json:
         print(out.to_json(orient="records", indent=2))

@@ -19,7 +19,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from medvit._io import atomic_path
 from medvit.data.datasets import WIDE_PATH_COLUMNS, load_labels
+from medvit.data.dicom import read_image
 from medvit.errors import DatasetError, MedvitError
 
 _log = logging.getLogger(__name__)
@@ -43,16 +45,12 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     """Atomic PNG write: an interrupted run never leaves a half file that a re-run would trust."""
     from PIL import Image
 
-    from medvit._io import atomic_path
-
     with atomic_path(path) as tmp:
         Image.fromarray(image, mode="L").save(tmp, format="PNG")
 
 
 def _cache_one(job: tuple[str, str, int]) -> tuple[str, str]:
     """(source, target, size) -> (target, error message or "")."""
-    from medvit.data.dicom import read_image
-
     src, dst, size = job
     try:
         _write_png(Path(dst), to_uint8(read_image(src).pixels, size))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medvit.data.dicom import read_image
 from medvit.errors import DatasetError
 from medvit.findings import DEFAULT_FINDINGS, align_labels, is_finding, numeric_labels, resolve_findings
 
@@ -41,7 +42,7 @@ def _read_csv(csv: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
-def _safe_path(root: Path, rel: str) -> str:
+def safe_path(root: Path, rel: str) -> str:
     """Resolve `rel` under `root`, refusing absolute paths and `..` escapes (a CSV must not reach outside)."""
     if not isinstance(rel, str) or not rel.strip():
         raise DatasetError(f"empty image path in the labels CSV under {root}")
@@ -137,7 +138,7 @@ def load_labels(
     if len(dupes):
         raise DatasetError(f"{len(dupes)} duplicate image id(s) in {csv}, e.g. {', '.join(map(str, dupes[:3]))}")
 
-    frame["path"] = [_safe_path(root, p) for p in frame.pop("rel_path")]
+    frame["path"] = [safe_path(root, p) for p in frame.pop("rel_path")]
     frame["split"] = raw["split"].astype(str).str.lower().to_numpy() if "split" in raw.columns else None
     if split_files:
         frame["split"] = None
@@ -264,8 +265,6 @@ class XrayDataset:
 
     def pixels(self, i: int) -> np.ndarray:
         """Decoded HxW float32 [0,1] pixels of image `i` (from the cache when enabled)."""
-        from medvit.data.dicom import read_image
-
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         pixels = read_image(self.df.at[i, "path"]).pixels

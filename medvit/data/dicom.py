@@ -25,6 +25,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from medvit.data.files import looks_like_bare_dicom, sniff_format
 from medvit.data.pixels import Rendered, apply_window, decode, one_line, render
 from medvit.data.raster import decode_raster
 from medvit.errors import ImageReadError, ImageTooLargeError, UnsupportedImageError
@@ -36,6 +37,7 @@ _log = logging.getLogger(__name__)
 MAX_PIXELS = 50_000_000  # decompression-bomb guard on Rows x Columns, checked before decoding
 MAX_FILE_BYTES = 1 << 30  # a single-frame radiograph is < 200 MB even uncompressed
 MIN_SIDE = 32  # smaller than any real radiograph (thumbnails, icons, test patterns)
+UNIFORM_RANGE = 1 / 255  # display grey-level spread below which an image holds no anatomy (one 8-bit step)
 
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX"})
 # Secondary captures (often a screenshot of a radiograph) carry OT or nothing: read, with a warning.
@@ -47,8 +49,6 @@ _PHOTOMETRIC = frozenset(
     {"MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420"}
 )
 _DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
 _USED_ELEMENTS = (  # every element read by validation, the pixel chain (with pydicom's) and the metadata
     "SOPClassUID", "SOPInstanceUID", "StudyDate", "Modality", "BodyPartExamined", "ViewPosition",
     "PhotometricInterpretation", "SamplesPerPixel", "PlanarConfiguration", "Rows", "Columns", "NumberOfFrames",
@@ -78,6 +78,7 @@ class ImageMeta:
     window_width: float | None = None
     voi_source: str = "none"  # "voi_lut" | "window" | "minmax" | "none"
     inverted: bool = False  # MONOCHROME1 / INVERSE presentation handled
+    decode_level: int = 0  # JPEG 2000 decoded at 1/2**level of full size (rows, columns and spacing are scaled)
     study_date: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -99,7 +100,8 @@ class XrayImage:
 
 
 def read_image(
-    src: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PIXELS, name: str | None = None
+    src: str | os.PathLike[str] | bytes, *, max_pixels: int = MAX_PIXELS, name: str | None = None,
+    min_side: int | None = None,
 ) -> XrayImage:
     """Read a DICOM, PNG or JPEG radiograph from a path or from bytes.
 
@@ -117,22 +119,24 @@ def read_image(
         max_pixels: refuse images whose header claims more pixels than this, before decoding them.
         name: how error messages and warnings name the file, e.g. an upload's original file name
             (default: the path, or "uploaded image" for bytes).
+        min_side: the smallest longer side the caller needs (the model's input size): JPEG 2000 DICOMs are
+            then decoded only down to the wavelet level that still gives it (None: full resolution, for display).
 
     Raises:
         ImageReadError: missing, empty, truncated or corrupt file, or not DICOM/PNG/JPEG.
         MissingDecoderError: compressed DICOM whose transfer syntax no installed plugin decodes.
-        UnsupportedImageError: no pixel data, multi-frame, non-radiograph modality, colour model or tiny image.
+        UnsupportedImageError: no pixel data, multi-frame, non-radiograph modality, colour model, tiny or uniform
+            image (no anatomy).
         ImageTooLargeError: more than `max_pixels` pixels, or a file over `MAX_FILE_BYTES`.
     """
     data, name = _load(src, name)
-    if data[128:132] == b"DICM":
-        return _read_dicom(data, name, max_pixels, preamble=True)
-    if data.startswith(_PNG_MAGIC):
-        return _read_raster(data, name, "png", max_pixels)
-    if data.startswith(_JPEG_MAGIC):
-        return _read_raster(data, name, "jpeg", max_pixels)
-    if data[:2] in (b"\x02\x00", b"\x08\x00"):  # a DICOM dataset written without the 128-byte preamble
-        return _read_dicom(data, name, max_pixels, preamble=False)
+    kind = sniff_format(data)
+    if kind == "dicom":
+        return _read_dicom(data, name, max_pixels, min_side, preamble=True)
+    if kind in ("png", "jpeg"):
+        return _read_raster(data, name, kind, max_pixels)
+    if looks_like_bare_dicom(data):
+        return _read_dicom(data, name, max_pixels, min_side, preamble=False)
     raise ImageReadError(f"{name}: not a DICOM, PNG or JPEG file (format detected from the content, not the name)")
 
 
@@ -198,7 +202,23 @@ def _check_size(rows: int, columns: int, name: str, max_pixels: int) -> None:
         raise UnsupportedImageError(f"{name}: {rows} x {columns} pixels is too small for a radiograph")
 
 
-def _read_dicom(data: bytes, name: str, max_pixels: int, *, preamble: bool) -> XrayImage:
+def _check_not_uniform(pixels: np.ndarray, name: str) -> None:
+    """Refuse an image with no anatomy: blank, all-zero, one value everywhere, or RescaleSlope 0.
+
+    Checked on the display pixels (after the whole chain), by the range of the central 99 % of grey levels
+    so a few burnt-in label pixels do not make a blank image pass. A model scores such an image anyway,
+    with findings flagged: the answer would be silent nonsense.
+    """
+    sample = pixels[:: max(1, pixels.shape[0] // 512), :: max(1, pixels.shape[1] // 512)]
+    lo, hi = np.quantile(sample, [0.005, 0.995])
+    if hi - lo < UNIFORM_RANGE:
+        raise UnsupportedImageError(
+            f"{name}: the image is uniform (no anatomy): 99% of its pixels lie within {255 * (hi - lo):.1f}/255 of "
+            "one grey level after the display chain (blank export, all-zero pixels or RescaleSlope 0?)"
+        )
+
+
+def _read_dicom(data: bytes, name: str, max_pixels: int, min_side: int | None, *, preamble: bool) -> XrayImage:
     try:
         ds = pydicom.dcmread(BytesIO(data), force=not preamble)
     except Exception as exc:  # pydicom raises many types for malformed files
@@ -216,12 +236,13 @@ def _read_dicom(data: bytes, name: str, max_pixels: int, *, preamble: bool) -> X
         warnings = _validate(ds, name, max_pixels)
     except (ValueError, TypeError) as exc:  # a header number that is not one (e.g. Rows "abc")
         raise ImageReadError(f"{name}: corrupt DICOM header: {one_line(exc)}") from exc
-    arr = decode(ds, name)
+    arr, level = decode(ds, name, min_side)
     try:
         rendered = render(ds, arr)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError, NotImplementedError) as exc:
         raise ImageReadError(f"{name}: the header's pixel transforms cannot be applied: {one_line(exc)}") from exc
-    meta = _dicom_meta(ds, rendered, warnings + list(rendered.warnings))
+    _check_not_uniform(rendered.pixels, name)
+    meta = _dicom_meta(ds, rendered, warnings + list(rendered.warnings), level)
     for warning in meta.warnings:
         _log.warning("%s: %s", name, warning)
     return XrayImage(pixels=rendered.pixels, meta=meta, raw=rendered.raw)
@@ -273,13 +294,15 @@ def _sop_class_name(ds: Dataset) -> str | None:
     return None
 
 
-def _dicom_meta(ds: Dataset, rendered: Rendered, warnings: list[str]) -> ImageMeta:
+def _dicom_meta(ds: Dataset, rendered: Rendered, warnings: list[str], level: int = 0) -> ImageMeta:
     modality = header_text(ds, "Modality")
     spacing, spacing_source = _pixel_spacing(ds, modality, warnings)
+    if spacing is not None:
+        spacing = (spacing[0] * 2**level, spacing[1] * 2**level)
     return ImageMeta(
         source="dicom",
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
+        rows=rendered.pixels.shape[0],
+        columns=rendered.pixels.shape[1],
         modality=modality,
         body_part=header_text(ds, "BodyPartExamined"),
         view_position=header_text(ds, "ViewPosition"),
@@ -293,6 +316,7 @@ def _dicom_meta(ds: Dataset, rendered: Rendered, warnings: list[str]) -> ImageMe
         window_width=rendered.window_width,
         voi_source=rendered.voi_source,
         inverted=rendered.inverted,
+        decode_level=level,
         study_date=header_text(ds, "StudyDate"),
         warnings=tuple(warnings),
     )
@@ -326,6 +350,7 @@ def _pixel_spacing(
 
 def _read_raster(data: bytes, name: str, kind: str, max_pixels: int) -> XrayImage:
     pixels, bits, warnings = decode_raster(data, name, kind, lambda r, c: _check_size(r, c, name, max_pixels))
+    _check_not_uniform(pixels, name)
     meta = ImageMeta(source=kind, rows=pixels.shape[0], columns=pixels.shape[1], bits_stored=bits, warnings=warnings)
     for warning in warnings:
         _log.warning("%s: %s", name, warning)

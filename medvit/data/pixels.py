@@ -6,6 +6,10 @@ be read, tested and reused (the app's window sliders call `apply_window`) on the
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder, pixel_array
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from medvit.data.j2k import decode_reduced
 from medvit.errors import ImageReadError, MissingDecoderError
 
 # ITU-R BT.601 luma weights: the usual grey level of an RGB display image.
@@ -28,6 +33,12 @@ _NATIVE_SYNTAXES = {  # (implicit VR, little endian) -> syntax, for datasets wri
 }
 _INSTALL_HINT = 'install the DICOM decoders with `pip install "medvit[dicom]"`'
 
+_log = logging.getLogger(__name__)
+# pydicom logs every failing decoder plugin's full traceback at ERROR (before raising), on this logger.
+_PLUGIN_LOGGER = logging.getLogger("pydicom.pixels.decoders.base")
+_plugin_log_lock = threading.Lock()
+_plugin_log_users = 0
+
 
 @dataclass(frozen=True)
 class Rendered:
@@ -42,8 +53,12 @@ class Rendered:
     warnings: tuple[str, ...]
 
 
-def decode(ds: Dataset, name: str) -> np.ndarray:
-    """Decode the single frame once (YBR becomes RGB), turning plugin and truncation failures into typed errors."""
+def decode(ds: Dataset, name: str, min_side: int | None = None) -> tuple[np.ndarray, int]:
+    """Decode the single frame once (YBR becomes RGB), turning plugin and truncation failures into typed errors.
+
+    With `min_side`, JPEG 2000 is decoded at the coarsest wavelet level whose longer side is still >= it;
+    returns the pixels and that level (0: full resolution).
+    """
     tsyntax = UID(str(ds.file_meta.get("TransferSyntaxUID") or _guess_syntax(ds, name)))
     if not tsyntax.is_transfer_syntax:
         raise ImageReadError(f"{name}: unknown transfer syntax {tsyntax}: convert the file to a standard syntax")
@@ -59,22 +74,60 @@ def decode(ds: Dataset, name: str) -> np.ndarray:
         raise MissingDecoderError(
             f"{name}: no installed decoder for the transfer syntax {tsyntax.name} ({tsyntax}): {_INSTALL_HINT}"
         )
+    if min_side:
+        reduced = decode_reduced(ds, tsyntax, min_side)
+        if reduced is not None:
+            return reduced
     plugins = [p for p in _PLUGIN_ORDER if p in decoder.available_plugins] or list(decoder.available_plugins)
     failures = []
-    for plugin in plugins or [""]:  # native syntaxes need no plugin
-        try:
-            arr = pixel_array(ds, decoding_plugin=plugin)
-            break
-        except Exception as exc:  # decoder plugins raise many types
-            failures.append(exc)
-    else:
-        raise ImageReadError(
-            f"{name}: the {tsyntax.name} pixel data cannot be decoded (truncated or corrupt?): {one_line(failures[0])}"
-        ) from failures[0]
+    with plugin_logs_to_debug():
+        for plugin in plugins or [""]:  # native syntaxes need no plugin
+            try:
+                arr = pixel_array(ds, decoding_plugin=plugin)
+                break
+            except Exception as exc:  # noqa: BLE001 - decoder plugins raise many types; all are reported below
+                failures.append(exc)
+        else:
+            raise ImageReadError(
+                f"{name}: the {tsyntax.name} pixel data cannot be decoded (truncated or corrupt?): "
+                f"{one_line(failures[0])}"
+            ) from failures[0]
     expected = (int(ds.Rows), int(ds.Columns))
     if arr.shape[:2] != expected or arr.ndim not in (2, 3):
         raise ImageReadError(f"{name}: decoded pixels have shape {arr.shape}, the header says {expected}")
-    return arr
+    return arr, 0
+
+
+class _ToDebug(logging.Filter):
+    """Re-log a pydicom plugin record on medvit's logger at DEBUG (seen with `-v`), and drop the original."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        _log.debug("pydicom decoder plugin: %s", record.getMessage(), exc_info=record.exc_info)
+        return False
+
+
+_TO_DEBUG = _ToDebug()
+
+
+@contextmanager
+def plugin_logs_to_debug() -> Iterator[None]:
+    """While decoding, route pydicom's plugin tracebacks to debug logging.
+
+    A corrupt codestream would otherwise print two ERROR tracebacks before medvit's own one-line error; the
+    CLI, the app and `watch` show that one line. Only the decoder plugins' logger is touched, and only for the
+    duration of the decode (nested and concurrent decodes are counted), never logging as a whole.
+    """
+    global _plugin_log_users
+    with _plugin_log_lock:
+        _plugin_log_users += 1
+        _PLUGIN_LOGGER.addFilter(_TO_DEBUG)
+    try:
+        yield
+    finally:
+        with _plugin_log_lock:
+            _plugin_log_users -= 1
+            if _plugin_log_users == 0:
+                _PLUGIN_LOGGER.removeFilter(_TO_DEBUG)
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from medvit.config import Config
+from medvit.data.datasets import assign_splits, load_labels
 from medvit.errors import DatasetError
 
 _log = logging.getLogger(__name__)
@@ -24,8 +25,6 @@ def split_frame(cfg: Config) -> pd.DataFrame:
     Calibration and evaluation rebuild the run's held-out rows through this same function, so they can
     never see a different split (and patients) than training did.
     """
-    from medvit.data.datasets import assign_splits, load_labels
-
     d = cfg.data
     df = load_labels(d.labels_csv, d.images_root, d.findings, uncertainty=d.uncertainty,
                      split_files={k: str(v) for k, v in d.split_files.items()} if d.split_files else None)

@@ -1,7 +1,8 @@
-"""The run folder's README.md: a Hugging Face style model card written from the run's own JSON files.
+"""The run folder's README.md: a Hugging Face style model card written from the run's own files.
 
 Everything in the card is read from `config.json`, `train_summary.json`, `calibration.json` and `metrics.json`,
-so the card never claims more than the run recorded. Missing files give an explicit "not available" line.
+so the card never claims more than the run recorded. Missing files give an explicit "not available" line, and
+`library_name: timm` is claimed only when the run holds timm-loadable backbone weights.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medvit._io import atomic_write_bytes
-from medvit.runs import CALIBRATION, CARD, CARD_NOTES, METRICS, SUMMARY
+from medvit.runs import CALIBRATION, CARD, CARD_NOTES, CONFIG, METRICS, SUMMARY, TIMM_BACKBONE, WEIGHTS
 
 _log = logging.getLogger(__name__)
 
@@ -32,15 +33,17 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def _front_matter() -> str:
+def _front_matter(timm_loadable: bool) -> str:
     tags = ["medical-imaging", "chest-x-ray", "multi-label-classification", "vision-transformer", "medvit"]
-    lines = ["---", "library_name: timm", "pipeline_tag: image-classification", "license: other", "tags:"]
+    lines = ["---", *(["library_name: timm"] if timm_loadable else []), "pipeline_tag: image-classification",
+             "license: other", "tags:"]
     lines += [f"- {t}" for t in tags]
     lines += ["metrics:", "- roc_auc", "- expected_calibration_error", "---", ""]
     return "\n".join(lines)
 
 
-def _details(cfg: dict[str, Any], model: dict[str, Any], pre: dict[str, Any], findings: list[str]) -> list[str]:
+def _details(cfg: dict[str, Any], model: dict[str, Any], pre: dict[str, Any], findings: list[str],
+             timm_loadable: bool) -> list[str]:
     mcfg = cfg.get("model", {})
     pretrained = "from pretrained weights" if mcfg.get("pretrained") else "from random initialisation (no pretraining)"
     return [
@@ -53,8 +56,9 @@ def _details(cfg: dict[str, Any], model: dict[str, Any], pre: dict[str, Any], fi
         f"- **Input:** {pre.get('input_size')} (grey radiograph replicated to 3 channels), "
         f"mean {pre.get('mean')}, std {pre.get('std')}, {pre.get('interpolation')} resize with letterbox padding.",
         f"- **Outputs:** one probability per finding: {', '.join(findings)}.",
-        "- **Files:** `config.json` (architecture, findings, preprocessing), `model.safetensors` (weights), "
-        "`calibration.json` (per-finding calibrators and thresholds), `metrics.json` (evaluation).",
+        f"- **Files:** `{CONFIG}` (architecture, findings, preprocessing), `{WEIGHTS}` (weights), "
+        + (f"`{TIMM_BACKBONE}` (the backbone alone, under timm's key names), " if timm_loadable else "")
+        + f"`{CALIBRATION}` (per-finding calibrators and thresholds), `{METRICS}` (evaluation).",
         "",
     ]
 
@@ -81,7 +85,7 @@ def _training(cfg: dict[str, Any], summary: dict[str, Any] | None) -> list[str]:
             f"{summary.get('train_seconds')} s on {summary.get('device')} ({summary.get('precision')})."
         )
     else:
-        lines.append("- train_summary.json is not available: image and patient counts are unknown.")
+        lines.append(f"- {SUMMARY} is not available: image and patient counts are unknown.")
     lines += [
         "- NIH ChestX-ray14 labels are text-mined from reports (expected accuracy above 90% per the authors, "
         "known to be noisy); prevalences in curated subsets differ from clinical practice.",
@@ -123,7 +127,33 @@ def _evaluation(metrics: dict[str, Any] | None) -> list[str]:
         + f", ECE {_fmt(metrics['mean_ece_uncalibrated'])} before and {_fmt(metrics['mean_ece'])} after calibration.",
         "",
     ]
-    return lines
+    return lines + _engines(metrics)
+
+
+def _engines(metrics: dict[str, Any]) -> list[str]:
+    """The served engine beside eager fp32: what a clinician is shown may come from a faster engine."""
+    engines, served = metrics.get("engines"), metrics.get("served_engine")
+    if not engines or served not in engines:
+        return ["The inference engine served by the app was not measured in this evaluation.", ""]
+    lines = [
+        "### Served engine",
+        "",
+        f"`medvit predict` and the review app serve the `{served}` engine on the machine that ran this evaluation "
+        f"({metrics.get('served_engine_chosen_by', 'n/a')}). Its results on the same images, beside eager fp32 "
+        "(`torch`):",
+        "",
+        "| Engine | mean AUROC | difference to fp32 | max abs. probability difference (uncalibrated / calibrated) "
+        "| flags changed |",
+        "|---|---|---|---|---|",
+    ]
+    for name, e in engines.items():
+        delta = e.get("mean_auroc_minus_fp32")
+        lines.append(
+            f"| {name}{' (served)' if name == served else ''} | {_fmt(e.get('mean_auroc'))} | "
+            f"{'n/a' if delta is None else f'{delta:+.4f}'} | {_fmt(e.get('max_abs_dp_uncalibrated'), 4)} / "
+            f"{_fmt(e.get('max_abs_dp'), 4)} | {e.get('flags_changed')} of {e.get('n_outputs')} |"
+        )
+    return [*lines, ""]
 
 
 def _calibration(cal: dict[str, Any] | None) -> list[str]:
@@ -146,18 +176,37 @@ def _calibration(cal: dict[str, Any] | None) -> list[str]:
     return [*lines, ""]
 
 
+def _timm_usage(model: dict[str, Any]) -> list[str]:
+    """How to load the backbone with timm alone; the head and calibration need medvit."""
+    kwargs = ", ".join(f"{k}={v!r}" for k, v in (model.get("model_kwargs") or {}).items())
+    return [
+        f"The backbone alone loads into timm (pooled features; the {model.get('head', 'linear')} head and the "
+        "calibration need medvit):",
+        "",
+        "```python",
+        "import timm",
+        "from safetensors.torch import load_file",
+        "",
+        f"backbone = timm.create_model({model.get('name')!r}, num_classes=0" + (f", {kwargs}" if kwargs else "") + ")",
+        f"backbone.load_state_dict(load_file({TIMM_BACKBONE!r}))",
+        "```",
+        "",
+    ]
+
+
 def render_model_card(run_dir: str | os.PathLike, notes: str | None = None) -> str:
     """The model card text for a run folder; `notes` (markdown, default: run_dir/card_notes.md) is added
     under "About this model"."""
     run_dir = Path(run_dir)
     if notes is None and (run_dir / NOTES).is_file():
         notes = (run_dir / NOTES).read_text()
-    meta = _read(run_dir, "config.json") or {}
+    meta = _read(run_dir, CONFIG) or {}
     cfg, findings = meta.get("config", {}), list(meta.get("findings", []))
     summary = _read(run_dir, SUMMARY)
     n_train = (summary or {}).get("train_images")
     title = f"medvit {run_dir.resolve().name}: {meta.get('model', {}).get('name', 'model')}"
-    lines = [_front_matter(), f"# {title}", ""]
+    timm_loadable = (run_dir / TIMM_BACKBONE).is_file()
+    lines = [_front_matter(timm_loadable), f"# {title}", ""]
     lines += [
         "> **Not a diagnostic device.** This model is for research, education and demonstration only. It has not "
         "been cleared or approved by any regulator, has not been clinically validated, and must not be used to "
@@ -185,7 +234,7 @@ def render_model_card(run_dir: str | os.PathLike, notes: str | None = None) -> s
         "local validation.",
         "",
     ]
-    lines += _details(cfg, meta.get("model", {}), meta.get("preprocessing", {}), findings)
+    lines += _details(cfg, meta.get("model", {}), meta.get("preprocessing", {}), findings, timm_loadable)
     lines += _training(cfg, summary)
     lines += _evaluation(_read(run_dir, METRICS))
     lines += _calibration(_read(run_dir, CALIBRATION))
@@ -204,6 +253,7 @@ def render_model_card(run_dir: str | os.PathLike, notes: str | None = None) -> s
         f"medvit evaluate --run {run_dir} --labels labels.csv --images images/ --out eval/",
         "```",
         "",
+        *(_timm_usage(meta.get("model", {})) if timm_loadable else []),
         "## Citation",
         "",
         "Data: NIH Clinical Center, ChestX-ray14. Wang X, Peng Y, Lu L, Lu Z, Bagheri M, Summers RM. ChestX-ray8: "

@@ -1,28 +1,24 @@
-"""Evaluate a run on a labelled set: per-finding metrics before/after calibration, metrics.json and plots.
+"""The evaluation report: per-finding metrics before/after calibration, engine agreement, metrics.json and plots.
 
-`build_report` is pure (logits + labels in, JSON-ready dict out) so it is tested without a model;
-`evaluate_run` adds the model, data loading and file output around it.
+Everything here is pure (logits + labels in, JSON-ready dict or plots out), so it is tested without a model;
+`medvit.evaluate.pipeline` adds the model, the served engine, data loading and the run folder around it.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from scipy.special import expit
 
+from medvit._io import atomic_write_bytes
 from medvit.errors import DatasetError
 from medvit.evaluate import metrics
 from medvit.evaluate.calibration import Calibration
-from medvit.runs import METRICS
-
-_log = logging.getLogger(__name__)
 
 # The issue-3 contract for OUT_DIR/metrics.json (JSON Schema); extra keys are allowed and documented in
 # docs/evaluation.md. Means are over findings with a defined AUROC.
@@ -56,40 +52,21 @@ METRICS_SCHEMA: dict[str, Any] = {
 }
 
 
-def collect_logits(
-    model: Any, dataset: Any, batch_size: int = 32, num_workers: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run `model` over a dataset of (image, labels) pairs; returns (N, K) float32 logits and labels (NaN kept)."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    was_training = model.training
-    model.eval()
-    logits, labels = [], []
-    with torch.inference_mode():
-        for images, y in tqdm(loader, desc="evaluate", unit="batch", leave=False):
-            logits.append(model(images).float().cpu().numpy())
-            labels.append(y.numpy())
-    model.train(was_training)
-    return np.concatenate(logits).astype(np.float32), np.concatenate(labels).astype(np.float32)
+def _mean_auroc(probs: np.ndarray, labels: np.ndarray, findings: Sequence[int] | None = None) -> float | None:
+    """Mean AUROC over `findings` (default: all columns) that have both classes among their labelled rows."""
+    aurocs = []
+    for k in range(labels.shape[1]) if findings is None else findings:
+        m = metrics.known(labels[:, k])
+        if m.any() and (v := metrics.fast_auroc(probs[m, k], labels[m, k])) is not None:
+            aurocs.append(v)
+    return float(np.mean(aurocs)) if aurocs else None
 
 
 def _mean_auroc_ci(
     probs: np.ndarray, labels: np.ndarray, defined: Sequence[int], resamples: Sequence[np.ndarray]
 ) -> tuple[float, float] | None:
     """Patient-bootstrap CI of the mean AUROC; a resample averages over the findings defined in it."""
-
-    def mean_auroc(p: np.ndarray, y: np.ndarray) -> float | None:
-        aurocs = []
-        for k in defined:
-            m = metrics.known(y[:, k])
-            if m.any() and (v := metrics.fast_auroc(p[m, k], y[m, k])) is not None:
-                aurocs.append(v)
-        return float(np.mean(aurocs)) if aurocs else None
-
-    return metrics.bootstrap_ci(mean_auroc, probs, labels, resamples)
+    return metrics.bootstrap_ci(lambda p, y: _mean_auroc(p, y, defined), probs, labels, resamples)
 
 
 def build_report(
@@ -158,8 +135,6 @@ def build_report(
 
 def write_metrics(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Write metrics.json atomically; NaN/inf are refused so the file is strict JSON."""
-    from medvit._io import atomic_write_bytes
-
     atomic_write_bytes(path, json.dumps(report, indent=2, allow_nan=False).encode())
 
 
@@ -222,101 +197,31 @@ def plot_curves(
     return written
 
 
-# -------------------------------------------------------------------------------------------- orchestration
+def compare_engines(
+    logits: Mapping[str, np.ndarray], labels: np.ndarray, calibration: Calibration, reference: str = "torch"
+) -> dict[str, dict[str, Any]]:
+    """How far each inference engine's results are from the `reference` (eager fp32) on the same images.
 
-
-def labelled_frame(
-    labels_csv: str | os.PathLike, images_dir: str | os.PathLike, findings: Sequence[str], split: str | None = None
-) -> pd.DataFrame:
-    """Rows of a labels CSV (NIH Data_Entry or wide format) to evaluate, optionally one split only."""
-    from medvit.data.datasets import load_labels
-
-    df = load_labels(labels_csv, images_dir, findings)
-    if split is not None:
-        available = sorted(df["split"].dropna().unique()) if "split" in df.columns else []
-        df = df[df["split"] == split]
-        if df.empty:
-            raise DatasetError(f"no rows with split {split!r} in {labels_csv} (splits present: {available or 'none'})")
-    return df.reset_index(drop=True)
-
-
-def run_split_frame(info: Any, split: str | None = None) -> tuple[pd.DataFrame, str]:
-    """The run's own held-out rows: `split`, else 'calib' when the run's split has one, else its val split.
-
-    The split is rebuilt exactly as training did (the CSV's column, or the seeded patient-wise assignment).
+    Per engine: mean AUROC (over findings with both classes), its difference to the reference, the largest
+    |calibrated probability - reference| (what is shown; also before calibration, which can flatten a difference)
+    and how many image x finding flags differ, so metrics.json says whether the served engine changes what a
+    clinician sees.
     """
-    from medvit.config import Config
-    from medvit.data.splits import split_frame
-
-    data = info.config.get("data")
-    if not data:
-        raise DatasetError(f"{info.run_dir}/config.json records no training data; pass --labels CSV --images DIR")
-    csv, root = Path(data["labels_csv"]), Path(data["images_root"])
-    if not csv.is_file() or not root.is_dir():
-        raise DatasetError(
-            f"the run's labels {csv} / images {root} are not found from {Path.cwd()}; pass --labels CSV --images DIR"
-        )
-    cfg = Config.model_validate(info.config)
-    df = split_frame(cfg)
-    if split is None:
-        split = "calib" if (df["split"] == "calib").any() else cfg.data.split.val_name
-    out = df[df["split"] == split].reset_index(drop=True)
-    if out.empty:
-        raise DatasetError(f"the run's data ({csv}) has no {split!r} rows to calibrate or evaluate on")
-    return out, split
-
-
-def model_logits(model: Any, info: Any, df: pd.DataFrame, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of a run's model on the rows of `df`, with the run's own eval preprocessing."""
-    from medvit.data.datasets import XrayDataset
-    from medvit.data.transforms import build_transforms
-
-    dataset = XrayDataset(df, info.findings, build_transforms(info.preprocessing, train=False))
-    return collect_logits(model, dataset, batch_size)
-
-
-def evaluate_run(
-    run_dir: str | os.PathLike,
-    labels_csv: str | os.PathLike,
-    images_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    split: str | None = None,
-    batch_size: int = 32,
-    n_boot: int = 1000,
-    plots: bool = True,
-) -> dict[str, Any]:
-    """Evaluate a run on a labelled set; writes OUT_DIR/metrics.json (and plots) and returns the report."""
-    from medvit.inference.predictor import load_calibration
-    from medvit.runs import load_run
-
-    model, info = load_run(run_dir)
-    calibration = load_calibration(info)
-    df = labelled_frame(labels_csv, images_dir, info.findings, split)
-    logits, labels = model_logits(model, info, df, batch_size)
-    report = build_report(logits, labels, info.findings, df["patient_id"].to_numpy(), calibration, n_boot=n_boot)
-    fitted = calibration.info.get("fitted_on", {})
-    in_sample = fitted.get("labels") == Path(labels_csv).name and fitted.get("split") == split and split is not None
-    if in_sample:
-        _log.warning("evaluating on the split the calibrators were fitted on: 'after' metrics are optimistic")
-    report["evaluation"] = {
-        "description": f"{Path(labels_csv).name}" + (f", split {split!r}" if split else ", all rows"),
-        "labels": str(labels_csv),
-        "split": split,
-        "calibration_in_sample": in_sample,
-    }
-    report["run"] = {"dir": str(run_dir), "model": info.model_name, "weights_sha256": info.weights_sha256}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_metrics(report, out / METRICS)
-    if plots:
-        plot_curves(out, logits, labels, info.findings, calibration)
-    _log.info(
-        "mean AUROC %.3f, mean ECE %.3f (uncalibrated %.3f) on %d images -> %s",
-        report["mean_auroc"],
-        report["mean_ece"],
-        report["mean_ece_uncalibrated"],
-        report["n_images"],
-        out / METRICS,
-    )
-    return report
+    y = np.asarray(labels, dtype=np.float64)
+    ref = np.asarray(logits[reference], dtype=np.float64)
+    ref_auroc, ref_probs = _mean_auroc(expit(ref), y), calibration.apply(ref)
+    out: dict[str, dict[str, Any]] = {}
+    for name, z in logits.items():
+        z = np.asarray(z, dtype=np.float64)
+        if z.shape != ref.shape:
+            raise ValueError(f"engine {name}: logits {z.shape} but {reference} gave {ref.shape}")
+        auroc, probs = _mean_auroc(expit(z), y), calibration.apply(z)
+        out[name] = {
+            "mean_auroc": auroc,
+            "mean_auroc_minus_fp32": None if auroc is None or ref_auroc is None else auroc - ref_auroc,
+            "max_abs_dp": float(np.max(np.abs(probs - ref_probs), initial=0.0)),
+            "max_abs_dp_uncalibrated": float(np.max(np.abs(expit(z) - expit(ref)), initial=0.0)),
+            "flags_changed": int(np.sum(calibration.flags(probs) != calibration.flags(ref_probs))),
+            "n_outputs": int(probs.size),
+        }
+    return out

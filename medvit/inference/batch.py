@@ -19,44 +19,15 @@ from typing import Any
 
 import pandas as pd
 import torch
+from tqdm import tqdm
 
+from medvit.data.dicom import check_chest_frontal, read_image
+from medvit.data.transforms import build_transforms
 from medvit.errors import MedvitError
 
 _log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg"})
 CSV_COLUMNS = ("file", "finding", "prob_raw", "prob", "threshold", "flag", "margin", "backend", "error")
-_DICM_OFFSET = 128
-
-
-def _looks_like_dicom(path: Path) -> bool:
-    """Extension-less files are common in PACS exports: accept them when they carry the DICM magic."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(_DICM_OFFSET)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
-    """Files named directly (any name) plus images found recursively in folders, absolute and de-duplicated.
-
-    A folder contributes `.dcm/.dicom/.png/.jpg/.jpeg` files and extension-less DICOMs; a missing
-    path is kept, so it becomes an error row instead of vanishing.
-    """
-    found: dict[Path, None] = {}
-    for item in inputs:
-        path = Path(item).expanduser().absolute()
-        if path.is_dir():
-            for p in sorted(path.rglob("*")):
-                if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or (not p.suffix and _looks_like_dicom(p))):
-                    found[p] = None
-        else:
-            found[path] = None
-    return list(found)
-
-
 class _DecodeDataset(torch.utils.data.Dataset):
     """read_image + chest/frontal check + eval transform, in a worker; failures come back as messages."""
 
@@ -69,9 +40,6 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
-        from medvit.data.dicom import check_chest_frontal, read_image
-        from medvit.data.transforms import build_transforms
-
         if self._transform is None:
             self._transform = build_transforms(self.preprocessing, train=False)
         try:
@@ -148,8 +116,6 @@ def predict_files(predictor: Any, paths: Sequence[Path], sink: Callable[[pd.Data
         skip: files (as written in the CSV) to leave out, for resume.
         workers: decoding processes (default: min(2, CPUs); 0 decodes in the main process).
     """
-    from tqdm import tqdm
-
     todo = [p for p in paths if str(p) not in skip]
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
     n_ok = n_err = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import resource
 import statistics
 import tempfile
@@ -22,18 +23,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import timm
 import torch
+from pydicom.data import get_testdata_file
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-from medvit.errors import CheckpointError, ConfigError
+from medvit._platform import bf16_supported, cpu_model, isa_flags
+from medvit.data.datasets import label_matrix, load_labels
+from medvit.data.dicom import read_image
+from medvit.data.transforms import build_transforms, resolve_preprocessing
+from medvit.errors import CheckpointError, ConfigError, MedvitError
+from medvit.evaluate.metrics import mean_auroc
+from medvit.findings import DEFAULT_FINDINGS
 from medvit.inference.engines import AUTO_TOLERANCE, BACKENDS, available_backends, create_backend, max_prob_diff
+from medvit.inference.fp32check import reference_images
+from medvit.inference.predictor import Predictor, load_model
 
 _log = logging.getLogger(__name__)
 
 BASELINE = "torch"
 LABELS = {"torch": "torch-fp32"}  # the JSON names the eager fp32 baseline explicitly
 E2E_FILES = ("RG1_UNCI.dcm", "RG1_J2KR.dcm")
-DEV_DATA = Path(os.environ.get("MEDVIT_DEV_DATA", Path(__file__).resolve().parents[2] / "shared/data/cxr14-dev"))
+DEV_DATA = Path(os.environ.get("MEDVIT_DEV_DATA", Path(__file__).resolve().parents[3] / "shared/data/cxr14-dev"))
 
 
 @dataclass(frozen=True)
@@ -110,9 +123,6 @@ def model_gflop(model: nn.Module, input_size: Sequence[int]) -> float:
     Attention is counted through the math SDPA path: the counter has no formula for the fused CPU
     flash-attention kernel and would silently leave attention's ~11% of a DeiT3-B out.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     counter = FlopCounterMode(display=False)
     device = next(model.parameters()).device  # works on the meta device too (no compute)
     with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
@@ -122,8 +132,6 @@ def model_gflop(model: nn.Module, input_size: Sequence[int]) -> float:
 
 def speed_model(size: str) -> nn.Module:
     """The benchmark architecture with random weights and non-degenerate LayerScale (see module doc)."""
-    import timm
-
     spec = SIZES[size]
     torch.manual_seed(0)
     model = timm.create_model(spec.timm_name, pretrained=False, num_classes=14, **spec.kwargs).eval()
@@ -136,10 +144,6 @@ def speed_model(size: str) -> nn.Module:
 
 def dev_images(data_dir: Path, split: str = "val") -> tuple[list[str], np.ndarray | None]:
     """Image paths and (N, K) labels of the dev set split; ([], None) when it is not on this machine."""
-    from medvit.data.datasets import label_matrix, load_labels
-    from medvit.errors import MedvitError
-    from medvit.findings import DEFAULT_FINDINGS
-
     try:
         df = load_labels(data_dir / "labels.csv", data_dir / "images")
     except MedvitError as e:
@@ -151,10 +155,6 @@ def dev_images(data_dir: Path, split: str = "val") -> tuple[list[str], np.ndarra
 
 def real_inputs(paths: Sequence[str], preprocessing: dict[str, Any], n: int) -> np.ndarray:
     """n real preprocessed images (cycling through `paths`; RG1_UNCI.dcm when there are none)."""
-    from medvit.data.dicom import read_image
-    from medvit.data.transforms import build_transforms
-    from medvit.inference.export import reference_images
-
     paths = list(paths) or reference_images(None)
     transform = build_transforms(preprocessing, train=False)
     decoded = [transform(read_image(p).pixels).numpy() for p in paths[:n]]
@@ -192,25 +192,16 @@ class Report:
 
 
 def _machine() -> dict[str, Any]:
-    import platform
-
-    from medvit._platform import bf16_supported, cpu_flags
-
-    try:
-        name = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                    if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor()
-    return {"cpu": name, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "bf16_native": bf16_supported(), "amx": "amx_bf16" in cpu_flags(), "load_avg_1m": os.getloadavg()[0],
+    """What the numbers were measured on (see `medvit._platform`)."""
+    return {"cpu": cpu_model(), "arch": platform.machine(), "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "bf16_native": bf16_supported(),
+            "amx": "amx_bf16" in isa_flags(), "load_avg_1m": os.getloadavg()[0],
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def bench_speed(opts: BenchOptions, report: Report, work_dir: Path) -> None:
     """Batch 1 and 8 timings, GFLOP/s vs the matmul peaks, RSS and drift for every backend on the speed model."""
     model = speed_model(opts.model_size)
-    from medvit.data.transforms import resolve_preprocessing
-
     pre = resolve_preprocessing(model)
     input_size = pre["input_size"]
     n = SIZES[opts.model_size].matmul_n
@@ -253,9 +244,6 @@ def bench_speed(opts: BenchOptions, report: Report, work_dir: Path) -> None:
 
 def bench_auroc(opts: BenchOptions, report: Report, work_dir: Path) -> None:
     """Mean val AUROC of the run under every backend (drift = backend - eager fp32)."""
-    from medvit.evaluate.metrics import mean_auroc
-    from medvit.inference.predictor import load_model
-
     paths, labels = dev_images(opts.data_dir)
     if not paths or labels is None:
         report.info["auroc_note"] = f"no dev data at {opts.data_dir}"
@@ -276,14 +264,6 @@ def bench_auroc(opts: BenchOptions, report: Report, work_dir: Path) -> None:
 
 def bench_e2e(opts: BenchOptions, report: Report) -> None:
     """DICOM file -> table with the default (auto) backend: decode, preprocess, forward, calibrate (median ms)."""
-    from medvit.data.dicom import read_image
-    from medvit.inference.predictor import Predictor
-
-    try:
-        from pydicom.data import get_testdata_file
-    except ImportError:
-        report.info["e2e_note"] = "pydicom-data not installed"
-        return
     predictor = Predictor.from_dir(opts.run_dir)
     report.info["e2e_backend"] = predictor.backend.name
     for name in E2E_FILES:

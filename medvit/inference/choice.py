@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from medvit._io import write_json
 from medvit._platform import cache_root
 from medvit.inference.engines import (
     AUTO_TOLERANCE,
@@ -21,10 +22,10 @@ from medvit.inference.engines import (
     TorchBackend,
     available_backends,
     create_backend,
-    max_prob_diff,
     median_ms,
     unavailable_reason,
 )
+from medvit.inference.fp32check import fp32_reference, verify
 
 _log = logging.getLogger(__name__)
 
@@ -50,15 +51,16 @@ def self_check(
 ) -> tuple[SelfCheck, Backend]:
     """Time every candidate at batch 1 on `sample` (N real inputs) and keep the fastest that matches fp32.
 
-    Returns the check record and the built winning backend (so the caller need not build it twice).
-    A candidate that raises or drifts beyond `tolerance` is recorded with the reason and skipped.
+    Each candidate goes through `fp32check.verify` (batch N and batch 1) before it is timed. Returns the
+    check record and the built winning backend (so the caller need not build it twice). A candidate that
+    raises or drifts beyond `tolerance` is recorded with the reason and skipped.
     """
     candidates = list(candidates or available_backends())
     if "torch" not in candidates:
         candidates.insert(0, "torch")
     input_size = sample.shape[1:]
     ref = TorchBackend(model)
-    reference = ref(sample)
+    reference = fp32_reference(model, sample)
     results: dict[str, dict[str, Any]] = {}
     built: dict[str, Backend] = {}
     for name in candidates:
@@ -68,21 +70,20 @@ def self_check(
             continue
         try:
             backend = ref if name == "torch" else create_backend(name, model, input_size=input_size, **backend_kwargs)
-            drift = max_prob_diff(backend(sample), reference)
-            one = sample[:1]
-            backend(one)
-            ms = median_ms(partial(backend, one), repeats)
+            check = verify(backend, model, sample, tolerance, reference=reference)  # also warms up batch 1
+            ms = median_ms(partial(backend, sample[:1]), repeats)
         except Exception as e:  # noqa: BLE001 - any failure just disqualifies the candidate, with its reason
             _log.warning("backend %s failed its self-check: %s", name, e)
             results[name] = {"ok": False, "reason": f"{type(e).__name__}: {e}"}
             continue
-        ok = drift <= tolerance
-        results[name] = {"ok": ok, "ms_batch1": round(ms, 3), "max_abs_dp": drift}
-        if not ok:
-            results[name]["reason"] = f"max |dp| {drift:.4g} > tolerance {tolerance}"
-        else:
+        results[name] = {"ok": check.ok, "ms_batch1": round(ms, 3), "max_abs_dp": check.max_abs_dp,
+                         "max_abs_dlogit": check.max_abs_diff}
+        if check.ok:
             built[name] = backend
-        _log.info("self-check %s: %.1f ms/image, max |dp| %.2g%s", name, ms, drift, "" if ok else " (rejected)")
+        else:
+            results[name]["reason"] = f"max |dp| {check.max_abs_dp:.4g} > tolerance {tolerance}"
+        _log.info("self-check %s: %.1f ms/image, max |dp| %.2g%s", name, ms, check.max_abs_dp,
+                  "" if check.ok else " (rejected)")
     best = min(built, key=lambda n: results[n]["ms_batch1"])
     return SelfCheck(best, tolerance, results), built[best]
 
@@ -98,8 +99,6 @@ def load_choice(key: str, path: Path | None = None) -> dict[str, Any] | None:
 
 def save_choice(key: str, check: SelfCheck, path: Path | None = None) -> None:
     """Record a self-check result (atomic replace; other keys are kept)."""
-    from medvit._io import write_json
-
     path = path or cache_root() / CHOICE_FILE
     try:
         data = json.loads(path.read_text())

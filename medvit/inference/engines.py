@@ -9,6 +9,7 @@ A backend that fails or drifts is never chosen: "fast" must not mean "silently w
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
 import shutil
@@ -20,10 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 
 from medvit._platform import bf16_supported, cache_root
 from medvit.errors import ConfigError
+from medvit.inference.graphs import export_onnx
 
 _log = logging.getLogger(__name__)
 
@@ -43,8 +46,6 @@ ArrayLike = np.ndarray | torch.Tensor
 
 
 def _have(module: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(module) is not None
 
 
@@ -148,8 +149,6 @@ def create_backend(name: str, model: nn.Module, *, input_size: Sequence[int],
     else:
         int8 = name == "onnx-int8"
         if onnx_provider is None:
-            from medvit.inference.export import export_onnx
-
             path = export_onnx(model, work_dir / ("model.int8.onnx" if int8 else "model.onnx"), input_size, int8=int8)
         else:
             path = onnx_provider(int8)
@@ -163,8 +162,6 @@ def create_backend(name: str, model: nn.Module, *, input_size: Sequence[int],
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
     """Raw probabilities from logits, in float64 (scipy's expit: no overflow warnings for large logits)."""
-    from scipy.special import expit
-
     return expit(np.asarray(z, dtype=np.float64))
 
 

@@ -3,7 +3,7 @@
 This is the one prediction path shared by the app, `medvit predict`, the batch predictor and the
 benchmark. Which run: the argument, else `$MEDVIT_RUN`, else the demo model in `medvit/resources/demo/`.
 Which backend: the argument, else `$MEDVIT_BACKEND`, else `auto` (the fastest backend that matches
-eager fp32 on this machine; see `medvit.backends`).
+eager fp32 on this machine; see `medvit.inference.choice`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,39 +22,19 @@ from torch import nn
 
 from medvit._platform import machine_fingerprint
 from medvit.data.dicom import XrayImage, check_chest_frontal
+from medvit.data.transforms import build_transforms
 from medvit.errors import CheckpointError, ConfigError
 from medvit.evaluate.calibration import Calibration
 from medvit.inference.choice import SelfCheck, load_choice, save_choice, self_check
-from medvit.inference.engines import (
-    AUTO,
-    AUTO_TOLERANCE,
-    Backend,
-    TorchBackend,
-    available_backends,
-    create_backend,
-    max_prob_diff,
-    sigmoid,
-)
-from medvit.resources import DEMO_RUN
-from medvit.runs import CALIBRATION, RunInfo, load_run
+from medvit.inference.engines import AUTO, AUTO_TOLERANCE, Backend, available_backends, create_backend, sigmoid
+from medvit.inference.export import verified_onnx
+from medvit.inference.fp32check import reference_inputs, verify
+from medvit.runs import CALIBRATION, RunInfo, load_run, resolve_run_dir
 
 _log = logging.getLogger(__name__)
 
-RUN_ENV, BACKEND_ENV = "MEDVIT_RUN", "MEDVIT_BACKEND"
+BACKEND_ENV = "MEDVIT_BACKEND"
 TABLE_COLUMNS = ("finding", "prob_raw", "prob", "threshold", "flag", "margin")
-
-
-def resolve_run_dir(run_dir: str | os.PathLike | None = None) -> Path:
-    """The run to use: `run_dir`, else $MEDVIT_RUN, else the packaged demo model."""
-    if run_dir:
-        return Path(run_dir)
-    if os.environ.get(RUN_ENV):
-        return Path(os.environ[RUN_ENV])
-    if (DEMO_RUN / "config.json").is_file():
-        return DEMO_RUN
-    raise CheckpointError(
-        f"no model given and the demo model is missing from {DEMO_RUN}: pass --run RUN_DIR or set {RUN_ENV}"
-    )
 
 
 def load_model(run_dir: str | os.PathLike | None = None) -> tuple[nn.Module, RunInfo]:
@@ -109,8 +89,6 @@ def _auto_backend(model: nn.Module, info: RunInfo) -> tuple[Backend, SelfCheck |
         _log.info("backend %s (self-check of %s cached)", cached["backend"], cached.get("date", "?"))
         return create_backend(cached["backend"], model, input_size=input_size,
                               onnx_provider=_onnx_provider(model, info)), None
-    from medvit.inference.export import reference_inputs
-
     sample = reference_inputs(info.config, info.preprocessing)
     _log.info("choosing the fastest backend that matches fp32 (one-time self-check on %d real image(s))", len(sample))
     check, engine = self_check(model, sample, onnx_provider=_onnx_provider(model, info, sample))
@@ -120,21 +98,16 @@ def _auto_backend(model: nn.Module, info: RunInfo) -> tuple[Backend, SelfCheck |
 
 def _check_against_fp32(model: nn.Module, info: RunInfo, engine: Backend) -> None:
     """An explicitly chosen backend is checked too (one real image): fast must never mean silently wrong."""
-    from medvit.inference.export import reference_inputs
-
-    sample = reference_inputs(info.config, info.preprocessing, n=1)
-    drift = max_prob_diff(engine(sample), TorchBackend(model)(sample))
-    if drift > AUTO_TOLERANCE:
+    check = verify(engine, model, reference_inputs(info.config, info.preprocessing, n=1), AUTO_TOLERANCE)
+    if not check.ok:
         raise CheckpointError(
-            f"backend {engine.name} differs from fp32 torch by max |dp| {drift:.3g} (> {AUTO_TOLERANCE}) on a real "
-            "image with this model; use --backend torch or auto"
+            f"backend {engine.name} differs from fp32 torch by max |dp| {check.max_abs_dp:.3g} (> {AUTO_TOLERANCE}) "
+            "on a real image with this model; use --backend torch or auto"
         )
 
 
-def _onnx_provider(model: nn.Module, info: RunInfo, inputs: np.ndarray | None = None):
+def _onnx_provider(model: nn.Module, info: RunInfo, inputs: np.ndarray | None = None) -> Callable[[bool], Path]:
     """Builds (or finds) the verified ONNX file for a backend; `inputs`: images already decoded for the check."""
-    from medvit.inference.export import verified_onnx
-
     return lambda int8: verified_onnx(model, info, int8, inputs)
 
 
@@ -143,8 +116,6 @@ class Predictor:
 
     def __init__(self, model: nn.Module, info: RunInfo, calibration: Calibration, backend: Backend,
                  check: SelfCheck | None = None) -> None:
-        from medvit.data.transforms import build_transforms
-
         self.model, self.info, self.calibration, self.backend = model, info, calibration, backend
         self.self_check = check
         self.transform = build_transforms(info.preprocessing, train=False)
@@ -156,7 +127,7 @@ class Predictor:
 
         Args:
             run_dir: run folder (None: $MEDVIT_RUN, else the demo model).
-            backend: one of medvit.backends.BACKENDS, or "auto" ($MEDVIT_BACKEND overrides "auto").
+            backend: one of medvit.inference.engines.BACKENDS, or "auto" ($MEDVIT_BACKEND overrides "auto").
         """
         model, info = load_model(run_dir)
         calibration = load_calibration(info)

@@ -24,7 +24,8 @@ from medvit.review.panels import (
     reported,
     zero_shot_panel,
 )
-from medvit.review.service import AppSettings, ReviewService, load_zero_shot
+from medvit.review.service import ReviewService, load_zero_shot
+from medvit.review.settings import AppSettings
 from medvit.review.store import ReviewStore
 from medvit.review.worklist import list_worklist, patient_identifiers
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import pandas as pd
 import streamlit as st
 
 from medvit.errors import MedvitError
 from medvit.review.display import display_pixels, metadata_rows, window_defaults
-from medvit.review.service import Analysis, ReviewService, findings_table, zero_shot_table
-from medvit.review.store import NOTE_MAX, REVIEWER_MAX, VERDICTS, ReviewStore, rows_csv
+from medvit.review.service import Analysis, ReviewService, SaliencyMethod, findings_table, zero_shot_table
+from medvit.review.store import NOTE_MAX, REVIEWER_MAX, VERDICTS, ReviewStore, Verdict, rows_csv
 
 _log = logging.getLogger("medvit.app")
 
@@ -22,7 +23,9 @@ BANNER = (
 )
 NO_VERDICT = "—"
 MASK = "•••••"
-SALIENCY = {"None": None, "Attention rollout": "rollout", "Grad-CAM (one finding)": "gradcam"}
+SALIENCY: dict[str, SaliencyMethod | None] = {
+    "None": None, "Attention rollout": "rollout", "Grad-CAM (one finding)": "gradcam",
+}
 
 
 @contextmanager
@@ -150,7 +153,7 @@ def feedback_form(store: ReviewStore, analysis: Analysis, table: pd.DataFrame, m
         note = st.text_area("Note", max_chars=NOTE_MAX, key=f"note_{key}")
         submitted = st.form_submit_button("Save review")
     if submitted and analysis.prediction is not None:
-        chosen = {f: v for f, v in verdicts.items() if v != NO_VERDICT}
+        chosen = {f: cast(Verdict, v) for f, v in verdicts.items() if v != NO_VERDICT}  # the store checks them
         with reported("Review not saved"):
             review_id = store.add_review(
                 reviewer=reviewer, image_uid=analysis.image_uid, image_uid_kind=analysis.image_uid_kind,

@@ -25,62 +25,18 @@ import torch
 
 from medvit.data.dicom import XrayImage, check_chest_frontal, read_image
 from medvit.errors import ImageReadError, ImageTooLargeError, MedvitError, UnsupportedImageError
-from medvit.inference.predictor import Prediction, Predictor, resolve_run_dir
+from medvit.inference.predictor import Prediction, Predictor
+from medvit.review.settings import CLIP_TEMPERATURES_ENV, DEFAULT_MAX_UPLOAD_MB
 from medvit.review.store import ShownFinding, is_dicom_uid
-from medvit.runs import METRICS
+from medvit.runs import METRICS, resolve_run_dir
 
 if TYPE_CHECKING:
     from medvit.zeroshot.scorer import ZeroShotScorer  # imported lazily: the app works without a CLIP
 
 _log = logging.getLogger(__name__)
 
-DEFAULT_MAX_UPLOAD_MB = 64
-DEFAULT_EXAMPLE = "RG1_UNCI.dcm"  # a real 15-bit MONOCHROME1 PA chest CR from pydicom-data
 SaliencyMethod = Literal["rollout", "gradcam"]
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class AppSettings:
-    """The app's configuration, from the environment `medvit review` sets up."""
-
-    run_dir: str | None = None  # None: $MEDVIT_RUN, else the demo model
-    worklist: Path | None = None
-    default_file: Path | None = None
-    max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
-    db_url: str | None = None  # None: $MEDVIT_DB_URL, else SQLite in the user data dir
-
-    @property
-    def max_upload_bytes(self) -> int:
-        return self.max_upload_mb * 1024 * 1024
-
-    @classmethod
-    def from_env(cls) -> AppSettings:
-        env = os.environ
-        try:
-            max_mb = int(env.get("MEDVIT_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB))
-        except ValueError:
-            raise MedvitError(f"MEDVIT_MAX_UPLOAD_MB={env['MEDVIT_MAX_UPLOAD_MB']!r} is not a whole number") from None
-        file = env.get("MEDVIT_FILE")
-        return cls(
-            run_dir=env.get("MEDVIT_RUN") or None,
-            worklist=Path(env["MEDVIT_WORKLIST"]) if env.get("MEDVIT_WORKLIST") else None,
-            default_file=Path(file) if file else default_example(),
-            max_upload_mb=max_mb,
-            db_url=env.get("MEDVIT_DB_URL") or None,
-        )
-
-
-def default_example() -> Path | None:
-    """RG1_UNCI.dcm from pydicom-data, the image a fresh install opens on (None if the package is missing)."""
-    try:
-        from pydicom.data import get_testdata_file
-
-        path = get_testdata_file(DEFAULT_EXAMPLE)
-    except Exception:  # noqa: BLE001 - optional data package: any failure just means "no example"
-        _log.warning("pydicom-data not available: the app starts without an example image")
-        return None
-    return Path(path) if path else None
 
 
 def check_upload(data: bytes, name: str, max_bytes: int) -> None:
@@ -251,7 +207,7 @@ class ReviewService:
 
 
 def load_zero_shot() -> ZeroShotScorer:
-    """The CLIP scorer named by $MEDVIT_CLIP, with $MEDVIT_CLIP_TEMPERATURES applied when set.
+    """The CLIP scorer named by $MEDVIT_CLIP, with $MEDVIT_CLIP_TEMPERATURES (`CLIP_TEMPERATURES_ENV`) applied.
 
     Always offline: a review session must not stall on (or depend on) a download, so the weights have to be
     a local folder or already in the Hugging Face cache.
@@ -262,7 +218,7 @@ def load_zero_shot() -> ZeroShotScorer:
     """
     from medvit.zeroshot.scorer import ZeroShotScorer
 
-    return ZeroShotScorer.load(offline=True, temperatures=os.environ.get("MEDVIT_CLIP_TEMPERATURES") or None)
+    return ZeroShotScorer.load(offline=True, temperatures=os.environ.get(CLIP_TEMPERATURES_ENV) or None)
 
 
 def zero_shot_table(scorer: ZeroShotScorer, image: XrayImage, prompts: list[str], pairs: list[str]) -> pd.DataFrame:
@@ -270,7 +226,7 @@ def zero_shot_table(scorer: ZeroShotScorer, image: XrayImage, prompts: list[str]
     across them when there are several) and "positive | negative" pair lines (negative optional: the positive is
     negated). Columns: mode, prompt, prob, similarity, calibration ("uncalibrated" unless a fitted temperature
     exists for that pair)."""
-    pair_objs = [p for p in (scorer.prompts.parse_pair(line) for line in pairs) if p]
+    pair_objs = scorer.requested_pairs([], pairs)
     n_prompts = sum(bool(p.strip()) for p in prompts)
     table = scorer.score_table(image, prompts, pair_objs, multiclass=n_prompts > 1)
     # the reader typed both sides of a pair, so show both; the prompts they typed first come first

@@ -16,30 +16,22 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medvit.data.dicom import header_text
+from medvit.data.files import image_files, sniff_file, sniff_format
 from medvit.errors import DatasetError
 
 _log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".dic", ".png", ".jpg", ".jpeg", ""})
 WORKLIST_COLUMNS = ("file", "format", "modality", "view", "body_part", "date")
 PATIENT_TAGS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber")
 _DATE_TAGS = ("StudyDate", "SeriesDate", "AcquisitionDate")  # the first one set is the study's date
 _HEADER_TAGS = ("Modality", "ViewPosition", "BodyPartExamined", *_DATE_TAGS)
-_MAGIC = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg"}
-
-
-def _kind(path: Path) -> str | None:
-    with path.open("rb") as f:
-        head = f.read(132)
-    if head[128:132] == b"DICM":
-        return "dicom"
-    return next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
 
 
 def list_worklist(folder: str | Path, limit: int = 1000) -> pd.DataFrame:
     """One row per DICOM/PNG/JPEG file in `folder` (not recursive), sorted by name, with header fields.
 
-    The format is detected from the content; other files are skipped.
+    Files are those `medvit.data.files.image_files` picks (image suffix, or none); the format is detected
+    from the content, and files that are not DICOM, PNG or JPEG inside are skipped.
 
     Raises:
         DatasetError: `folder` is not a readable directory.
@@ -48,12 +40,12 @@ def list_worklist(folder: str | Path, limit: int = 1000) -> pd.DataFrame:
     if not folder.is_dir():
         raise DatasetError(f"worklist folder not found: {folder}")
     rows: list[dict[str, str | None]] = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
+    for path in image_files(folder, recursive=False):
         if len(rows) >= limit:
             _log.warning("worklist %s: listing only the first %d files", folder, limit)
             break
         try:
-            kind = _kind(path)
+            kind = sniff_file(path)
         except OSError as e:
             _log.warning("worklist: cannot read %s: %s", path, e)
             continue
@@ -77,7 +69,7 @@ def list_worklist(folder: str | Path, limit: int = 1000) -> pd.DataFrame:
 
 def patient_identifiers(data: bytes) -> dict[str, str]:
     """Patient name, ID, birth date, sex and accession number from a DICOM's header ({} for PNG/JPEG)."""
-    if data[128:132] != b"DICM":
+    if sniff_format(data) != "dicom":
         return {}
     try:
         ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=list(PATIENT_TAGS))

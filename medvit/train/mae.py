@@ -11,24 +11,27 @@ split is used (never val or calib patients). The output is the encoder's timm st
 from __future__ import annotations
 
 import logging
-import math
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
+from timm.optim import create_optimizer_v2
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader, DistributedSampler
 
 from medvit._io import save_tensors, write_json
 from medvit.config import Config, PretrainConfig
+from medvit.data.datasets import XrayDataset
 from medvit.data.splits import load_splits
-from medvit.errors import ConfigError, NonFiniteLossError
+from medvit.data.transforms import build_transforms, resolve_preprocessing
+from medvit.errors import ConfigError
+from medvit.model.classifier import create_backbone
 from medvit.runs import PRETRAIN_ENCODER, PRETRAIN_SUMMARY
-from medvit.train.engine import MetricsLog, seed_everything
+from medvit.train.engine import Engine, LoopConfig, seed_everything
+from medvit.train.resume import STATE
+from medvit.train.task import Task
 
 _log = logging.getLogger(__name__)
 
@@ -117,22 +120,24 @@ class MaskedAutoencoder(nn.Module):
         return (per_patch * mask).sum() / mask.sum()
 
 
+class _MaeTask(Task):
+    """The reconstruction loss of a batch of training images (labels unused)."""
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        return self.model(batch[0])
+
+
 def pretrain(cfg: Config, out_dir: str | Path) -> Path:
     """Run MAE pretraining per `cfg.pretrain` on the train split; write `encoder.safetensors` into `out_dir`.
 
-    Returns the encoder file. Loss, learning rate and time per epoch go to `out_dir/metrics.csv`.
+    Returns the encoder file. Loss, learning rate and time per epoch go to `out_dir/metrics.csv`; each epoch
+    leaves a resume state there, and an interrupted pretraining in `out_dir` continues exactly where it stopped.
 
     Raises:
         ConfigError: no `pretrain` section, or the backbone is not a ViT with a cls token.
         NonFiniteLossError: the reconstruction loss diverged (no encoder is written).
+        CheckpointError: the resume state in `out_dir` does not match this config.
     """
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-
-    from medvit.data.datasets import XrayDataset
-    from medvit.data.transforms import build_transforms, resolve_preprocessing
-    from medvit.model.classifier import create_backbone
-
     p = cfg.pretrain
     if p is None:
         raise ConfigError("the config has no 'pretrain' section (method, epochs, mask_ratio, ...)")
@@ -144,44 +149,25 @@ def pretrain(cfg: Config, out_dir: str | Path) -> Path:
     train = load_splits(cfg).train
     encoder = create_backbone(cfg.model, {**cfg.model.model_kwargs, "num_classes": 0})
     mae = MaskedAutoencoder(encoder, p)
-    preprocessing = resolve_preprocessing(encoder)
-    tf = build_transforms(preprocessing, train=True, aug=cfg.data.augment)
+    tf = build_transforms(resolve_preprocessing(encoder), train=True, aug=cfg.data.augment)
     ds = XrayDataset(train, list(cfg.data.findings), tf, cache=cfg.data.cache, seed=cfg.seed)
-    loader: DataLoader = DataLoader(ds, batch_size=p.batch_size, shuffle=True,  # type: ignore[arg-type]
-                                    drop_last=len(ds) > p.batch_size, num_workers=cfg.data.num_workers,
-                                    generator=torch.Generator().manual_seed(cfg.seed))
+    # per-epoch permutations of (seed, epoch): what an exact resume needs
+    sampler: DistributedSampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True,  # type: ignore[arg-type]
+                                                     seed=cfg.seed)
+    loader: DataLoader = DataLoader(ds, batch_size=p.batch_size, sampler=sampler,  # type: ignore[arg-type]
+                                    drop_last=len(ds) > p.batch_size, num_workers=cfg.data.num_workers)
     optimizer = create_optimizer_v2(mae, opt="adamw", lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.95))
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=p.epochs, warmup_epochs=p.warmup_epochs,
-                                       min_lr=p.min_lr, warmup_lr=p.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=len(loader))
+    loop = LoopConfig(epochs=p.epochs, clip_grad=p.clip_grad, warmup_epochs=p.warmup_epochs, warmup_lr=p.min_lr,
+                      min_lr=p.min_lr, progress=cfg.log.progress, desc="MAE epoch", loss_name="MAE loss",
+                      hint="lower pretrain.lr or set pretrain.clip_grad")
     out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(out, tensorboard=False)
+    engine = Engine(_MaeTask(mae), optimizer, loader, loop, out)
+    if (out / STATE).is_file():
+        engine.resume()
     _log.info("MAE pretraining %s on %d train images / %d patients: %d epochs, mask ratio %.2f",
               cfg.model.name, len(train), train["patient_id"].nunique(), p.epochs, p.mask_ratio)
-    step, elapsed, loss_avg = 0, 0.0, math.nan
-    mae.train()
-    try:
-        for epoch in tqdm(range(p.epochs), desc="MAE pretraining", disable=not cfg.log.progress):
-            ds.set_epoch(epoch)
-            started, total, count = time.monotonic(), 0.0, 0
-            for x, _ in loader:
-                loss = mae(x)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"MAE loss became {loss.item()} at epoch {epoch + 1}; lower pretrain.lr")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if p.clip_grad is not None:
-                    nn.utils.clip_grad_norm_(mae.parameters(), p.clip_grad)
-                optimizer.step()
-                step += 1
-                scheduler.step_update(step)
-                total, count = total + loss.item() * len(x), count + len(x)
-            seconds = time.monotonic() - started
-            elapsed, loss_avg = elapsed + seconds, total / count
-            log.write({"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                       "train_loss": loss_avg, "seconds": round(seconds, 2)})
-    finally:
-        log.close()
+    history = engine.run()
+    loss_avg, elapsed = history[-1]["train_loss"], engine.state["elapsed_s"]
     path = out / ENCODER
     digest = save_tensors(path, encoder.state_dict(), metadata={"format": "pt"})
     write_json(out / SUMMARY, {

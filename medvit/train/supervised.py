@@ -1,55 +1,65 @@
-"""The training loop: `fit(cfg)` trains a multi-label classifier and leaves a self-describing run folder.
+"""Supervised training: `fit(cfg)` trains a multi-label classifier and leaves a self-describing run folder.
 
-One explicit loop (nanoGPT-style): masked multi-label loss, AdamW with layer-wise LR decay and
-warmup + cosine (both from timm), gradient accumulation and clipping, autocast, MixUp/CutMix, EMA.
-Each epoch validates (mean AUROC drives early stopping and the best checkpoint) and writes an
-exact resume state. Under torchrun the same loop runs with DDP; rank 0 validates and writes files.
+The task plugged into the shared engine (`medvit.train.engine`): masked multi-label loss on MixUp/CutMix
+batches, AdamW with layer-wise LR decay (timm), EMA. Each epoch validates (mean AUROC drives early stopping
+and the best checkpoint); the engine does the loop, resume state, metrics log and DDP.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from timm.data.mixup import cutmix_bbox_and_lam
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
 
 from medvit._io import read_json, write_json
-from medvit.config import Config
+from medvit.config import Config, MixupConfig, apply_overrides, load_config, validate_config
+from medvit.data.datasets import XrayDataset
 from medvit.data.splits import load_splits
-from medvit.errors import ConfigError, NonFiniteLossError
+from medvit.data.transforms import build_transforms, resolve_preprocessing
+from medvit.errors import ConfigError
 from medvit.evaluate.metrics import mean_auroc
-from medvit.runs import SUMMARY, WEIGHTS, model_build_args, save_weights, write_run_config
-from medvit.train.distributed import (
-    DistInfo,
-    all_true,
-    barrier,
-    broadcast_flag,
-    cleanup,
-    init_distributed,
-    mean_over_ranks,
-)
-from medvit.train.engine import MetricsLog, autocast, mix_batch, resolve_precision, seed_everything
-from medvit.train.resume import STATE, load_resume_state, save_resume_state
+from medvit.model.classifier import build_model
+from medvit.model.losses import MaskedMultiLabelLoss, pos_weight_from_labels
+from medvit.runs import CONFIG, PRETRAIN_SUMMARY, SUMMARY, WEIGHTS, model_build_args, save_weights, write_run_config
+from medvit.train.distributed import DistInfo, barrier, cleanup, init_distributed
+from medvit.train.engine import Engine, LoopConfig, autocast, resolve_precision, seed_everything
+from medvit.train.frozen import FrozenFeatures, TrainableSuffix
+from medvit.train.mae import ENCODER, pretrain
+from medvit.train.resume import STATE
+from medvit.train.task import Task
 
 _log = logging.getLogger(__name__)
 
 
-def _loader(ds: Any, batch: int, info: DistInfo, seed: int, workers: int) -> tuple[DataLoader, DistributedSampler]:
-    # A DistributedSampler even on one process: its permutation depends only on (seed, epoch), so a
-    # single-process run and an N-rank run see the same global batches.
-    sampler: DistributedSampler = DistributedSampler(ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
-                                                     seed=seed)
-    # Not persistent: workers must pick up the dataset's epoch (its augmentation seed) each epoch.
-    loader = DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=False)
-    return loader, sampler
+def mix_batch(x: torch.Tensor, y: torch.Tensor, cfg: MixupConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """MixUp / CutMix for multi-label targets: mix the label vectors with the same lambda as the pixels.
+
+    timm's `Mixup` one-hot encodes class indices, which is wrong for multi-hot targets, so only its
+    box helper is reused. An entry unknown (NaN) in either image stays NaN, i.e. masked in the loss.
+    Uses numpy's global RNG, which is seeded and saved in the resume state.
+    """
+    if not cfg.enabled or np.random.rand() >= cfg.prob:
+        return x, y
+    use_cutmix = cfg.cutmix_alpha > 0 and (cfg.mixup_alpha == 0 or np.random.rand() < cfg.switch_prob)
+    lam = float(np.random.beta(cfg.cutmix_alpha, cfg.cutmix_alpha) if use_cutmix
+                else np.random.beta(cfg.mixup_alpha, cfg.mixup_alpha))
+    x_flip, y_flip = x.flip(0), y.flip(0)
+    if use_cutmix:
+        (y0, y1, x0, x1), lam = cutmix_bbox_and_lam(x.shape, lam, correct_lam=True)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = x_flip[:, :, y0:y1, x0:x1]
+    else:
+        x = x * lam + x_flip * (1 - lam)
+    return x, y * lam + y_flip * (1 - lam)
 
 
 @torch.no_grad()
@@ -64,6 +74,20 @@ def predict_probs(model: nn.Module, loader: DataLoader, device: torch.device,
         probs.append(torch.sigmoid(logits.float()).cpu().numpy())
         labels.append(y.numpy())
     return np.concatenate(probs), np.concatenate(labels)
+
+
+def resolve_config(config: Path | None, overrides: list[str], resume: Path | None) -> Config:
+    """The config to train with: the YAML file, else (resuming) the run's own saved config; `--set` applies to both.
+
+    Raises:
+        ConfigError: neither a config nor a run to resume, or an invalid config.
+    """
+    if config is not None:
+        return load_config(config, overrides)
+    if resume is None:
+        raise ConfigError("medvit train needs -c CONFIG (or --resume RUN_DIR to continue a run)")
+    saved = read_json(resume / CONFIG)["config"]
+    return validate_config(apply_overrides(saved, overrides), str(resume / CONFIG))
 
 
 def _run_dir(cfg: Config, out_dir: str | Path | None, resume: str | Path | None) -> Path:
@@ -92,7 +116,21 @@ def fit(cfg: Config, *, out_dir: str | Path | None = None, resume: str | Path | 
     info = init_distributed()
     try:
         run_dir = _run_dir(cfg, out_dir, resume)
-        return _Trainer(_with_pretraining(cfg, run_dir, info), info, run_dir, resume is not None).run(stop_after)
+        cfg = _with_pretraining(cfg, run_dir, info)
+        task = _Supervised(cfg, info, run_dir)
+        engine = task.engine()
+        if resume is not None:
+            engine.resume()
+        elif info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_run_config(run_dir, cfg.model_dump(mode="json"), task.findings, task.preprocessing,
+                             model_build_args(cfg.model, len(task.findings)))
+        barrier(info)
+        task.log_start(engine)
+        engine.run(stop_after)
+        if info.is_main:
+            write_json(run_dir / SUMMARY, task.summary(engine))
+        return run_dir
     finally:
         cleanup(info)
 
@@ -103,8 +141,6 @@ def _with_pretraining(cfg: Config, run_dir: Path, info: DistInfo) -> Config:
     The encoder is loaded through the ordinary `model.weights_file` path, so the saved config says exactly
     which weights training started from, and `--resume` finds the stage already done.
     """
-    from medvit.train.mae import ENCODER, pretrain
-
     if cfg.pretrain is None:
         return cfg
     encoder = run_dir / "pretrain" / ENCODER
@@ -115,20 +151,10 @@ def _with_pretraining(cfg: Config, run_dir: Path, info: DistInfo) -> Config:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": True, "weights_file": encoder})})
 
 
-class _Trainer:
-    """State of one training session; `run` is the loop."""
+class _Supervised(Task):
+    """Data, model, loss and validation of one supervised run; `engine()` wires them into the shared loop."""
 
-    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path, resuming: bool) -> None:
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-        from timm.utils import ModelEmaV3
-
-        from medvit.data.datasets import XrayDataset
-        from medvit.data.transforms import build_transforms, resolve_preprocessing
-        from medvit.model.classifier import build_model
-        from medvit.model.losses import MaskedMultiLabelLoss, pos_weight_from_labels
-
-        self.cfg, self.info, self.run_dir, self.resuming = cfg, info, run_dir, resuming
+    def __init__(self, cfg: Config, info: DistInfo, run_dir: Path) -> None:
         t = cfg.train
         if t.batch_size % (info.world_size * t.accum_steps):
             raise ConfigError(f"train.batch_size {t.batch_size} must be divisible by world size {info.world_size} "
@@ -136,184 +162,109 @@ class _Trainer:
         if t.num_threads is not None:
             torch.set_num_threads(t.num_threads)
         seed_everything(cfg.seed, t.deterministic)
+        self.cfg, self.info, self.run_dir = cfg, info, run_dir
         self.splits = load_splits(cfg)
         self.findings = list(cfg.data.findings)
-        self.net = build_model(cfg.model, len(self.findings)).to(info.device)
-        self.preprocessing = resolve_preprocessing(self.net.backbone)
-
-        train_tf = build_transforms(self.preprocessing, train=True, aug=cfg.data.augment)
-        eval_tf = build_transforms(self.preprocessing, train=False)
-        train_ds = XrayDataset(self.splits.train, self.findings, train_tf, cache=cfg.data.cache, seed=cfg.seed)
-        val_ds = XrayDataset(self.splits.val, self.findings, eval_tf, cache=cfg.data.cache)
-        micro = t.batch_size // (info.world_size * t.accum_steps)
+        net = build_model(cfg.model, len(self.findings)).to(info.device)
+        super().__init__(net)
+        self.preprocessing = resolve_preprocessing(net.backbone)
         self.dtype = resolve_precision(t.precision, info.device)
+
+        train_ds = XrayDataset(self.splits.train, self.findings, build_transforms(self.preprocessing, train=True,
+                               aug=cfg.data.augment), cache=cfg.data.cache, seed=cfg.seed)
+        val_ds = XrayDataset(self.splits.val, self.findings, build_transforms(self.preprocessing, train=False),
+                             cache=cfg.data.cache)
         labels = train_ds.labels
         if t.cache_frozen_features:
             train_ds = self._frozen_features(train_ds)
-        workers = 0 if t.cache_frozen_features else cfg.data.num_workers
-        self.train_loader, self.train_sampler = _loader(train_ds, micro, info, cfg.seed, workers)
+        self.train_loader = self._train_loader(train_ds)
         self.val_loader: DataLoader = DataLoader(val_ds, batch_size=t.eval_batch_size,  # type: ignore[arg-type]
                                                  num_workers=cfg.data.num_workers)
-
         pos_weight = pos_weight_from_labels(labels, t.loss.pos_weight_max)
         self.criterion = MaskedMultiLabelLoss(t.loss, pos_weight).to(info.device)
-        self.optimizer = create_optimizer_v2(self.net, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay,
-                                             layer_decay=t.layer_decay)
-        self.updates_per_epoch = math.ceil(len(self.train_loader) / t.accum_steps)
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched="cosine", num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
-            warmup_lr=t.warmup_lr, min_lr=t.min_lr, step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
-        self.ema = ModelEmaV3(self.net, decay=t.ema.decay, use_warmup=t.ema.warmup) if t.ema.enabled else None
-        # What the training step calls: the whole net, or only its trainable suffix on cached prefix tokens;
-        # wrapped in DDP under torchrun. EMA, validation and checkpoints always use self.net.
-        self.model: Any = self.net
-        if t.cache_frozen_features:
-            from medvit.train.frozen import TrainableSuffix
+        self.ema = ModelEmaV3(self.model, decay=t.ema.decay, use_warmup=t.ema.warmup) if t.ema.enabled else None
+        if t.cache_frozen_features:  # the step runs only the trainable suffix, on cached prefix tokens
+            self.step_model = TrainableSuffix(self.model)
+        self.state = {"best_score": -math.inf, "best_epoch": -1, "best_val_mean_auroc": math.nan, "bad_epochs": 0,
+                      "saved_epoch": -1, "saved_val_mean_auroc": math.nan}
 
-            self.model = TrainableSuffix(self.net)
-        if info.enabled:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-        self.scaler = torch.amp.GradScaler(enabled=self.dtype == torch.float16)
-        self.state: dict[str, Any] = {"epoch": 0, "global_step": 0, "best_score": -math.inf, "best_epoch": -1,
-                                      "best_val_mean_auroc": math.nan, "bad_epochs": 0,
-                                      "saved_epoch": -1, "saved_val_mean_auroc": math.nan, "elapsed_s": 0.0}
+    def _train_loader(self, ds: Any) -> DataLoader:
+        # A DistributedSampler even on one process: its permutation depends only on (seed, epoch), so a
+        # single-process run and an N-rank run see the same global batches.
+        t, info = self.cfg.train, self.info
+        sampler: DistributedSampler = DistributedSampler(ds, num_replicas=info.world_size, rank=info.rank,
+                                                         shuffle=True, seed=self.cfg.seed)
+        # Not persistent: workers must pick up the dataset's epoch (its augmentation seed) each epoch.
+        return DataLoader(ds, batch_size=t.batch_size // (info.world_size * t.accum_steps), sampler=sampler,
+                          num_workers=0 if t.cache_frozen_features else self.cfg.data.num_workers, drop_last=False)
 
     def _frozen_features(self, train_ds: Any) -> Any:
         """The train split as cached frozen-prefix tokens (`train.cache_frozen_features`)."""
-        from medvit.train.frozen import FrozenFeatures
-
         t = self.cfg.train
         if self.cfg.data.augment.enabled or t.mixup.enabled:
             raise ConfigError("train.cache_frozen_features needs data.augment.enabled: false and no MixUp: "
                               "the frozen prefix output must be the same every epoch")
-        return FrozenFeatures.build(self.net, train_ds, batch_size=t.eval_batch_size,
+        return FrozenFeatures.build(self.model, train_ds, batch_size=t.eval_batch_size,
                                     num_workers=self.cfg.data.num_workers, device=self.info.device,
                                     autocast_dtype=self.dtype)
 
-    # ---- setup / teardown ----
+    def engine(self) -> Engine:
+        """The shared loop over this task, with the run's optimizer (layer-wise LR decay) and schedule."""
+        t = self.cfg.train
+        optimizer = create_optimizer_v2(self.model, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay,
+                                        layer_decay=t.layer_decay)
+        loop = LoopConfig(epochs=t.epochs, accum_steps=t.accum_steps, clip_grad=t.clip_grad,
+                          warmup_epochs=t.warmup_epochs, warmup_lr=t.warmup_lr, min_lr=t.min_lr, dtype=self.dtype,
+                          progress=self.cfg.log.progress, tensorboard=self.cfg.log.tensorboard,
+                          hint="Lower train.lr, keep train.clip_grad on, or use train.precision: fp32")
+        return Engine(self, optimizer, self.train_loader, loop, self.run_dir, info=self.info, ema=self.ema)
 
-    def _start(self) -> None:
-        if self.resuming:
-            restored = load_resume_state(self.run_dir, self.net, self.optimizer, self.ema)
-            self.state.update({k: restored[k] for k in self.state})
-            self.scheduler.step_update(self.state["global_step"])
-            _log.info("resuming %s at epoch %d (step %d)", self.run_dir, self.state["epoch"] + 1,
-                      self.state["global_step"])
-        elif self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_run_config(self.run_dir, self.cfg.model_dump(mode="json"), self.findings, self.preprocessing,
-                                  model_build_args(self.cfg.model, len(self.findings)))
-        barrier(self.info)
+    def log_start(self, engine: Engine) -> None:
         sp = self.splits
         _log.info("train %d images / %d patients, val %d / %d; %d updates per epoch, precision %s, world size %d",
                   len(sp.train), sp.train["patient_id"].nunique(), len(sp.val), sp.val["patient_id"].nunique(),
-                  self.updates_per_epoch, self.dtype or "fp32", self.info.world_size)
+                  engine.updates_per_epoch, self.dtype or "fp32", self.info.world_size)
 
-    # ---- one epoch ----
-
-    def _train_epoch(self, epoch: int) -> float:
-        t, dev = self.cfg.train, self.info.device
-        self.train_sampler.set_epoch(epoch)
-        if hasattr(self.train_loader.dataset, "set_epoch"):  # not for cached frozen features
-            self.train_loader.dataset.set_epoch(epoch)
-        self.model.train()
-        n_batches, total, count = len(self.train_loader), 0.0, 0
-        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
-                   disable=not (self.info.is_main and self.cfg.log.progress))
-        for i, (x, y) in enumerate(bar):
-            x, y = mix_batch(x.to(dev), y.to(dev), t.mixup)
-            step_now = (i + 1) % t.accum_steps == 0 or i + 1 == n_batches
-            sync = self.model.no_sync() if self.info.enabled and not step_now else nullcontext()
-            with sync:
-                with autocast(dev, self.dtype):
-                    logits = self.model(x)
-                loss = self.criterion(logits, y)
-                if not all_true(self.info, bool(torch.isfinite(loss))):
-                    raise NonFiniteLossError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {self.state['global_step']}: training "
-                        f"stopped; the last good checkpoint in {self.run_dir} is kept. Lower train.lr, keep "
-                        f"train.clip_grad on, or use train.precision: fp32")
-                self.scaler.scale(loss / t.accum_steps).backward()
-            total, count = total + loss.item(), count + 1
-            if step_now:
-                self._optimizer_step()
-            bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{self.optimizer.param_groups[-1]['lr']:.2e}")
-        return mean_over_ranks(self.info, total, count)
-
-    def _optimizer_step(self) -> None:
-        t = self.cfg.train
-        if t.clip_grad:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_([p for p in self.net.parameters() if p.requires_grad], t.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state["global_step"] += 1
-        self.scheduler.step_update(self.state["global_step"])
-        if self.ema is not None:
-            self.ema.update(self.net, step=self.state["global_step"])
+    def loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        x, y = mix_batch(x.to(self.info.device), y.to(self.info.device), self.cfg.train.mixup)
+        return self.criterion(self.step_model(x), y)
 
     def _eval_model(self) -> nn.Module:
-        return self.ema.module if self.ema is not None and self.cfg.train.ema.evaluate else self.net
+        return self.ema.module if self.ema is not None and self.cfg.train.ema.evaluate else self.model
 
-    def _validate(self) -> tuple[float, float, dict[str, float]]:
+    def evaluate(self, epoch: int) -> dict[str, Any]:
+        """Validate; track the best epoch and save `model.safetensors` when it improved (or always, select=last)."""
         probs, labels = predict_probs(self._eval_model(), self.val_loader, self.info.device, self.dtype)
         logits = torch.logit(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6))
         val_loss = float(self.criterion(logits, torch.from_numpy(labels).to(logits.device)))
         auroc, per = mean_auroc(labels, probs, self.findings)
-        return val_loss, auroc, per
+        score = auroc if math.isfinite(auroc) else -val_loss
+        st = self.state
+        improved = score > st["best_score"]
+        if improved:
+            st.update(best_score=score, best_epoch=epoch, best_val_mean_auroc=auroc, bad_epochs=0)
+        else:
+            st["bad_epochs"] += 1
+        if improved or self.cfg.train.select == "last":
+            save_weights(self.run_dir / WEIGHTS, self._eval_model())
+            st["saved_epoch"], st["saved_val_mean_auroc"] = epoch, auroc
+        _log.info("epoch %d: val loss %.4f, val mean AUROC %.4f%s", epoch, val_loss, auroc,
+                  " *best*" if improved else "")
+        return {"val_loss": val_loss, "val_mean_auroc": auroc, "best": int(improved),
+                **{f"auroc/{f}": per.get(f, math.nan) for f in self.findings}}
 
-    def _end_epoch(self, epoch: int, train_loss: float, seconds: float, log: MetricsLog | None) -> bool:
-        """Validate, log, checkpoint (rank 0); returns whether to stop early (same answer on all ranks)."""
-        stop = False
-        if log is not None:  # rank 0
-            val_loss, auroc, per = self._validate()
-            score = auroc if math.isfinite(auroc) else -val_loss
-            improved = score > self.state["best_score"]
-            st = self.state
-            st.update(epoch=epoch + 1, elapsed_s=st["elapsed_s"] + seconds)
-            if improved:
-                st.update(best_score=score, best_epoch=epoch + 1, best_val_mean_auroc=auroc, bad_epochs=0)
-            else:
-                st["bad_epochs"] += 1
-            if improved or self.cfg.train.select == "last":
-                save_weights(self.run_dir / WEIGHTS, self._eval_model())
-                st["saved_epoch"], st["saved_val_mean_auroc"] = epoch + 1, auroc
-            log.write({"epoch": epoch + 1, "step": st["global_step"], "lr": self.optimizer.param_groups[-1]["lr"],
-                       "train_loss": train_loss, "val_loss": val_loss, "val_mean_auroc": auroc,
-                       "best": int(improved), "seconds": round(seconds, 1),
-                       **{f"auroc/{f}": per.get(f, math.nan) for f in self.findings}})
-            save_resume_state(self.run_dir, self.net, self.optimizer, self.ema, st)
-            _log.info("epoch %d: train loss %.4f, val loss %.4f, val mean AUROC %.4f%s (%.0fs)", epoch + 1,
-                      train_loss, val_loss, auroc, " *best*" if improved else "", seconds)
-            patience = self.cfg.train.early_stopping_patience
-            stop = patience is not None and st["bad_epochs"] >= patience
-            if stop:
-                _log.info("early stopping: no improvement for %d epochs (best epoch %d)", patience, st["best_epoch"])
-        return broadcast_flag(self.info, stop)
+    def should_stop(self) -> bool:
+        patience = self.cfg.train.early_stopping_patience
+        stop = patience is not None and self.state["bad_epochs"] >= patience
+        if stop:
+            _log.info("early stopping: no improvement for %d epochs (best epoch %d)", patience,
+                      self.state["best_epoch"])
+        return stop
 
-    def run(self, stop_after: int | None) -> Path:
-        self._start()
-        log = MetricsLog(self.run_dir, self.cfg.log.tensorboard) if self.info.is_main else None
-        first = self.state["epoch"]
-        last = self.cfg.train.epochs if stop_after is None else min(self.cfg.train.epochs, first + stop_after)
-        try:
-            for epoch in range(first, last):
-                started = time.monotonic()
-                train_loss = self._train_epoch(epoch)
-                if self._end_epoch(epoch, train_loss, time.monotonic() - started, log):
-                    break
-        finally:
-            if log is not None:
-                log.close()
-        barrier(self.info)
-        if self.info.is_main:
-            write_json(self.run_dir / SUMMARY, self._summary())
-        return self.run_dir
-
-    def _summary(self) -> dict[str, Any]:
-        sp, st = self.splits, self.state
+    def summary(self, engine: Engine) -> dict[str, Any]:
+        """train_summary.json: what was trained on, the best and saved epochs, time and environment."""
+        sp, st = self.splits, {**self.state, **engine.state}
         return {
             "epochs_run": st["epoch"], "best_epoch": st["best_epoch"], "best_val_mean_auroc": st["best_val_mean_auroc"],
             "select": self.cfg.train.select, "saved_epoch": st["saved_epoch"],
@@ -328,9 +279,7 @@ class _Trainer:
         }
 
     def _pretrain_summary(self) -> dict[str, Any]:
-        from medvit.train.mae import SUMMARY
-
-        path = self.run_dir / "pretrain" / SUMMARY
+        path = self.run_dir / "pretrain" / PRETRAIN_SUMMARY
         if self.cfg.pretrain is None or not path.is_file():
             return {}
         done = read_json(path)

@@ -32,7 +32,7 @@ from medvit.errors import ConfigError, WeightsNotFoundError
 
 _log = logging.getLogger(__name__)
 
-BACKENDS = ("open_clip", "transformers")
+CLIP_LIBRARIES = ("open_clip", "transformers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NORMALIZATIONS = ("model", "chexzero")
 # CheXzero's training normalisation (pixel mean/std of MIMIC-CXR on the 0-255 scale), letterboxed, not cropped.
@@ -71,10 +71,10 @@ def parse_spec(spec: str) -> ModelSpec:
     if spec.startswith(("hf-hub:", "local-dir:")):
         spec = "open_clip:" + spec
     backend, sep, rest = spec.partition(":")
-    if not sep or backend not in BACKENDS:
+    if not sep or backend not in CLIP_LIBRARIES:
         if Path(spec).is_dir():
             return _spec_for_dir(Path(spec))
-        raise ConfigError(f"CLIP model spec {spec!r} must start with one of {BACKENDS} (or be a model folder)")
+        raise ConfigError(f"CLIP model spec {spec!r} must start with one of {CLIP_LIBRARIES} (or be a model folder)")
     if not rest:
         raise ConfigError(f"CLIP model spec {spec!r} names no model")
     if backend == "transformers" or rest.startswith(("hf-hub:", "local-dir:")):

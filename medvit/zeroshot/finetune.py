@@ -9,14 +9,15 @@ its last blocks (and projection) adapt, which is what a few hundred local images
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
 import os
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -24,8 +25,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from medvit.errors import DatasetError
+from medvit._io import write_json
+from medvit.data.datasets import load_labels, safe_path
+from medvit.errors import ConfigError, DatasetError
 from medvit.findings import ALL_FINDINGS
+from medvit.train.resume import STATE
+from medvit.train.task import Task
 from medvit.zeroshot.clip import ClipBackend
 from medvit.zeroshot.prompts import PromptConfig
 
@@ -33,16 +38,25 @@ _log = logging.getLogger(__name__)
 
 _MAX_LOGIT_SCALE = 100.0  # CLIP's clamp: temperature never below 0.01
 
+ALIGN_META = "align.json"
+
 
 @dataclass(frozen=True)
 class AlignConfig:
-    """Fine-tuning hyper-parameters; `trainable_image_blocks=None` trains the whole image tower."""
+    """Fine-tuning hyper-parameters; `trainable_image_blocks=None` trains the whole image tower.
+
+    `batch_size` pairs form one contrastive batch (in-batch negatives); `accum_steps` such batches make one
+    optimizer update.
+    """
 
     epochs: int = 5
     batch_size: int = 32
     lr: float = 5e-5
+    min_lr: float = 0.0
     weight_decay: float = 0.1
     warmup_steps: int = 10
+    accum_steps: int = 1
+    clip_grad: float | None = None
     trainable_image_blocks: int | None = 2
     normalization: str = "model"
     seed: int = 0
@@ -64,8 +78,6 @@ def load_pairs(
 def read_pairs(csv_path: str | os.PathLike[str], images_root: str | os.PathLike[str],
                prompts: PromptConfig) -> pd.DataFrame:
     """All pairs of the CSV (`load_pairs` without the split filter), with its `split` column when it has one."""
-    from medvit.data.datasets import load_labels
-
     head = pd.read_csv(csv_path, nrows=0).columns
     if "Finding Labels" in head:
         df = load_labels(csv_path, images_root, ALL_FINDINGS)
@@ -80,7 +92,7 @@ def read_pairs(csv_path: str | os.PathLike[str], images_root: str | os.PathLike[
             raise DatasetError(f"{csv_path}: a pairs CSV needs 'image' (or 'path') and 'text' columns, "
                                "or NIH 'Finding Labels' to caption from labels")
         root = Path(images_root).resolve()
-        df["path"] = [str((root / str(p)).resolve()) for p in df[col]]
+        df["path"] = [safe_path(root, p) for p in df[col]]
         missing = [p for p in df["path"] if not Path(p).is_file()]
         if missing:
             raise DatasetError(f"{len(missing)} image(s) of {csv_path} not found under {root}, e.g. {missing[0]}")
@@ -141,10 +153,56 @@ def evaluate_loss(backend: ClipBackend, images: torch.Tensor, texts: list[str], 
     return float(np.mean(losses))
 
 
-def _schedule(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+class _PairBatches:
+    """Shuffled batches of pair indices (batches of one pair are dropped: a contrastive loss needs two).
+
+    The order of an epoch, and the text variant drawn for each pair, come from (seed, epoch) alone, so a
+    resumed alignment sees exactly the batches an uninterrupted one would have.
+    """
+
+    def __init__(self, n: int, batch_size: int, variants: Sequence[Sequence[str]], seed: int) -> None:
+        self.n, self.batch_size, self.variants, self.seed = n, batch_size, variants, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size + int(self.n % self.batch_size >= 2)
+
+    def __iter__(self) -> Iterator[tuple[list[int], list[str]]]:
+        rng = random.Random(f"{self.seed}:{self.epoch}")
+        order = list(range(self.n))
+        rng.shuffle(order)
+        for s in range(0, self.n, self.batch_size):
+            idx = order[s:s + self.batch_size]
+            if len(idx) >= 2:
+                yield idx, [rng.choice(self.variants[i]) for i in idx]
+
+
+class _AlignTask(Task):
+    """The contrastive loss of a batch of pairs; evaluated in eval mode on fixed batches (comparable numbers)."""
+
+    evaluate_before = True
+
+    def __init__(self, backend: ClipBackend, images: torch.Tensor, texts: list[str], cfg: AlignConfig,
+                 val: tuple[torch.Tensor, list[str]] | None) -> None:
+        super().__init__(backend.model)
+        self.backend, self.images, self.texts, self.cfg, self.val = backend, images, texts, cfg, val
+
+    def loss(self, batch: tuple[list[int], list[str]]) -> torch.Tensor:
+        # a sampled variant is encoded; positives are decided by the image's caption, not by the variant
+        idx, batch_texts = batch
+        return _batch_loss(self.backend, self.images[idx], batch_texts, [self.texts[i] for i in idx])
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        row: dict[str, float] = {}
+        if epoch in (0, self.cfg.epochs):  # before any update and at the end
+            row["train_loss"] = evaluate_loss(self.backend, self.images, self.texts, self.cfg.batch_size)
+        if self.val is not None:
+            row["val_loss"] = evaluate_loss(self.backend, *self.val, self.cfg.batch_size)
+        _log.info("align epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items()))
+        return row
 
 
 def align(
@@ -155,63 +213,93 @@ def align(
     *,
     variants: Sequence[Sequence[str]] | None = None,
     val: tuple[torch.Tensor, list[str]] | None = None,
-    log_csv: Path | None = None,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> list[dict[str, float]]:
-    """Fine-tune `backend.model` in place; returns per-epoch {epoch, lr, train_loss, step_loss, val_loss}.
+    """Fine-tune `backend.model` in place on the shared training engine; returns the metrics rows.
 
-    Epoch 0 is the loss before any update. AdamW with linear warm-up then cosine decay; fp32 weights. With
-    `variants`, each training step uses a random variant of each image's text; losses are reported on `texts`.
+    Rows: {epoch, step, lr, step_loss, val_loss, seconds}, plus `train_loss` (eval-mode loss on fixed batches)
+    at epoch 0 (before any update) and at the last epoch. AdamW with linear warm-up then cosine decay (timm);
+    fp32 weights. With `variants`, each training step uses a random variant of each image's text; losses are
+    reported on `texts`. With `run_dir`, metrics.csv and an exact resume state are written every epoch, and
+    `resume` continues from them.
+
+    Raises:
+        NonFiniteLossError: the contrastive loss became NaN/Inf (lower `lr`, or set `clip_grad`).
+        CheckpointError: `resume` without a matching resume state in `run_dir`.
     """
+    # the engine imports timm, which loads huggingface_hub: only once `--offline` has been applied
+    from medvit.train.engine import Engine, LoopConfig
+
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     backend.lock_image_tower(cfg.trainable_image_blocks)
     params = [p for p in backend.model.parameters() if p.requires_grad]
     _log.info("align: %d image-text pairs, %d trainable / %d parameters", len(texts), sum(p.numel() for p in params),
               sum(p.numel() for p in backend.model.parameters()))
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(texts) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _schedule(s, cfg.warmup_steps, cfg.epochs * steps_per_epoch))
-
-    def record(epoch: int, step_losses: list[float]) -> None:
-        # train_loss: eval-mode loss on fixed batches, before any update and at the end (comparable numbers)
-        row: dict[str, float] = {"epoch": epoch, "lr": opt.param_groups[0]["lr"]}
-        if epoch in (0, cfg.epochs):
-            row["train_loss"] = evaluate_loss(backend, images, texts, cfg.batch_size)
-        if step_losses:
-            row["step_loss"] = float(np.mean(step_losses))
-        if val is not None:
-            row["val_loss"] = evaluate_loss(backend, val[0], val[1], cfg.batch_size)
-        _log.info("align epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-        history.append(row)
-        if log_csv is not None:
-            _write_csv(log_csv, history)
-
-    history: list[dict[str, float]] = []
-    record(0, [])
-    for epoch in range(1, cfg.epochs + 1):
-        backend.model.train()
-        order = list(range(len(texts)))
-        rng.shuffle(order)
-        batches = [order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)]
-        losses = []
-        for idx in tqdm([b for b in batches if len(b) >= 2], desc=f"align epoch {epoch}", leave=False):
-            # a sampled variant is encoded; positives are decided by the image's caption, not by the variant
-            batch_texts = [rng.choice(variants[i]) if variants else texts[i] for i in idx]
-            loss = _batch_loss(backend, images[idx], batch_texts, [texts[i] for i in idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        record(epoch, losses)
+    batches = _PairBatches(len(texts), cfg.batch_size, variants or [(t,) for t in texts], cfg.seed)
+    loop = LoopConfig(epochs=cfg.epochs, accum_steps=cfg.accum_steps, clip_grad=cfg.clip_grad,
+                      warmup_steps=cfg.warmup_steps, warmup_lr=cfg.lr / max(1, cfg.warmup_steps), min_lr=cfg.min_lr,
+                      desc="align epoch", loss_name="contrastive loss", loss_column="step_loss",
+                      hint="lower --lr or set --clip-grad")
+    engine = Engine(_AlignTask(backend, images, texts, cfg, val), opt, batches, loop, run_dir)
+    if resume:
+        engine.resume()
+    history = engine.run(stop_after)
     backend.model.eval()
     return history
 
 
-def _write_csv(path: Path, rows: list[dict[str, float]]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+def load_alignment_pairs(csv_path: str | os.PathLike[str], images_root: str | os.PathLike[str], prompts: PromptConfig,
+                         split: str | None, val_split: str | None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Train pairs of `split` and validation pairs of `val_split` (None when absent), reading the CSV once."""
+    pairs = read_pairs(csv_path, images_root, prompts)
+    train = select_pairs(pairs, split, csv_path)
+    if not val_split:
+        return train, None
+    try:
+        return train, select_pairs(pairs, val_split, csv_path)
+    except DatasetError as e:  # no split column, or fewer than 2 pairs in it: align without validation
+        _log.warning("no validation pairs: %s", e)
+        return train, None
+
+
+def align_and_save(backend: ClipBackend, train: pd.DataFrame, val: pd.DataFrame | None, out_dir: Path,
+                   cfg: AlignConfig, *, resume: bool = False, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `medvit align` pipeline: preprocess, align, save the model and `align.json` into `out_dir`.
+
+    `out_dir` then loads like any other model (`--model DIR`). Returns the align.json content, which also
+    records `meta` (e.g. where the pairs came from).
+
+    Raises:
+        ConfigError: `out_dir` already holds an alignment and `resume` is not set.
+    """
+    if not resume and ((out_dir / STATE).exists() or (out_dir / ALIGN_META).exists()):
+        raise ConfigError(f"{out_dir} already holds an alignment; choose another --out or continue it with --resume")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = preprocess_images(backend, list(train["path"]), cfg.normalization)
+    val_data = None if val is None else (preprocess_images(backend, list(val["path"]), cfg.normalization),
+                                         list(val["text"]))
+    history = align(backend, images, list(train["text"]), cfg, variants=list(train["variants"]), val=val_data,
+                    run_dir=out_dir, resume=resume)
+    result = {"source_model": str(backend.spec), **(meta or {}), "saved_as": save_model(backend, out_dir),
+              "n_train": len(train), "n_val": 0 if val is None else len(val), "config": asdict(cfg),
+              "history": history, "captions": pd.Series(train["text"]).value_counts().head(20).to_dict()}
+    write_json(out_dir / ALIGN_META, result)
+    return result
+
+
+def save_model(backend: ClipBackend, out_dir: Path) -> str:
+    """Save the backend's model into `out_dir` so that a reader never sees a half-written model; returns its spec.
+
+    The backend writes into a staging folder first; each finished file is then renamed into `out_dir`.
+    """
+    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=out_dir))
+    try:
+        spec = backend.save(staging)
+        for item in staging.iterdir():
+            os.replace(item, out_dir / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return spec.replace(str(staging), str(out_dir))

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy.special import expit
 
+from medvit._io import write_json
 from medvit.errors import ConfigError
 from medvit.evaluate.calibrators import fit_temperature
 from medvit.zeroshot.clip import ClipBackend, default_spec, load_clip
@@ -220,6 +221,14 @@ class ZeroShotScorer:
         """The default pair of each finding, from the prompts config."""
         return [self.prompts.finding_pair(f) for f in findings]
 
+    def requested_pairs(
+        self, findings: Sequence[str], pair_texts: Sequence[str], *, templated: bool = False
+    ) -> list[PromptPair]:
+        """The findings' default pairs, then custom "positive|negative" lines (blank lines are skipped; a
+        positive alone is negated), optionally rendered through the templates."""
+        custom = (self.prompts.parse_pair(text, templated=templated) for text in pair_texts)
+        return self.finding_pairs(findings) + [p for p in custom if p]
+
     def pair_probabilities(
         self, images: Sequence[XrayImage | np.ndarray], pairs: Sequence[PromptPair], *, calibrated: bool = True
     ) -> np.ndarray:
@@ -254,9 +263,9 @@ class ZeroShotScorer:
         return fitted
 
     def save_temperatures(self, path: str | os.PathLike[str]) -> None:
-        doc = {"model": self.backend.model_id, "normalization": self.normalization,
-               "method": CALIBRATED, "temperatures": self.temperatures}
-        Path(path).write_text(json.dumps(doc, indent=2), encoding="utf-8")
+        """Write the fitted temperatures with the model and preprocessing they belong to (atomically)."""
+        write_json(path, {"model": self.backend.model_id, "normalization": self.normalization,
+                          "method": CALIBRATED, "temperatures": self.temperatures})
 
     def load_temperatures(self, path: str | os.PathLike[str]) -> None:
         """Use temperatures fitted earlier for this same model and preprocessing (others are refused)."""

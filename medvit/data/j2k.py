@@ -1,0 +1,79 @@
+"""JPEG 2000 at the resolution the model needs: decode only the wavelet levels that are still needed.
+
+A JPEG 2000 codestream is a resolution pyramid, so a 1955 x 1841 chest CR can be decoded at 1/2, 1/4, ...
+of its size for a fraction of the full decode (OpenJPEG's `reduce`, exposed by Pillow). The model sees a
+384 px (demo: 64 px) letterboxed image, so a level whose longer side is still >= that size loses nothing
+the resize would keep. Full resolution is decoded only for display.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from io import BytesIO
+
+import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
+from pydicom.uid import JPEG2000, UID, JPEG2000Lossless
+
+_log = logging.getLogger(__name__)
+
+J2K_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
+_MAX_LEVEL = 5  # JPEG 2000 codestreams of radiographs are usually written with 5 decomposition levels
+
+
+def _pillow_side(side: int, level: int) -> int:
+    """The size Pillow allocates for a reduced decode (it rounds; OpenJPEG takes the ceiling)."""
+    power = 1 << level
+    return int((side + (power >> 1)) / power)
+
+
+def reduction_level(rows: int, columns: int, min_side: int) -> int:
+    """The coarsest level whose longer side is still >= `min_side` (0: decode in full).
+
+    Levels where Pillow's size rounding differs from OpenJPEG's ceiling are skipped, since Pillow then
+    refuses the decoded buffer ("broken data stream").
+    """
+    best = 0
+    for level in range(1, _MAX_LEVEL + 1):
+        if math.ceil(max(rows, columns) / (1 << level)) < min_side:
+            break
+        if all(_pillow_side(s, level) == math.ceil(s / (1 << level)) for s in (rows, columns)):
+            best = level
+    return best
+
+
+def decode_reduced(ds: Dataset, syntax: UID, min_side: int) -> tuple[np.ndarray, int] | None:
+    """Single-frame greyscale JPEG 2000 pixels at the coarsest sufficient level, and that level.
+
+    Returns None when the full decode should be used: not J2K, colour, signed, already small, or a
+    codestream that cannot be reduced (fewer levels than asked); the caller's full decode then reports
+    any real corruption.
+    """
+    if syntax not in J2K_SYNTAXES or int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.PixelRepresentation) != 0:
+        return None
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    level = reduction_level(rows, columns, min_side)
+    if level == 0:
+        return None
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+        with Image.open(BytesIO(frame)) as im:
+            im.reduce = level  # Jpeg2KImageFile: decode only the wavelet levels needed
+            im.load()
+            arr = np.asarray(im)
+    except Exception as exc:  # noqa: BLE001 - any failure means: decode in full, which names real errors
+        _log.debug("reduced JPEG 2000 decode failed, decoding in full: %s", exc)
+        return None
+    expected = (math.ceil(rows / (1 << level)), math.ceil(columns / (1 << level)))
+    if arr.shape != expected:
+        _log.debug("reduced JPEG 2000 decode gave %s, expected %s: decoding in full", arr.shape, expected)
+        return None
+    bits = int(ds.BitsStored)
+    if arr.dtype == np.uint16 and bits < 16:
+        arr = arr >> (16 - bits)  # Pillow scales a `bits`-deep codestream up to 16 bits (I;16); undo it
+    if int(arr.max(initial=0)) >= 1 << bits:  # values outside BitsStored: not what the header describes
+        return None
+    return arr.astype(np.uint16 if int(ds.BitsAllocated) > 8 else np.uint8, copy=False), level
