@@ -7,7 +7,7 @@ import pytest
 from _inference_run import make_tiny_run
 
 from medvit.data.dicom import read_image
-from medvit.errors import ConfigError
+from medvit.errors import CheckpointError, ConfigError
 from medvit.inference import choice, engines
 from medvit.inference import predictor as inference
 from medvit.inference.choice import self_check
@@ -17,7 +17,7 @@ from medvit.inference.predictor import Predictor, load_model
 
 # bf16 keeps 8 bits of mantissa and int8 quantises activations: both may move a probability a little.
 TOLERANCE = {"torch": 1e-5, "torch-compile": 1e-4, "onnx": 1e-4, "torch-bf16": 0.02, "torch-compile-bf16": 0.02,
-             "onnx-int8": 0.02}
+             "onnx-int8": 0.02, "openvino": 1e-4, "openvino-int8": 0.02}
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +37,11 @@ def test_backend_table_matches_fp32_on_real_dicom(name, run, cxr_dicom):
         pytest.skip(f"{name}: {engines.unavailable_reason(name)}")
     image = read_image(cxr_dicom)
     ref = Predictor.from_dir(run, backend="torch").predict(image).table
-    pred = Predictor.from_dir(run, backend=name).predict(image)
+    try:
+        pred = Predictor.from_dir(run, backend=name).predict(image)
+    except CheckpointError as e:  # int8 may be refused on a CPU/model where it drifts, never used silently
+        assert name.endswith("int8") and "refusing to write" in str(e) and "max |dp|" in str(e), e
+        return
     assert pred.backend == name
     table = pred.table
     assert list(table["finding"]) == list(ref["finding"])

@@ -25,7 +25,11 @@ def test_bench_json_schema_on_a_tiny_model(tmp_path, dev_data, capsys):
             "--repeats", "1", "--warmup", "1", "--e2e-repeats", "1", "--data", str(dev_data), "--save", str(save)]
     assert main(argv) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"baseline", "batch1", "batch8", "peak_gflops", "e2e_ms", "auroc_drift"}
+    assert set(out) == {"baseline", "batch1", "batch8", "peak_gflops", "e2e_ms", "auroc_drift", "default_engine",
+                        "machine"}
+    assert out["machine"]["cpu"] and set(out["machine"]["isa"]) >= {"avx2", "avx512f", "avx512_vnni", "avx512_bf16",
+                                                                     "amx_bf16", "amx_int8"}
+    assert out["default_engine"] in out["batch1"]
     assert out["baseline"] == "torch-fp32"
     for key in ("batch1", "batch8"):
         assert set(out[key]) == {"torch-fp32", "onnx"}

@@ -22,7 +22,8 @@ import numpy as np
 import pydicom
 import pytest
 import requests
-from conftest import PG_URL, testdata
+from conftest import PG_URL
+from conftest import testdata as dicom_path
 from PIL import Image
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -115,7 +116,7 @@ class Orthanc:
 @pytest.fixture
 def orthanc(tmp_path, monkeypatch):
     if not ORTHANC.is_file() or not (PLUGINS / "libOrthancDicomWeb.so").is_file():
-        pytest.skip(f"Orthanc not installed ({ORTHANC} and its DICOMweb plugin): apt-get install orthanc orthanc-dicomweb")
+        pytest.skip(f"Orthanc not installed ({ORTHANC}, DICOMweb plugin): apt-get install orthanc orthanc-dicomweb")
     server = Orthanc(tmp_path / "orthanc")
     server.start()
     monkeypatch.setenv(USER_ENV, USER)
@@ -139,7 +140,7 @@ def predictor(run_dir) -> Predictor:
 
 def _copy(name: str, **changes) -> pydicom.Dataset:
     """A pydicom-data file with new instance/series UIDs (same study) and the given header changes."""
-    ds = pydicom.dcmread(testdata(name))
+    ds = pydicom.dcmread(dicom_path(name))
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
     for key, value in changes.items():
@@ -181,9 +182,9 @@ def _watch(server: Orthanc, run_dir: Path, db_url: str, *extra: str) -> int:
 
 def test_watch_once_scores_frontal_crs_refuses_the_rest_and_is_idempotent(orthanc, run_dir, predictor, tmp_path,
                                                                            capsys):
-    unci, j2k = pydicom.dcmread(testdata("RG1_UNCI.dcm")), pydicom.dcmread(testdata("RG1_J2KR.dcm"))
+    unci, j2k = pydicom.dcmread(dicom_path("RG1_UNCI.dcm")), pydicom.dcmread(dicom_path("RG1_J2KR.dcm"))
     lateral, uniform = _copy("RG1_UNCI.dcm", ViewPosition="LL"), _uniform_cr()
-    for ds in (unci, j2k, pydicom.dcmread(testdata("CT_small.dcm")), lateral, uniform):
+    for ds in (unci, j2k, pydicom.dcmread(dicom_path("CT_small.dcm")), lateral, uniform):
         orthanc.upload(ds)
     db = f"sqlite:///{tmp_path / 'reviews.sqlite3'}"
 
@@ -203,7 +204,7 @@ def test_watch_once_scores_frontal_crs_refuses_the_rest_and_is_idempotent(orthan
         assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.SeriesInstanceUID != source.SeriesInstanceUID
         [evidence] = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
         assert evidence.ReferencedSOPInstanceUID == source.SOPInstanceUID
-        expected = predictor.predict(read_image(testdata(
+        expected = predictor.predict(read_image(dicom_path(
             "RG1_UNCI.dcm" if source is unci else "RG1_J2KR.dcm"))).table.set_index("finding")
         got = read_sr_findings(sr)
         assert set(got) == set(expected.index)
@@ -232,7 +233,7 @@ def test_watch_once_scores_frontal_crs_refuses_the_rest_and_is_idempotent(orthan
 
 
 def test_outage_mid_run_loses_nothing_and_duplicates_nothing(orthanc, predictor, tmp_path, caplog):
-    sources = [pydicom.dcmread(testdata("RG1_UNCI.dcm"))] + [_copy("RG1_UNCI.dcm") for _ in range(3)]
+    sources = [pydicom.dcmread(dicom_path("RG1_UNCI.dcm"))] + [_copy("RG1_UNCI.dcm") for _ in range(3)]
     for ds in sources:
         orthanc.upload(ds)
     store = ReviewStore(f"sqlite:///{tmp_path / 'reviews.sqlite3'}")
@@ -380,7 +381,7 @@ def test_uniform_images_are_refused_after_the_pixel_chain(case, tmp_path, run_di
     elif case == "zero_rgb":
         path = _zero_rgb_dicom(tmp_path)
     elif case == "one_value_cr":
-        ds = pydicom.dcmread(testdata("RG1_UNCI.dcm"))
+        ds = pydicom.dcmread(dicom_path("RG1_UNCI.dcm"))
         path = _cr_with(tmp_path, "flat.dcm", PixelData=np.full((ds.Rows, ds.Columns), 700, np.uint16).tobytes())
     else:
         path = _cr_with(tmp_path, "slope0.dcm", RescaleSlope=0, RescaleIntercept=0)
@@ -393,11 +394,11 @@ def test_uniform_images_are_refused_after_the_pixel_chain(case, tmp_path, run_di
 
 @pytest.mark.parametrize("name", ["RG1_UNCI.dcm", "RG1_J2KR.dcm", "RG3_UNCI.dcm", "RG1_UNCR.dcm"])
 def test_real_radiographs_are_not_uniform(name):
-    assert read_image(testdata(name)).pixels.std() > 0.05
+    assert read_image(dicom_path(name)).pixels.std() > 0.05
 
 
 def test_corrupt_jpeg2000_logs_no_plugin_tracebacks(tmp_path, caplog):
-    ds = pydicom.dcmread(testdata("RG1_J2KR.dcm"))
+    ds = pydicom.dcmread(dicom_path("RG1_J2KR.dcm"))
     frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
     ds.PixelData = pydicom.encaps.encapsulate([frame[: len(frame) // 2]])  # codestream cut, DICOM framing intact
     path = tmp_path / "corrupt_j2k.dcm"

@@ -75,6 +75,8 @@ def test_schema_is_versioned_and_matches_the_models(store):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
+    import medvit.review.scoring  # noqa: F401 - the PACS queue's table (migration 0002) is part of the schema
+
     assert schema_revision(store.engine) == "0002"
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)

@@ -1,4 +1,4 @@
-"""`medvit export --run RUN_DIR --format onnx|torchscript [--int8]`: a verified deployment graph in the run folder.
+"""`medvit export --run RUN_DIR --format onnx|openvino|torchscript [--int8]`: a verified graph in the run folder.
 
 The graph is checked against torch on real images from the run's data (pydicom-data's RG1_UNCI when
 that data is absent); a graph that disagrees is refused and nothing is written.
@@ -11,8 +11,10 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", default=None, help="run folder (default: $MEDVIT_RUN, else the demo model)")
-    parser.add_argument("--format", default="onnx", choices=["onnx", "torchscript"])
-    parser.add_argument("--int8", action="store_true", help="ONNX Runtime dynamic int8 quantisation (onnx only)")
+    parser.add_argument("--format", default="onnx", choices=["onnx", "openvino", "torchscript"])
+    parser.add_argument("--int8", action="store_true",
+                        help="int8: ONNX Runtime dynamic quantisation (onnx) or NNCF post-training quantisation on "
+                             "the run's own images (openvino); refused with the reason when it drifts from fp32")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="max |delta p| vs torch (default 1e-4 for fp32 graphs, 0.02 for int8)")
 

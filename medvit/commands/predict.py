@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     if out is None and len(paths) == 1:  # one image on screen: a bad file is the command's error (exit 2)
         from medvit.data.dicom import read_image
 
-        table = predictor.predict(read_image(paths[0])).table
+        table = predictor.predict(read_image(paths[0], min_side=predictor.input_side)).table
         print(table.to_string(index=False, float_format="%.3f"))
         return 0
     if out is not None and args.overwrite:

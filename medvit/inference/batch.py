@@ -43,7 +43,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
         if self._transform is None:
             self._transform = build_transforms(self.preprocessing, train=False)
         try:
-            image = read_image(self.paths[i])
+            image = read_image(self.paths[i], min_side=int(max(self.preprocessing["input_size"][1:])))
             check_chest_frontal(image.meta)
             return i, self._transform(image.pixels), ""
         except MedvitError as e:

@@ -37,8 +37,18 @@ from medvit.data.transforms import build_transforms, resolve_preprocessing
 from medvit.errors import CheckpointError, ConfigError, MedvitError
 from medvit.evaluate.metrics import mean_auroc
 from medvit.findings import DEFAULT_FINDINGS
-from medvit.inference.engines import AUTO_TOLERANCE, BACKENDS, available_backends, create_backend, max_prob_diff
+from medvit.inference import export
+from medvit.inference.engines import (
+    AUTO_TOLERANCE,
+    BACKENDS,
+    GRAPH_ENGINES,
+    Backend,
+    available_backends,
+    create_backend,
+    max_prob_diff,
+)
 from medvit.inference.fp32check import reference_images
+from medvit.inference.graphs import int8_scheme
 from medvit.inference.predictor import Predictor, load_model
 
 _log = logging.getLogger(__name__)
@@ -46,6 +56,7 @@ _log = logging.getLogger(__name__)
 BASELINE = "torch"
 LABELS = {"torch": "torch-fp32"}  # the JSON names the eager fp32 baseline explicitly
 E2E_FILES = ("RG1_UNCI.dcm", "RG1_J2KR.dcm")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 DEV_DATA = Path(os.environ.get("MEDVIT_DEV_DATA", Path(__file__).resolve().parents[3] / "shared/data/cxr14-dev"))
 
 
@@ -184,6 +195,8 @@ class Report:
         out["e2e_ms"] = {name: r["total"] for name, r in self.e2e.items()}
         base = self.auroc.get(BASELINE)
         out["auroc_drift"] = {label(b): (v - base if base is not None else float("nan")) for b, v in self.auroc.items()}
+        out["default_engine"] = label(self.info.get("default_backend", BASELINE))
+        out["machine"] = {k: self.info["machine"][k] for k in ("cpu", "isa", "int8_scheme")}
         return out
 
     def details(self) -> dict[str, Any]:
@@ -193,10 +206,25 @@ class Report:
 
 def _machine() -> dict[str, Any]:
     """What the numbers were measured on (see `medvit._platform`)."""
-    return {"cpu": cpu_model(), "arch": platform.machine(), "cpus": os.cpu_count(),
+    flags = isa_flags()
+    return {"cpu": cpu_model(), "isa": {f: f in flags for f in ISA_FLAGS}, "int8_scheme": int8_scheme().name,
+            "arch": platform.machine(), "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "bf16_native": bf16_supported(),
             "amx": "amx_bf16" in isa_flags(), "load_avg_1m": os.getloadavg()[0],
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _engine(name: str, model: nn.Module, inputs: np.ndarray, work_dir: Path) -> Backend:
+    """Engine `name` over `model`; graph engines go through the verified export, so a refused one raises.
+
+    Raises:
+        CheckpointError: the exported graph drifts from eager fp32 beyond its tolerance.
+    """
+    if name not in GRAPH_ENGINES:
+        return create_backend(name, model, input_size=inputs.shape[1:], work_dir=work_dir)
+    result = export.export_model(model, work_dir, name, inputs, weights_sha256="bench")
+    return create_backend(name, model, input_size=inputs.shape[1:],
+                          graph_provider=lambda kind: export.open_graph(kind, result.path))
 
 
 def bench_speed(opts: BenchOptions, report: Report, work_dir: Path) -> None:
@@ -208,7 +236,7 @@ def bench_speed(opts: BenchOptions, report: Report, work_dir: Path) -> None:
     report.peak_gflops = {"fp32": matmul_peak_gflops(torch.float32, n), "bf16": matmul_peak_gflops(torch.bfloat16, n)}
     gflop = model_gflop(model, input_size)
     paths, _ = dev_images(opts.data_dir)
-    x_all = real_inputs(paths, pre, max(opts.batch_sizes))
+    x_all = real_inputs(paths, pre, max(*opts.batch_sizes, export.CALIBRATION_IMAGES))
     report.info.update(model=SIZES[opts.model_size].timm_name, gflop_per_image=gflop, input_size=input_size)
     names = [BASELINE, *(b for b in opts.backends if b != BASELINE)]
     fp32 = create_backend(BASELINE, model, input_size=input_size)
@@ -218,7 +246,12 @@ def bench_speed(opts: BenchOptions, report: Report, work_dir: Path) -> None:
             report.info.setdefault("skipped", {})[name] = "not available on this machine"
             continue
         t0 = time.perf_counter()
-        backend = create_backend(name, model, input_size=input_size, work_dir=work_dir)  # compiles/exports here
+        try:  # compiles / exports + verifies here
+            backend = _engine(name, model, x_all[: export.CALIBRATION_IMAGES], work_dir)
+        except CheckpointError as e:  # refused by the fp32 check, as `auto` would: not worth timing
+            report.info.setdefault("skipped", {})[name] = str(e)
+            _log.warning("%s skipped: %s", name, e)
+            continue
         setup_s = time.perf_counter() - t0
         for bs in opts.batch_sizes:
             x = x_all[:bs]
@@ -252,11 +285,15 @@ def bench_auroc(opts: BenchOptions, report: Report, work_dir: Path) -> None:
     x = real_inputs(paths, info.preprocessing, len(paths))
     report.info.update(auroc_run=str(info.run_dir), auroc_images=len(paths))
     outputs = {}
-    for name in [BASELINE, *(b for b in opts.backends if b != BASELINE)]:
-        if name not in available_backends():
+    timed = report.batches.get(min(opts.batch_sizes), {})  # engines the speed section did not refuse
+    for name in [BASELINE, *(b for b in opts.backends if b != BASELINE and b in timed)]:
+        try:
+            backend = create_backend(name, model, input_size=info.preprocessing["input_size"],
+                                     work_dir=work_dir / "auroc", warmup=False,
+                                     graph_provider=lambda kind: export.verified_engine(model, info, kind))
+        except CheckpointError as e:
+            report.info.setdefault("auroc_skipped", {})[name] = str(e)
             continue
-        backend = create_backend(name, model, input_size=info.preprocessing["input_size"],
-                                 work_dir=work_dir / "auroc", warmup=False)
         outputs[name] = np.concatenate([backend(x[i : i + 8]) for i in range(0, len(x), 8)])
         report.auroc[name] = mean_auroc(labels, outputs[name], info.findings)[0]  # ranks: logits = probs
     report.info["auroc_run_max_abs_dp"] = {b: max_prob_diff(o, outputs[BASELINE]) for b, o in outputs.items()}
@@ -273,13 +310,14 @@ def bench_e2e(opts: BenchOptions, report: Report) -> None:
         stages: dict[str, list[float]] = {"decode": [], "preprocess": [], "forward": [], "calibrate": [], "total": []}
         for _ in range(opts.e2e_repeats + 1):  # the first pass warms caches and is dropped
             t0 = time.perf_counter()
-            image = read_image(path)
+            image = read_image(path, min_side=predictor.input_side)  # J2K: only the wavelet levels needed
             decode = (time.perf_counter() - t0) * 1e3
             pred = predictor.predict(image)
             total = (time.perf_counter() - t0) * 1e3
             for k, v in {"decode": decode, **pred.timings_ms, "total": total}.items():
                 stages[k].append(v)
         report.e2e[name] = {k: statistics.median(v[1:]) for k, v in stages.items()}
+        report.e2e[name]["decode_level"] = image.meta.decode_level
 
 
 def run_bench(opts: BenchOptions) -> Report:

@@ -30,7 +30,9 @@ from medvit.inference.graphs import export_onnx
 
 _log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "torch-bf16", "torch-compile", "torch-compile-bf16", "onnx", "onnx-int8")
+BACKENDS = ("torch", "torch-bf16", "torch-compile", "torch-compile-bf16", "onnx", "onnx-int8", "openvino",
+            "openvino-int8")
+GRAPH_ENGINES = ("onnx", "onnx-int8", "openvino", "openvino-int8")  # run an exported, verified graph file
 
 
 AUTO = "auto"
@@ -59,6 +61,10 @@ def unavailable_reason(name: str) -> str | None:
         return "torch.compile needs a C++ compiler (g++) on PATH"
     if name.startswith("onnx") and not (_have("onnx") and _have("onnxruntime")):
         return 'onnx and onnxruntime are not installed: pip install "medvit[fast]"'
+    if name.startswith("openvino") and not (_have("onnx") and _have("openvino")):
+        return 'openvino is not installed: pip install "medvit[fast]"'
+    if name == "openvino-int8" and not _have("nncf"):
+        return 'nncf (OpenVINO\'s quantiser) is not installed: pip install "medvit[fast]"'
     return None
 
 
@@ -122,7 +128,7 @@ class OnnxBackend(Backend):
 
 
 def create_backend(name: str, model: nn.Module, *, input_size: Sequence[int],
-                   onnx_provider: Callable[[bool], Path] | None = None, work_dir: Path | None = None,
+                   graph_provider: Callable[[str], Backend] | None = None, work_dir: Path | None = None,
                    warmup: bool = True) -> Backend:
     """Build backend `name` over `model`.
 
@@ -130,8 +136,9 @@ def create_backend(name: str, model: nn.Module, *, input_size: Sequence[int],
         name: one of BACKENDS.
         model: the fp32 module (left unchanged).
         input_size: [C, H, W] of one input, for the warm-up and the ONNX graph.
-        onnx_provider: returns the path of a verified ONNX file (arg: int8). Defaults to an unverified
-            export into `work_dir`; the Predictor passes the run's verified exports instead.
+        graph_provider: builds a GRAPH_ENGINES engine over a verified graph file (ONNX, or an OpenVINO IR;
+            see `export.verified_engine`). Needed for OpenVINO; ONNX defaults to an unverified export into
+            `work_dir`. The Predictor passes the run's verified exports.
         work_dir: where ONNX files and the inductor cache live (default: the user cache dir).
         warmup: run one batch-1 forward now (compiles torch-compile, allocates ORT buffers).
     """
@@ -146,13 +153,14 @@ def create_backend(name: str, model: nn.Module, *, input_size: Sequence[int],
     elif name.startswith("torch-compile"):
         dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
         backend = TorchBackend(model, dtype=dtype, compiled=True, compile_cache=cache_root() / "inductor")
-    else:
+    elif graph_provider is not None:
+        backend = graph_provider(name)
+    elif name.startswith("onnx"):
         int8 = name == "onnx-int8"
-        if onnx_provider is None:
-            path = export_onnx(model, work_dir / ("model.int8.onnx" if int8 else "model.onnx"), input_size, int8=int8)
-        else:
-            path = onnx_provider(int8)
+        path = export_onnx(model, work_dir / ("model.int8.onnx" if int8 else "model.onnx"), input_size, int8=int8)
         backend = OnnxBackend(path, name=name)
+    else:
+        raise ConfigError(f"backend {name} needs a verified graph (graph_provider): use Predictor or medvit export")
     if warmup:
         t0 = time.perf_counter()
         backend(np.zeros((1, *input_size), dtype=np.float32))

@@ -1,13 +1,15 @@
 """OpenVINO engines: the ONNX graph in Intel's CPU runtime, in fp32 or NNCF post-training int8.
 
 NNCF quantises activations statically from calibration images, so it needs real inputs: the run's own
-images (see `export.reference_inputs`). Both are held to the same fp32 self-check as every engine.
+images (see `fp32check.reference_inputs`). Both are held to the same fp32 self-check as every engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +62,10 @@ def quantize_int8(onnx_path: str | os.PathLike, xml_path: str | os.PathLike, cal
     nncf_log.setLevel(logging.ERROR)  # NNCF reports every statistics pass at INFO
     try:
         overflow = OverflowFix.FIRST_LAYER if int8_dot_product() else OverflowFix.ENABLE
-        quantized = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
-                                  subset_size=len(samples),
-                                  advanced_parameters=AdvancedQuantizationParameters(overflow_fix=overflow))
+        with contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stderr, never a command's stdout
+            quantized = nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER,
+                                      subset_size=len(samples),
+                                      advanced_parameters=AdvancedQuantizationParameters(overflow_fix=overflow))
     finally:
         nncf_log.setLevel(level)
     ov.save_model(quantized, str(xml_path), compress_to_fp16=False)

@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,7 +26,7 @@ from medvit.errors import CheckpointError, ConfigError
 from medvit.evaluate.calibration import Calibration
 from medvit.inference.choice import SelfCheck, load_choice, save_choice, self_check
 from medvit.inference.engines import AUTO, AUTO_TOLERANCE, Backend, available_backends, create_backend, sigmoid
-from medvit.inference.export import verified_onnx
+from medvit.inference.export import verified_engine
 from medvit.inference.fp32check import reference_inputs, verify
 from medvit.runs import CALIBRATION, RunInfo, load_run, resolve_run_dir
 
@@ -88,10 +87,10 @@ def _auto_backend(model: nn.Module, info: RunInfo) -> tuple[Backend, SelfCheck |
     if cached and cached.get("backend") in available_backends():
         _log.info("backend %s (self-check of %s cached)", cached["backend"], cached.get("date", "?"))
         return create_backend(cached["backend"], model, input_size=input_size,
-                              onnx_provider=_onnx_provider(model, info)), None
+                              graph_provider=_graph_provider(model, info)), None
     sample = reference_inputs(info.config, info.preprocessing)
     _log.info("choosing the fastest backend that matches fp32 (one-time self-check on %d real image(s))", len(sample))
-    check, engine = self_check(model, sample, onnx_provider=_onnx_provider(model, info, sample))
+    check, engine = self_check(model, sample, graph_provider=_graph_provider(model, info, sample))
     save_choice(key, check)
     return engine, check
 
@@ -106,9 +105,9 @@ def _check_against_fp32(model: nn.Module, info: RunInfo, engine: Backend) -> Non
         )
 
 
-def _onnx_provider(model: nn.Module, info: RunInfo, inputs: np.ndarray | None = None) -> Callable[[bool], Path]:
-    """Builds (or finds) the verified ONNX file for a backend; `inputs`: images already decoded for the check."""
-    return lambda int8: verified_onnx(model, info, int8, inputs)
+def _graph_provider(model: nn.Module, info: RunInfo, inputs: np.ndarray | None = None) -> Callable[[str], Backend]:
+    """Builds the engine over a verified (found or exported) graph file; `inputs`: images already decoded."""
+    return lambda kind: verified_engine(model, info, kind, inputs)
 
 
 class Predictor:
@@ -138,7 +137,7 @@ class Predictor:
             engine, check = _auto_backend(model, info)
         else:
             engine = create_backend(backend, model, input_size=info.preprocessing["input_size"],
-                                    onnx_provider=_onnx_provider(model, info))
+                                    graph_provider=_graph_provider(model, info))
             if engine.name != "torch":
                 _check_against_fp32(model, info, engine)
         _log.info("predictor: %s on %s backend", info.model_name, engine.name)
@@ -166,6 +165,11 @@ class Predictor:
         timings = {"forward": (t1 - t0) * 1e3, "calibrate": (t2 - t1) * 1e3}
         return [Prediction(t, self.info.model_name, self.info.weights_sha256, self.backend.name, self.calibrated,
                            dict(timings)) for t in out]
+
+    @property
+    def input_side(self) -> int:
+        """The model's input side: what `read_image(min_side=...)` must still deliver (JPEG 2000 reduction)."""
+        return int(max(self.info.preprocessing["input_size"][1:]))
 
     def predict(self, image: XrayImage) -> Prediction:
         """The table for one image.

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from medvit.pacs.client import InstanceRef
 from medvit.review.scoring import STATUSES, PacsInstanceRow
 
+
 def enqueue(session: Session, refs: list[InstanceRef]) -> int:
     """Insert a pending row for each instance not seen before (concurrent watchers may insert the same ones).
 
@@ -46,7 +47,7 @@ def claim_next(session: Session, max_attempts: int, skip: set[int]) -> PacsInsta
                | ((PacsInstanceRow.status == "failed") & (PacsInstanceRow.attempts < max_attempts)))
         .order_by(PacsInstanceRow.id)
         .limit(1)
-        .with_for_update(skip_locked=False).with_for_update(read=True)
+        .with_for_update(skip_locked=True)
     )
     if skip:
         query = query.where(PacsInstanceRow.id.not_in(skip))

@@ -72,6 +72,7 @@ def build_sr(source: Dataset, table: pd.DataFrame, provenance: ResultProvenance)
         CodeContentItem,
         ComprehensiveSR,
         ContainerContentItem,
+        ContentSequence,
         ImageContentItem,
         NumContentItem,
         RelationshipTypeValues,
@@ -94,15 +95,15 @@ def build_sr(source: Dataset, table: pd.DataFrame, provenance: ResultProvenance)
     for row in table.itertuples(index=False):
         item = NumContentItem(name=_local(str(row.finding), display_name(str(row.finding))), value=float(row.prob),
                               unit=codes.UCUM.NoUnits, relationship_type=contains)
-        item.ContentSequence = [
+        item.ContentSequence = ContentSequence([
             NumContentItem(name=_local("THRESHOLD", "Operating threshold"), value=float(row.threshold),
                            unit=codes.UCUM.NoUnits, relationship_type=props),
             CodeContentItem(name=_local("FLAGGED", "Flagged"), value=codes.SCT.Yes if row.flag else codes.SCT.No,
                             relationship_type=props),
-        ]
+        ])
         items.append(item)
     root = ContainerContentItem(name=_local("REPORT", "medvit chest radiograph findings"))
-    root.ContentSequence = items
+    root.ContentSequence = ContentSequence(items)
     series_uid, sop_uid = sr_uids(source.SOPInstanceUID, provenance.weights_sha256)
     return ComprehensiveSR(
         evidence=[source], content=root, series_instance_uid=series_uid, series_number=SERIES_NUMBER,

@@ -36,8 +36,8 @@ from medvit.errors import MedvitError, PacsError, PacsRequestError
 from medvit.inference.predictor import Predictor
 from medvit.pacs.client import InstanceRef, PacsClient
 from medvit.pacs.queue import claim_next, enqueue
-from medvit.review.scoring import REASON_MAX, PacsInstanceRow
 from medvit.pacs.sr import ResultProvenance, build_sr
+from medvit.review.scoring import REASON_MAX, PacsInstanceRow
 from medvit.runs import CALIBRATION
 
 _log = logging.getLogger(__name__)

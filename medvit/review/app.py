@@ -114,16 +114,16 @@ def main() -> None:
         return
 
     left, right = st.columns([1, 1], gap="large")
-    with left:
-        with reported("Image"):
-            image_panel(service, analysis)
-        patient_panel(patient_identifiers(data))
-    with right:
+    with right:  # filled first: the findings reach the browser before a JPEG 2000 is decoded in full for display
         table = findings_panel(service, analysis)
         if table is not None and store is not None:
             feedback_form(store, analysis, table, info.model_name)
         if store is not None:
             history_panel(store, analysis)
+    with left:
+        with reported("Image"):
+            image_panel(service, analysis)
+        patient_panel(patient_identifiers(data))
     zero_shot_panel(get_zero_shot, analysis)
 
 

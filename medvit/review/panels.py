@@ -45,7 +45,8 @@ def image_panel(service: ReviewService, analysis: Analysis) -> None:
     from medvit.model.saliency import overlay
 
     key = analysis.sha256[:12]
-    d = window_defaults(analysis.image)
+    image = service.display_image(analysis)
+    d = window_defaults(image)
     step = 1.0 if d.high - d.low > 50 else 0.5
     span = max(d.high - d.low, 2.0)
     c1, c2, c3 = st.columns([3, 3, 1])
@@ -54,7 +55,7 @@ def image_panel(service: ReviewService, analysis: Analysis) -> None:
                        key=f"wc_{key}")  # fmt: skip
     width = c2.slider("Window width", 1.0, max(2 * span, d.width), max(d.width, 1.0), step, fmt, key=f"ww_{key}")
     invert = c3.toggle("Invert", key=f"inv_{key}")
-    pixels = display_pixels(analysis.image, center, width, invert, d)
+    pixels = display_pixels(image, center, width, invert, d)
 
     s1, s2, s3 = st.columns([2, 2, 2])
     method = SALIENCY[s1.selectbox("Saliency overlay", list(SALIENCY), key=f"sal_{key}")]
@@ -80,7 +81,7 @@ def image_panel(service: ReviewService, analysis: Analysis) -> None:
     for note in analysis.notes:
         st.caption(f"ℹ️ {note}")
     with st.expander("Image metadata", expanded=True):
-        rows = metadata_rows(analysis.image.meta)
+        rows = metadata_rows(image.meta)
         st.dataframe(pd.DataFrame({"field": list(rows), "value": list(rows.values())}), hide_index=True,
                      width="stretch", height=_rows_height(len(rows)))  # fmt: skip
 

@@ -68,6 +68,7 @@ class Analysis:
     refusal: str | None  # why there are no numbers (lateral view, not a chest...)
     notes: tuple[str, ...]  # reader warnings and caveats to show beside the image
     timings_ms: dict[str, float] = field(default_factory=dict)
+    source: bytes | None = None  # kept only when `image` is a reduced JPEG 2000 decode, for the full one
 
     def shown(self) -> dict[str, ShownFinding]:
         """The numbers on screen, in the form the review database stores them."""
@@ -132,6 +133,7 @@ class ReviewService:
         self._model_lock = threading.Lock()
         self._analyses = _Lru(cache_size)
         self._saliency = _Lru(4 * cache_size)
+        self._display = _Lru(4)  # full-resolution decodes are large: keep only the last few
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str] | None = None) -> ReviewService:
@@ -154,7 +156,9 @@ class ReviewService:
 
     def _analyze(self, data: bytes, name: str, digest: str) -> Analysis:
         t0 = time.perf_counter()
-        image = read_image(data, name=name)  # errors name the file the user chose
+        # errors name the file the user chose; JPEG 2000 is decoded only down to the model's input size here,
+        # so the table comes before the full-resolution decode that `display_image` does for the viewer
+        image = read_image(data, name=name, min_side=self.predictor.input_side)
         decode_ms = (time.perf_counter() - t0) * 1e3
         meta = image.meta
         notes = list(meta.warnings)
@@ -179,8 +183,14 @@ class ReviewService:
         return Analysis(
             name=name, sha256=digest, image=image, image_uid=uid if uid and use_uid else digest,
             image_uid_kind="sop_instance_uid" if use_uid else "sha256", prediction=prediction, refusal=refusal,
-            notes=tuple(notes), timings_ms=timings,
+            notes=tuple(notes), timings_ms=timings, source=data if meta.decode_level else None,
         )  # fmt: skip
+
+    def display_image(self, analysis: Analysis) -> XrayImage:
+        """Full-resolution pixels for the viewer: the analysed image, or its full JPEG 2000 decode (cached)."""
+        if analysis.source is None:
+            return analysis.image
+        return self._display.get_or_compute(analysis.sha256, lambda: read_image(analysis.source, name=analysis.name))
 
     def saliency(
         self, analysis: Analysis, method: SaliencyMethod, finding: str | None, size: tuple[int, int]

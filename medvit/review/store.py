@@ -397,8 +397,3 @@ def _check_verdicts(verdicts: Mapping[str, str], shown: Mapping[str, ShownFindin
         if finding not in shown:
             raise MedvitError(f"review not saved: {finding} was not among the findings shown")
     return dict(verdicts)
-
-
-# The PACS scoring queue's table lives in the same database and schema history (migration 0002): its model is
-# registered on `Base` here so that every user of the metadata (Alembic, schema checks) sees the whole schema.
-from medvit.review import scoring as _scoring  # noqa: E402, F401

@@ -29,7 +29,16 @@ from medvit.errors import ConfigError
 from medvit.evaluate.metrics import mean_auroc
 from medvit.model.classifier import build_model
 from medvit.model.losses import MaskedMultiLabelLoss, pos_weight_from_labels
-from medvit.runs import CONFIG, PRETRAIN_SUMMARY, SUMMARY, WEIGHTS, model_build_args, save_weights, write_run_config
+from medvit.runs import (
+    CONFIG,
+    PRETRAIN_SUMMARY,
+    SUMMARY,
+    WEIGHTS,
+    model_build_args,
+    save_timm_backbone,
+    save_weights,
+    write_run_config,
+)
 from medvit.train.distributed import DistInfo, barrier, cleanup, init_distributed
 from medvit.train.engine import Engine, LoopConfig, autocast, resolve_precision, seed_everything
 from medvit.train.frozen import FrozenFeatures, TrainableSuffix
@@ -248,6 +257,7 @@ class _Supervised(Task):
             st["bad_epochs"] += 1
         if improved or self.cfg.train.select == "last":
             save_weights(self.run_dir / WEIGHTS, self._eval_model())
+            save_timm_backbone(self.run_dir, self._eval_model())  # the model card's `library_name: timm`
             st["saved_epoch"], st["saved_val_mean_auroc"] = epoch, auroc
         _log.info("epoch %d: val loss %.4f, val mean AUROC %.4f%s", epoch, val_loss, auroc,
                   " *best*" if improved else "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
+import medvit.review.scoring  # noqa: F401 - registers the pacs_instances table (migration 0002) on Base
 from medvit.review.store import Base, default_db_url
 
 config = context.config
