@@ -1,0 +1,67 @@
+"""Reduced-resolution JPEG 2000: the model input from the reduced decode matches full decode + resize."""
+
+from __future__ import annotations
+
+import math
+
+import conftest
+import numpy as np
+import pytest
+from _inference_run import make_tiny_run
+
+from medvit.data.dicom import read_image
+from medvit.data.j2k import reduction_level
+from medvit.data.transforms import build_transforms
+from medvit.inference.predictor import Predictor
+
+# Mean |difference| of the normalised model input (range about 4.4 after ImageNet normalisation): 0.02 is
+# about one 8-bit grey level. The wavelet low-pass and a bicubic resize differ mostly at sharp edges (burned-in
+# text, collimation); measured 0.0125 at 384 px and 0.006 at 64 px on RG1_J2KR.
+MEAN_INPUT_TOLERANCE = 0.02
+
+
+def _input(pixels: np.ndarray, side: int) -> np.ndarray:
+    prep = {"input_size": [3, side, side], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+            "interpolation": "bicubic"}
+    return build_transforms(prep, train=False)(pixels).numpy()
+
+
+@pytest.mark.parametrize(("rows", "cols", "side", "level"), [
+    (1955, 1841, 384, 1),  # level 2 would give 489 x 461, but Pillow sizes it 489 x 460: skipped
+    (2048, 2048, 384, 2),  # 512 >= 384; level 3 (256) is too small
+    (2048, 2048, 64, 5),   # capped at the usual 5 decomposition levels
+    (300, 300, 384, 0),    # already smaller than the model input: full decode
+])
+def test_reduction_level_is_the_coarsest_that_still_covers_the_input(rows, cols, side, level):
+    assert reduction_level(rows, cols, side) == level
+    if level:
+        assert math.ceil(max(rows, cols) / 2**level) >= side
+
+
+@pytest.mark.parametrize("side", [384, 64])
+def test_reduced_decode_matches_full_decode_then_resize(side):
+    path = conftest.testdata("RG1_J2KR.dcm")
+    full = read_image(path)
+    reduced = read_image(path, min_side=side)
+    assert full.meta.decode_level == 0 and reduced.meta.decode_level >= 1
+    assert reduced.pixels.shape == tuple(math.ceil(s / 2**reduced.meta.decode_level) for s in full.pixels.shape)
+    assert (reduced.meta.rows, reduced.meta.columns) == reduced.pixels.shape
+    assert reduced.meta.inverted == full.meta.inverted and reduced.meta.window_center == full.meta.window_center
+    diff = np.abs(_input(reduced.pixels, side) - _input(full.pixels, side))
+    assert diff.mean() <= MEAN_INPUT_TOLERANCE, diff.mean()
+    # not trivially equal: the reduced decode really is a different (smaller) image
+    assert reduced.pixels.size * 3 < full.pixels.size
+
+
+def test_uncompressed_files_ignore_min_side():
+    path = conftest.testdata("RG1_UNCI.dcm")
+    assert read_image(path, min_side=64).pixels.shape == read_image(path).pixels.shape
+
+
+def test_findings_table_from_the_reduced_decode_matches_the_full_decode(tmp_path, dev_data):
+    run = make_tiny_run(tmp_path / "run", dev_data)
+    predictor = Predictor.from_dir(run, backend="torch")
+    path = conftest.testdata("RG1_J2KR.dcm")
+    full = predictor.predict(read_image(path)).table
+    reduced = predictor.predict(read_image(path, min_side=predictor.input_side)).table
+    assert np.abs(full["prob"] - reduced["prob"]).max() <= 0.02  # the engines' tolerance (AUTO_TOLERANCE)
