@@ -164,7 +164,8 @@ def test_metrics_report_the_served_engine_beside_fp32(smoke_run):
     assert fp32["mean_auroc"] == pytest.approx(report["mean_auroc"])  # the same mean as the report's own
     assert fp32["mean_auroc_minus_fp32"] == 0 and fp32["max_abs_dp"] == 0 and fp32["flags_changed"] == 0
     assert 0 < served["max_abs_dp_uncalibrated"] < 1e-4  # a really different engine, yet fp32 ONNX agrees with torch
-    assert served["max_abs_dp"] < 1e-3 and served["flags_changed"] <= 1
+    assert served["max_abs_dp"] < 1e-3
+    assert served["flags_changed"] == served["flags_changed_at_threshold"], "only ties at a threshold may flip"
     n_findings = len(json.loads((smoke_run / "config.json").read_text())["findings"])
     assert abs(served["mean_auroc_minus_fp32"]) < 1e-3 and served["n_outputs"] == 12 * n_findings
 

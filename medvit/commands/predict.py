@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     paths = find_images(args.inputs)
     if not paths:
         raise MedvitError(f"no DICOM/PNG/JPEG files found in {' '.join(args.inputs)}")
-    if shard.enabled:
+    if shard.enabled and out is not None:
         return _run_shard(args, shard, paths, out)
     predictor = Predictor.from_dir(args.run, backend=args.backend)
     if out is None and len(paths) == 1:  # one image on screen: a bad file is the command's error (exit 2)

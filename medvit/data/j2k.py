@@ -61,7 +61,7 @@ def decode_reduced(ds: Dataset, syntax: UID, min_side: int) -> tuple[np.ndarray,
     try:
         frame = get_frame(ds.PixelData, 0, number_of_frames=1)
         with Image.open(BytesIO(frame)) as im:
-            im.reduce = level  # Jpeg2KImageFile: decode only the wavelet levels needed
+            im.reduce = level  # type: ignore[method-assign,assignment]  # Jpeg2KImageFile's reduce property
             im.load()
             arr = np.asarray(im)
     except Exception as exc:  # noqa: BLE001 - any failure means: decode in full, which names real errors

@@ -205,7 +205,8 @@ def compare_engines(
     Per engine: mean AUROC (over findings with both classes), its difference to the reference, the largest
     |calibrated probability - reference| (what is shown; also before calibration, which can flatten a difference)
     and how many image x finding flags differ, so metrics.json says whether the served engine changes what a
-    clinician sees.
+    clinician sees. Flags of probabilities that sit on their threshold (within that drift; thresholds are chosen
+    at observed probabilities, so ties are common) flip under any non-identical engine and are counted apart.
     """
     y = np.asarray(labels, dtype=np.float64)
     ref = np.asarray(logits[reference], dtype=np.float64)
@@ -216,12 +217,16 @@ def compare_engines(
         if z.shape != ref.shape:
             raise ValueError(f"engine {name}: logits {z.shape} but {reference} gave {ref.shape}")
         auroc, probs = _mean_auroc(expit(z), y), calibration.apply(z)
+        dp = float(np.max(np.abs(probs - ref_probs), initial=0.0))
+        flipped = calibration.flags(probs) != calibration.flags(ref_probs)
+        at_threshold = np.abs(ref_probs - np.asarray(calibration.thresholds)) <= dp  # a tie any drift can flip
         out[name] = {
             "mean_auroc": auroc,
             "mean_auroc_minus_fp32": None if auroc is None or ref_auroc is None else auroc - ref_auroc,
-            "max_abs_dp": float(np.max(np.abs(probs - ref_probs), initial=0.0)),
+            "max_abs_dp": dp,
             "max_abs_dp_uncalibrated": float(np.max(np.abs(expit(z) - expit(ref)), initial=0.0)),
-            "flags_changed": int(np.sum(calibration.flags(probs) != calibration.flags(ref_probs))),
+            "flags_changed": int(np.sum(flipped)),
+            "flags_changed_at_threshold": int(np.sum(flipped & at_threshold)),
             "n_outputs": int(probs.size),
         }
     return out

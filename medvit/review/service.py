@@ -188,9 +188,10 @@ class ReviewService:
 
     def display_image(self, analysis: Analysis) -> XrayImage:
         """Full-resolution pixels for the viewer: the analysed image, or its full JPEG 2000 decode (cached)."""
-        if analysis.source is None:
+        source = analysis.source
+        if source is None:
             return analysis.image
-        return self._display.get_or_compute(analysis.sha256, lambda: read_image(analysis.source, name=analysis.name))
+        return self._display.get_or_compute(analysis.sha256, lambda: read_image(source, name=analysis.name))
 
     def saliency(
         self, analysis: Analysis, method: SaliencyMethod, finding: str | None, size: tuple[int, int]
