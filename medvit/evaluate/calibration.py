@@ -32,6 +32,7 @@ from scipy.special import expit
 from sklearn.metrics import precision_recall_curve, roc_curve
 from sklearn.model_selection import GroupKFold
 
+from medvit._io import atomic_write_bytes
 from medvit.errors import CheckpointError, DatasetError
 from medvit.evaluate import metrics
 from medvit.evaluate.calibrators import (
@@ -217,8 +218,6 @@ class Calibration:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file + fsync + rename): a crash never leaves a half-written calibration."""
-        from medvit._io import atomic_write_bytes
-
         atomic_write_bytes(path, self.to_json().encode())
 
     @classmethod

@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from medvit.errors import MedvitError
+from medvit.model.saliency import overlay
 from medvit.review.display import display_pixels, metadata_rows, window_defaults
 from medvit.review.service import Analysis, ReviewService, SaliencyMethod, findings_table, zero_shot_table
 from medvit.review.store import NOTE_MAX, REVIEWER_MAX, VERDICTS, ReviewStore, Verdict, rows_csv
@@ -42,8 +43,6 @@ def reported(what: str) -> Iterator[None]:
 
 def image_panel(service: ReviewService, analysis: Analysis) -> None:
     """Windowed image with optional saliency overlay, reader notes, metadata and (masked) patient identifiers."""
-    from medvit.model.saliency import overlay
-
     key = analysis.sha256[:12]
     image = service.display_image(analysis)
     d = window_defaults(image)

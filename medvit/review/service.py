@@ -23,9 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medvit._io import read_json
 from medvit.data.dicom import XrayImage, check_chest_frontal, read_image
 from medvit.errors import ImageReadError, ImageTooLargeError, MedvitError, UnsupportedImageError
 from medvit.inference.predictor import Prediction, Predictor
+from medvit.model.saliency import attention_rollout, grad_cam, to_image
 from medvit.review.settings import CLIP_TEMPERATURES_ENV, DEFAULT_MAX_UPLOAD_MB
 from medvit.review.store import ShownFinding, is_dicom_uid
 from medvit.runs import METRICS, resolve_run_dir
@@ -91,8 +93,6 @@ def findings_table(prediction: Prediction, card: dict[str, dict[str, float | Non
 
 def model_card_metrics(run_dir: Path) -> dict[str, dict[str, float | None]]:
     """Per-finding AUROC and ECE from the run's metrics.json ({} when the run was never evaluated)."""
-    from medvit._io import read_json
-
     path = run_dir / METRICS
     if not path.is_file():
         return {}
@@ -197,8 +197,6 @@ class ReviewService:
         self, analysis: Analysis, method: SaliencyMethod, finding: str | None, size: tuple[int, int]
     ) -> np.ndarray:
         """An (H, W) map in [0, 1] of where the model looked: rollout, or Grad-CAM for `finding`."""
-        from medvit.model.saliency import attention_rollout, grad_cam, to_image
-
         target = self.findings.index(finding) if finding in self.findings else -1
         if method == "gradcam" and target < 0:
             raise MedvitError(f"choose one of the model's findings for Grad-CAM (got {finding!r})")

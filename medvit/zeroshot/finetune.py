@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from medvit._io import write_json
 from medvit.data.datasets import load_labels, safe_path
+from medvit.data.dicom import read_image
 from medvit.errors import ConfigError, DatasetError
 from medvit.findings import ALL_FINDINGS
 from medvit.train.resume import STATE
@@ -129,8 +130,6 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, 
 
 def preprocess_images(backend: ClipBackend, paths: list[str], normalization: str) -> torch.Tensor:
     """Decode each image once with read_image and apply the CLIP's preprocessing: (N, 3, H, W)."""
-    from medvit.data.dicom import read_image
-
     return torch.stack([backend.preprocess(read_image(p).pixels, normalization)
                         for p in tqdm(paths, desc="images", leave=False)])
 
