@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from medvit.errors import ConfigError, WeightsNotFoundError
-from medvit.zeroshot.clip import ModelSpec, load_clip, parse_spec
+from medvit.zeroshot.clip import load_clip
 from medvit.zeroshot.prompts import PromptConfig, load_prompt_config
 from medvit.zeroshot.scorer import ZeroShotScorer, ensemble, pair_probability
+from medvit.zeroshot.spec import ModelSpec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -36,9 +36,10 @@ def run(args: argparse.Namespace) -> int:
     prepare_offline(args)
     from pathlib import Path
 
-    from medvit.zeroshot.clip import default_spec, load_clip
+    from medvit.zeroshot.clip import load_clip
     from medvit.zeroshot.finetune import AlignConfig, align_and_save, load_alignment_pairs
     from medvit.zeroshot.prompts import load_prompt_config
+    from medvit.zeroshot.spec import default_spec
 
     prompts = load_prompt_config(args.prompts)
     cfg = AlignConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,

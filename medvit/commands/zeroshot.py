@@ -30,7 +30,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def prepare_offline(args: argparse.Namespace) -> None:
     """Set the Hugging Face offline variables before open_clip/transformers are imported."""
-    from medvit.zeroshot.clip import offline_requested, set_offline_env
+    from medvit.zeroshot.spec import offline_requested, set_offline_env
 
     if offline_requested(args.offline):
         set_offline_env()

@@ -1,25 +1,13 @@
 """CLIP model loading behind one small interface: open_clip and transformers `CLIPModel`.
 
-A model SPEC string names the backend and the weights:
-
-* ``open_clip:ViT-B-32/laion2b_s34b_b79k``   built-in architecture + pretrained tag (downloaded from the hub)
-* ``open_clip:ViT-B-32@/path/ckpt.safetensors`` built-in architecture + a local checkpoint file
-* ``open_clip:hf-hub:org/repo`` or ``hf-hub:org/repo``   e.g. BiomedCLIP
-* ``open_clip:local-dir:/path`` or ``local-dir:/path``  a folder with open_clip_config.json + weights
-* ``transformers:org/repo`` or ``transformers:/path``  `CLIPModel` + `CLIPProcessor` (hub id or save_pretrained dir)
-* ``/path`` a folder written by ``medvit align`` (either backend, detected from its files)
-
-The default comes from $MEDVIT_CLIP, then the `model:` key of medvit/resources/prompts.yaml. open_clip and transformers
-are imported lazily, after the Hugging Face offline variables are set when offline mode is asked for.
+Which model and from where is `medvit.zeroshot.spec`. open_clip and transformers are imported lazily,
+after the Hugging Face offline variables are set when offline mode is asked for.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,93 +17,14 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from medvit.errors import ConfigError, WeightsNotFoundError
+from medvit.zeroshot.spec import WHERE, ModelSpec, looks_like_path, offline_requested, parse_spec, set_offline_env
 
 _log = logging.getLogger(__name__)
 
-CLIP_LIBRARIES = ("open_clip", "transformers")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NORMALIZATIONS = ("model", "chexzero")
 # CheXzero's training normalisation (pixel mean/std of MIMIC-CXR on the 0-255 scale), letterboxed, not cropped.
 CHEXZERO_MEAN_STD = (101.48761 / 255.0, 83.43944 / 255.0)
-_WHERE = "set MEDVIT_CLIP (or `model:` in medvit/resources/prompts.yaml) to"
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A parsed model SPEC: backend, model name or path, and (open_clip built-ins) a pretrained tag or file."""
-
-    backend: str
-    name: str
-    pretrained: str | None = None
-
-    def __str__(self) -> str:
-        if self.pretrained is None:
-            return f"{self.backend}:{self.name}"
-        sep = "@" if _looks_like_path(self.pretrained) else "/"
-        return f"{self.backend}:{self.name}{sep}{self.pretrained}"
-
-
-def _looks_like_path(text: str) -> bool:
-    return "/" in text or os.sep in text or Path(text).suffix in (".safetensors", ".pt", ".pth", ".bin")
-
-
-def parse_spec(spec: str) -> ModelSpec:
-    """Parse a model SPEC (see the module docstring).
-
-    Raises:
-        ConfigError: empty or malformed spec, unknown backend.
-    """
-    spec = spec.strip()
-    if not spec:
-        raise ConfigError("empty CLIP model spec; e.g. open_clip:ViT-B-32/laion2b_s34b_b79k")
-    if spec.startswith(("hf-hub:", "local-dir:")):
-        spec = "open_clip:" + spec
-    backend, sep, rest = spec.partition(":")
-    if not sep or backend not in CLIP_LIBRARIES:
-        if Path(spec).is_dir():
-            return _spec_for_dir(Path(spec))
-        raise ConfigError(f"CLIP model spec {spec!r} must start with one of {CLIP_LIBRARIES} (or be a model folder)")
-    if not rest:
-        raise ConfigError(f"CLIP model spec {spec!r} names no model")
-    if backend == "transformers" or rest.startswith(("hf-hub:", "local-dir:")):
-        return ModelSpec(backend, rest)
-    if "@" in rest:
-        name, _, ckpt = rest.partition("@")
-        return ModelSpec(backend, name, ckpt)
-    name, _, tag = rest.partition("/")
-    return ModelSpec(backend, name, tag or None)
-
-
-def _spec_for_dir(path: Path) -> ModelSpec:
-    if (path / "open_clip_config.json").is_file():
-        return ModelSpec("open_clip", f"local-dir:{path}")
-    if (path / "config.json").is_file():
-        return ModelSpec("transformers", str(path))
-    raise ConfigError(f"{path} holds neither open_clip_config.json (open_clip) nor config.json (transformers)")
-
-
-def default_spec(explicit: str | None, config_model: str | None) -> str:
-    """The spec to use: `explicit` (--model), else $MEDVIT_CLIP, else the config's `model:`."""
-    spec = explicit or os.environ.get("MEDVIT_CLIP") or config_model
-    if not spec:
-        raise ConfigError("no CLIP model given: pass --model SPEC, set MEDVIT_CLIP or `model:` in prompts.yaml")
-    return spec
-
-
-def offline_requested(offline: bool | None) -> bool:
-    """Explicit flag, else MEDVIT_OFFLINE / HF_HUB_OFFLINE from the environment."""
-    if offline is not None:
-        return offline
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("MEDVIT_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def set_offline_env() -> None:
-    """Tell huggingface_hub/transformers not to touch the network; they read this at import time."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    if "huggingface_hub" in sys.modules:
-        _log.debug("huggingface_hub was imported before offline mode was set: transformers loads with "
-                   "local_files_only and hf-hub: specs are read from the cache directly")
 
 
 class ClipBackend:
@@ -206,7 +115,7 @@ class OpenClipBackend(ClipBackend):
                     torch.manual_seed(seed)
                 model, _, preprocess = open_clip.create_model_and_transforms(source.name, pretrained=source.pretrained)
         except (RuntimeError, OSError, ValueError) as e:
-            if spec.name.startswith("local-dir:") or (spec.pretrained and _looks_like_path(spec.pretrained)):
+            if spec.name.startswith("local-dir:") or (spec.pretrained and looks_like_path(spec.pretrained)):
                 raise WeightsNotFoundError(f"cannot load {spec}: {e}") from e
             raise WeightsNotFoundError(_download_hint(spec, e)) from e
         self.model = model.to(dtype).eval()
@@ -280,7 +189,7 @@ def _open_clip_config(spec: ModelSpec) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     model_cfg = open_clip.get_model_config(spec.name)
     out: dict[str, Any] = {"model_cfg": model_cfg}
-    if spec.pretrained and not _looks_like_path(spec.pretrained):
+    if spec.pretrained and not looks_like_path(spec.pretrained):
         tag = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
         out["preprocess_cfg"] = {k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag}
     return out
@@ -301,7 +210,7 @@ def _check_open_clip_source(spec: ModelSpec, allow_random_init: bool) -> bool:
         return False
     else:
         _check_open_clip_name(spec)
-        if spec.pretrained and _looks_like_path(spec.pretrained) and not Path(spec.pretrained).is_file():
+        if spec.pretrained and looks_like_path(spec.pretrained) and not Path(spec.pretrained).is_file():
             raise WeightsNotFoundError(f"checkpoint file not found: {spec.pretrained}")
         has_weights = bool(spec.pretrained)
     if not has_weights:
@@ -320,7 +229,7 @@ def _check_open_clip_name(spec: ModelSpec) -> None:
 
     if open_clip.get_model_config(spec.name) is None:
         raise ConfigError(f"unknown open_clip model {spec.name!r}; see open_clip.list_models()")
-    if spec.pretrained and not _looks_like_path(spec.pretrained) and not _tag_repo(spec):
+    if spec.pretrained and not looks_like_path(spec.pretrained) and not _tag_repo(spec):
         known = ", ".join(open_clip.list_pretrained_tags_by_model(spec.name)) or "none"
         raise ConfigError(f"unknown open_clip pretrained tag in {spec}; tags for {spec.name}: {known}")
 
@@ -345,7 +254,7 @@ def _download_hint(spec: ModelSpec, err: BaseException) -> str:
     cause = (str(err).splitlines() or [""])[0][:160]
     return (f"CLIP weights for {spec} are not in the local cache and could not be downloaded (offline or no "
             f"connection: {type(err).__name__}: {cause}). On a machine with internet run "
-            f"`hf download {repo} --local-dir DIR`, copy DIR here and {_WHERE} {target}")
+            f"`hf download {repo} --local-dir DIR`, copy DIR here and {WHERE} {target}")
 
 
 class HFClipBackend(ClipBackend):

@@ -30,8 +30,9 @@ from scipy.special import expit
 from medvit._io import write_json
 from medvit.errors import ConfigError
 from medvit.evaluate.calibrators import fit_temperature
-from medvit.zeroshot.clip import ClipBackend, default_spec, load_clip
+from medvit.zeroshot.clip import ClipBackend, load_clip
 from medvit.zeroshot.prompts import PromptConfig, PromptPair, load_prompt_config
+from medvit.zeroshot.spec import default_spec
 
 if TYPE_CHECKING:
     from medvit.data.dicom import XrayImage
