@@ -8,10 +8,10 @@ from _inference_run import make_tiny_run
 
 from medvit.data.dicom import read_image
 from medvit.errors import CheckpointError, ConfigError
-from medvit.inference import choice, engines
+from medvit.inference import BACKENDS, choice, engines
 from medvit.inference import predictor as inference
 from medvit.inference.choice import self_check
-from medvit.inference.engines import BACKENDS, available_backends
+from medvit.inference.engines import available_backends
 from medvit.inference.fp32check import reference_inputs
 from medvit.inference.predictor import Predictor, load_model
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import medvit
 
 PACKAGE = Path(medvit.__file__).resolve().parent
@@ -101,3 +103,12 @@ def test_cli_starts_without_torch():
     code = "import sys, medvit.cli; print(sorted({'torch', 'numpy', 'pandas'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", ["predict", "bench", "export", "train", "watch"])
+def test_command_arguments_are_checked_before_torch_is_imported(command):
+    # a user error (a bad flag, --help) must answer in a second, not after the 5 s torch import
+    code = ("import sys; from medvit.cli import build_parser; build_parser(sys.argv[1]); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, command], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from medvit.inference.engines import BACKENDS
+from medvit.inference import BACKENDS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

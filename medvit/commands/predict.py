@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medvit.inference.engines import AUTO, BACKENDS
+from medvit.inference import AUTO, BACKENDS
 
 if TYPE_CHECKING:
     from medvit.inference.shard import Shard

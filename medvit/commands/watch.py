@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from medvit.inference.engines import AUTO, BACKENDS
+from medvit.inference import AUTO, BACKENDS
 
 URL_ENV = "MEDVIT_DICOMWEB_URL"
 

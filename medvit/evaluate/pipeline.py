@@ -30,7 +30,8 @@ from medvit.errors import ConfigError, DatasetError
 from medvit.evaluate.calibration import Calibration, cross_validated_probs, fit_calibration
 from medvit.evaluate.modelcard import write_model_card
 from medvit.evaluate.report import build_report, compare_engines, plot_curves, write_metrics
-from medvit.inference.engines import AUTO, BACKENDS, Backend
+from medvit.inference import AUTO, BACKENDS
+from medvit.inference.engines import Backend
 from medvit.inference.predictor import BACKEND_ENV, Predictor, load_calibration
 from medvit.runs import CALIBRATION, CARD_NOTES, CONFIG, METRICS, RunInfo, load_run, save_timm_backbone
 

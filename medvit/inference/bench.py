@@ -37,11 +37,9 @@ from medvit.data.transforms import build_transforms, resolve_preprocessing
 from medvit.errors import CheckpointError, ConfigError, MedvitError
 from medvit.evaluate.metrics import mean_auroc
 from medvit.findings import DEFAULT_FINDINGS
-from medvit.inference import export
+from medvit.inference import BACKENDS, GRAPH_ENGINES, export
 from medvit.inference.engines import (
     AUTO_TOLERANCE,
-    BACKENDS,
-    GRAPH_ENGINES,
     Backend,
     available_backends,
     create_backend,

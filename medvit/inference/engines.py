@@ -26,16 +26,12 @@ from torch import nn
 
 from medvit._platform import bf16_supported, cache_root
 from medvit.errors import ConfigError
+from medvit.inference import AUTO, BACKENDS
 from medvit.inference.graphs import export_onnx
 
 _log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "torch-bf16", "torch-compile", "torch-compile-bf16", "onnx", "onnx-int8", "openvino",
-            "openvino-int8")
-GRAPH_ENGINES = ("onnx", "onnx-int8", "openvino", "openvino-int8")  # run an exported, verified graph file
 
-
-AUTO = "auto"
 
 
 # Max |delta p| (sigmoid of the logits) against eager fp32 for `auto` to accept a backend (and for an int8

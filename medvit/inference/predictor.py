@@ -24,8 +24,9 @@ from medvit.data.dicom import XrayImage, check_chest_frontal
 from medvit.data.transforms import build_transforms
 from medvit.errors import CheckpointError, ConfigError
 from medvit.evaluate.calibration import Calibration
+from medvit.inference import AUTO
 from medvit.inference.choice import SelfCheck, load_choice, save_choice, self_check
-from medvit.inference.engines import AUTO, AUTO_TOLERANCE, Backend, available_backends, create_backend, sigmoid
+from medvit.inference.engines import AUTO_TOLERANCE, Backend, available_backends, create_backend, sigmoid
 from medvit.inference.export import verified_engine
 from medvit.inference.fp32check import reference_inputs, verify
 from medvit.runs import CALIBRATION, RunInfo, load_run, resolve_run_dir
@@ -126,7 +127,7 @@ class Predictor:
 
         Args:
             run_dir: run folder (None: $MEDVIT_RUN, else the demo model).
-            backend: one of medvit.inference.engines.BACKENDS, or "auto" ($MEDVIT_BACKEND overrides "auto").
+            backend: one of medvit.inference.BACKENDS, or "auto" ($MEDVIT_BACKEND overrides "auto").
         """
         model, info = load_model(run_dir)
         calibration = load_calibration(info)
