@@ -11,6 +11,7 @@ marker's absence as well as by the error.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import pickle
 import socket
@@ -187,6 +188,29 @@ def test_the_running_app_listens_on_loopback_only(launch, tiny_run, tmp_path):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
+
+
+def test_sigterm_to_medvit_review_stops_its_streamlit_server(tiny_run, tmp_path):
+    """A service manager stops `medvit review` with SIGTERM to its PID: the Streamlit child must go too."""
+    port = _free_port()
+    env = {**os.environ, "MEDVIT_DB_URL": f"sqlite:///{tmp_path / 'r.sqlite3'}"}
+    cmd = [sys.executable, "-m", "medvit", "review", "--port", str(port), "--run", str(tiny_run)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not _listening(port) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert _listening(port), f"the server never listened on {port} (exit {proc.poll()})"
+        proc.send_signal(15)  # the launcher only, as systemd or `kill PID` would
+        proc.wait(timeout=40)
+        deadline = time.monotonic() + 10
+        while _listening(port) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _listening(port), "the Streamlit server outlived `medvit review`"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone when the test passes
+            os.killpg(proc.pid, 9)
 
 
 def test_read_image_caps_bytes_and_pixels(monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,24 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("localhost", "127.0.0.1", "::1"):
         _log.warning("binding to %s: the app will be reachable from other machines", args.host)
     print(f"medvit review: http://{args.host}:{args.port}  (Ctrl+C to stop)", flush=True)
+    child = subprocess.Popen(cmd, env=env)
+    # SIGTERM (a service manager, `kill`) must stop the Streamlit server too, not orphan it on the port
+    previous = signal.signal(signal.SIGTERM, lambda *_: child.terminate())
     try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
+        return child.wait()
+    except KeyboardInterrupt:  # Ctrl+C reaches the child through the terminal's process group as well
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop(child)
+
+
+def _stop(child: subprocess.Popen) -> None:
+    """Terminate the server if it still runs, and kill it if it has not exited within 20 s."""
+    if child.poll() is None:
+        child.terminate()
+    try:
+        child.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
