@@ -163,6 +163,16 @@ def _listening(port: int) -> set[str]:
 _LOOPBACK = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1 as /proc/net prints them
 
 
+def _start_server(cmd: list[str], env: dict[str, str], port: int) -> subprocess.Popen:
+    """Start an app server in its own process group and wait (up to 120 s) until it listens on `port`."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not _listening(port) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads listening sockets from /proc/net")
@@ -176,12 +186,8 @@ def test_the_running_app_listens_on_loopback_only(launch, tiny_run, tmp_path):
     else:
         cmd = [sys.executable, "-m", "streamlit", "run", "apps/review.py", "--server.port", str(port),
                "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = _start_server(cmd, env, port)
     try:
-        deadline = time.monotonic() + 120
-        while not _listening(port) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
         addresses = _listening(port)
         assert addresses, f"the server never listened on {port} (exit {proc.poll()})"
         assert addresses <= _LOOPBACK, f"listening on {addresses}: reachable from other machines"
@@ -195,12 +201,8 @@ def test_sigterm_to_medvit_review_stops_its_streamlit_server(tiny_run, tmp_path)
     port = _free_port()
     env = {**os.environ, "MEDVIT_DB_URL": f"sqlite:///{tmp_path / 'r.sqlite3'}"}
     cmd = [sys.executable, "-m", "medvit", "review", "--port", str(port), "--run", str(tiny_run)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = _start_server(cmd, env, port)
     try:
-        deadline = time.monotonic() + 120
-        while not _listening(port) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
         assert _listening(port), f"the server never listened on {port} (exit {proc.poll()})"
         proc.send_signal(15)  # the launcher only, as systemd or `kill PID` would
         proc.wait(timeout=40)
