@@ -22,13 +22,13 @@ from medvit.errors import MedvitError
 from medvit.review.store import (
     CSV_COLUMNS,
     NOTE_MAX,
-    Base,
     ReviewStore,
     ShownFinding,
     default_db_url,
     migrate,
     schema_revision,
 )
+from medvit.review.tables import Base
 
 PG_URL = os.environ.get("MEDVIT_TEST_PG_URL", "")
 SHOWN = {
@@ -77,7 +77,7 @@ def test_schema_is_versioned_and_matches_the_models(store):
 
     import medvit.review.scoring  # noqa: F401 - the PACS queue's table (migration 0002) is part of the schema
 
-    assert schema_revision(store.engine) == "0002"
+    assert schema_revision(store.engine) == "0003"
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], f"migration and ORM models disagree: {diff}"
@@ -88,7 +88,7 @@ def test_downgrade_and_upgrade(store):
     assert schema_revision(store.engine) is None
     assert "reviews" not in sa_inspect(store.engine).get_table_names()
     migrate(store.engine)
-    assert schema_revision(store.engine) == "0002"
+    assert schema_revision(store.engine) == "0003"
     assert _review(store) > 0
 
 
@@ -98,6 +98,7 @@ def test_no_patient_identifiers_can_be_stored(store):
     assert not {c for c in everything if "patient" in c or "birth" in c}
     assert cols["reviews"] == {
         "id", "created_at", "reviewer", "note", "image_uid", "image_uid_kind", "model_name", "weights_sha256", "shown",
+        "user_id", "calibration_version", "updated_at", "source",
     }  # fmt: skip
     params = set(inspect.signature(ReviewStore.add_review).parameters)
     assert not {p for p in params if "patient" in p or "birth" in p}
@@ -247,7 +248,7 @@ def test_stores_opened_concurrently_on_a_fresh_database_all_work(db_url):
     """Several app processes starting at once: one migrates, the others wait and find the schema at head."""
     stores, errors = _open_concurrently(db_url, 4, then=_review)
     assert not errors, errors
-    assert stores[0].count() == 4 and schema_revision(stores[0].engine) == "0002"
+    assert stores[0].count() == 4 and schema_revision(stores[0].engine) == "0003"
     for s in stores:
         s.close()
 
@@ -264,7 +265,7 @@ def test_many_processes_switching_a_new_sqlite_file_to_wal_at_once_all_succeed(t
         for s in stores:
             s.close()
         store = ReviewStore(url)
-        assert schema_revision(store.engine) == "0002"
+        assert schema_revision(store.engine) == "0003"
         with store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         store.close()

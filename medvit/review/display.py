@@ -41,8 +41,9 @@ def window_defaults(image: XrayImage) -> WindowDefaults:
     return WindowDefaults(image.pixels * 255.0, 0.0, 255.0, 127.5, 255.0, False)
 
 
-def display_pixels(image: XrayImage, center: float, width: float, invert: bool,
-                   defaults: WindowDefaults | None = None) -> np.ndarray:
+def display_pixels(
+    image: XrayImage, center: float, width: float, invert: bool, defaults: WindowDefaults | None = None
+) -> np.ndarray:
     """The image as the reader wants to see it, at most `DISPLAY_MAX_SIDE` pixels on a side.
 
     At the header's own VOI the reader's pixels are shown unchanged (this also covers VOI LUT tables,

@@ -25,7 +25,9 @@ BANNER = (
 NO_VERDICT = "—"
 MASK = "•••••"
 SALIENCY: dict[str, SaliencyMethod | None] = {
-    "None": None, "Attention rollout": "rollout", "Grad-CAM (one finding)": "gradcam",
+    "None": None,
+    "Attention rollout": "rollout",
+    "Grad-CAM (one finding)": "gradcam",
 }
 
 

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 from sqlalchemy import CheckConstraint, DateTime, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from medvit.review.store import Base
+from medvit.review.tables import Base
 
 Status = Literal["pending", "scored", "refused", "failed"]
 STATUSES: tuple[str, ...] = get_args(Status)

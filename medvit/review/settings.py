@@ -57,8 +57,13 @@ class AppSettings:
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that carry these settings (unset ones are left out, so defaults apply)."""
-        values = {RUN_ENV: self.run_dir, WORKLIST_ENV: self.worklist, FILE_ENV: self.default_file,
-                  DB_URL_ENV: self.db_url, MAX_UPLOAD_ENV: self.max_upload_mb}
+        values = {
+            RUN_ENV: self.run_dir,
+            WORKLIST_ENV: self.worklist,
+            FILE_ENV: self.default_file,
+            DB_URL_ENV: self.db_url,
+            MAX_UPLOAD_ENV: self.max_upload_mb,
+        }
         return {name: str(v) for name, v in values.items() if v is not None}
 
     @classmethod

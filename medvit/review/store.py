@@ -27,13 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from sqlalchemy import (
-    JSON,
-    CheckConstraint,
-    DateTime,
     Engine,
-    ForeignKey,
-    Integer,
-    String,
     create_engine,
     event,
     func,
@@ -41,9 +35,10 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, selectinload
+from sqlalchemy.orm import Session, selectinload
 
 from medvit.errors import MedvitError
+from medvit.review.tables import NOTE_MAX, REVIEWER_MAX, AuditRow, ReviewEditRow, ReviewRow, UserRow, VerdictRow  # noqa: F401 - registers all tables
 
 _log = logging.getLogger(__name__)
 
@@ -53,8 +48,6 @@ UidKind = Literal["sop_instance_uid", "sha256"]
 UID_KINDS: tuple[str, ...] = get_args(UidKind)
 
 DB_URL_ENV = "MEDVIT_DB_URL"
-NOTE_MAX = 2000
-REVIEWER_MAX = 120
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 CSV_COLUMNS = (
     "review_id", "created_at", "reviewer", "image_uid", "image_uid_kind", "model_name", "weights_sha256",
@@ -64,40 +57,6 @@ CSV_COLUMNS = (
 _MIGRATION_LOCK = 0x6D65_6476_6974  # "medvit": the advisory lock key serialising PostgreSQL migrations
 _DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # PS3.5 9.1: digits and dots, at most 64 chars
 _HEX = re.compile(r"^[0-9a-f]+$")
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class ReviewRow(Base):
-    __tablename__ = "reviews"
-    __table_args__ = (CheckConstraint("image_uid_kind IN ('sop_instance_uid', 'sha256')", name="ck_reviews_uid_kind"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
-    reviewer: Mapped[str] = mapped_column(String(REVIEWER_MAX))
-    note: Mapped[str] = mapped_column(String(NOTE_MAX))
-    image_uid: Mapped[str] = mapped_column(String(64), index=True)
-    image_uid_kind: Mapped[str] = mapped_column(String(16))
-    model_name: Mapped[str] = mapped_column(String(200))
-    weights_sha256: Mapped[str] = mapped_column(String(64))
-    shown: Mapped[dict[str, Any]] = mapped_column(JSON)  # {finding: {"prob", "threshold", "prob_raw"}}
-    verdicts: Mapped[list[VerdictRow]] = relationship(
-        back_populates="review", cascade="all, delete-orphan", order_by="VerdictRow.finding"
-    )
-
-
-class VerdictRow(Base):
-    __tablename__ = "review_verdicts"
-    __table_args__ = (
-        CheckConstraint("verdict IN ('agree', 'disagree', 'uncertain')", name="ck_review_verdicts_verdict"),
-    )
-
-    review_id: Mapped[int] = mapped_column(ForeignKey("reviews.id", ondelete="CASCADE"), primary_key=True)
-    finding: Mapped[str] = mapped_column(String(64), primary_key=True)
-    verdict: Mapped[str] = mapped_column(String(16))
-    review: Mapped[ReviewRow] = relationship(back_populates="verdicts")
 
 
 @dataclass(frozen=True)

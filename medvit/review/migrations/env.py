@@ -11,7 +11,8 @@ from alembic import context
 from sqlalchemy import create_engine
 
 import medvit.review.scoring  # noqa: F401 - registers the pacs_instances table (migration 0002) on Base
-from medvit.review.store import Base, default_db_url
+from medvit.review.store import default_db_url
+from medvit.review.tables import Base
 
 config = context.config
 target_metadata = Base.metadata
