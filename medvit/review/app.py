@@ -19,7 +19,6 @@ from medvit.review.panels import (
     feedback_form,
     findings_panel,
     history_panel,
-    image_panel,
     patient_panel,
     reported,
     zero_shot_panel,
@@ -27,6 +26,7 @@ from medvit.review.panels import (
 from medvit.review.service import ReviewService, load_zero_shot
 from medvit.review.settings import AppSettings
 from medvit.review.store import ReviewStore
+from medvit.review.viewer import image_panel
 from medvit.review.worklist import list_worklist, patient_identifiers
 
 _log = logging.getLogger("medvit.app")
