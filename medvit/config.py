@@ -6,20 +6,42 @@ training with a default. Relative paths are resolved against the current working
 
 from __future__ import annotations
 
+import difflib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from medvit.data.transforms import AugmentConfig
 from medvit.errors import ConfigError
 from medvit.findings import DEFAULT_FINDINGS
 
 _log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "deit3_base_patch16_384.fb_in22k_ft_in1k"
+
+
+class AugmentConfig(BaseModel):
+    """Training augmentation. Defaults are mild; horizontal flip is off because it moves the heart."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    hflip: float = Field(default=0.0, ge=0, le=1, description="probability; changes anatomy (dextrocardia), so off")
+    crop_scale: tuple[float, float] = (0.85, 1.0)
+    crop_ratio: tuple[float, float] = (0.9, 1.1)
+    rotate: float = Field(default=7.0, ge=0, le=45, description="max degrees")
+    translate: float = Field(default=0.04, ge=0, le=0.3)
+    scale: tuple[float, float] = (0.92, 1.08)
+    affine_p: float = Field(default=0.7, ge=0, le=1)
+    brightness: float = Field(default=0.15, ge=0, le=1)
+    contrast: float = Field(default=0.15, ge=0, le=1)
+    gamma: tuple[float, float] = (85.0, 115.0)
+    photometric_p: float = Field(default=0.6, ge=0, le=1)
+    noise_std: float = Field(default=0.0, ge=0, le=0.2, description="Gaussian noise std in [0,1] units; 0 disables")
+    blur_p: float = Field(default=0.0, ge=0, le=1)
 
 
 class _Strict(BaseModel):
@@ -29,15 +51,24 @@ class _Strict(BaseModel):
 class SplitConfig(_Strict):
     """How images are assigned to train / val / calib (always patient-wise)."""
 
-    policy: Literal["column", "assign"] = Field(
+    policy: Literal["column", "assign", "kfold"] = Field(
         default="column",
-        description="'column': the CSV's 'split' column; 'assign': seeded patient-wise split (split_files' kept)",
+        description="'column': the CSV's 'split' column; 'assign': seeded patient-wise split (split_files' kept); "
+        "'kfold': every row in one of `folds` patient-wise folds, fold `fold` is val (medvit train --folds)",
     )
     val: float = Field(default=0.15, ge=0, lt=1)
     calib: float = Field(default=0.15, ge=0, lt=1)
     seed: int = 0
     train_name: str = "train"
     val_name: str = "val"
+    folds: int = Field(default=5, ge=2, description="kfold: number of patient-wise folds")
+    fold: int = Field(default=0, ge=0, description="kfold: the fold held out as val")
+
+    @model_validator(mode="after")
+    def _check_fold(self) -> SplitConfig:
+        if self.fold >= self.folds:
+            raise ValueError(f"split.fold {self.fold} must be below split.folds {self.folds}")
+        return self
 
 
 class DataConfig(_Strict):
@@ -55,9 +86,15 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: str = Field(default=DEFAULT_BACKBONE, description="any timm model name; pin the pretrained tag")
+    name: str = Field(default=DEFAULT_BACKBONE, description="timm: any timm model name, pin the pretrained tag; "
+                      "transformers: a hub id or a save_pretrained folder")
+    source: Literal["timm", "transformers"] = Field(
+        default="timm", description="which library builds the backbone: timm, or a transformers AutoModel vision encoder"
+    )
     pretrained: bool = Field(default=True, description="load pretrained weights (from weights_file, else the HF hub)")
-    weights_file: Path | None = Field(default=None, description="local pretrained weights (.safetensors or .pth)")
+    weights_file: Path | None = Field(
+        default=None, description="starting weights: a .safetensors/.pth file or a medvit run folder; implies pretrained"
+    )
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="passed to timm.create_model, e.g. embed_dim, depth, num_heads, img_size"
     )
@@ -75,8 +112,14 @@ class ModelConfig(_Strict):
         if bad:  # timm silently drops None kwargs; "{img_size:64}" (no space) parses as key "img_size:64"
             raise ValueError(f"model_kwargs {bad}: keys must be argument names with values "
                              "(in YAML flow maps write 'img_size: 64' with a space)")
+        if self.source == "transformers" and self.weights_file is not None:
+            raise ValueError("weights_file is for timm backbones; with source: transformers, name is the hub id "
+                             "or the local folder that holds the weights")
         if self.freeze_blocks and not self.freeze_stem:
             raise ValueError("freeze_blocks > 0 needs freeze_stem: true (frozen layers are a prefix)")
+        if self.weights_file is not None and not self.pretrained:
+            _log.info("model.weights_file is set: starting from it (model.pretrained is taken as true)")
+            self.pretrained = True  # a named weights file is never silently ignored
         return self
 
 
@@ -189,6 +232,8 @@ class Config(_Strict):
     def _check(self) -> Config:
         if self.train.batch_size % self.train.accum_steps:
             raise ValueError("train.batch_size must be divisible by train.accum_steps")
+        if self.pretrain is not None and self.model.source != "timm":
+            raise ValueError("pretrain (MAE) builds on a timm ViT: use model.source: timm, or drop pretrain")
         return self
 
 
@@ -218,19 +263,59 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _model_at(loc: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The config section (pydantic model) that a validation error's location points into."""
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        nested = [t for t in (field.annotation, *get_args(field.annotation))
+                  if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model
+
+
+def _suggestion(loc: tuple[str | int, ...]) -> str:
+    """'; did you mean train.lr?' for an unknown key close to a real one (else '')."""
+    section = _model_at(loc[:-1])
+    if section is None:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {'.'.join(map(str, (*loc[:-1], close[0])))}?" if close else ""
+
+
+def _format_error(err: ValidationError, source: str, overridden: Sequence[str] = ()) -> str:
+    """One line: who is to blame (the YAML file, or the `--set` that introduced the key), the key, the problem."""
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    loc = tuple(first["loc"])
+    key = ".".join(str(p) for p in loc) or "<root>"
+    culprit = next((k for k in reversed(overridden) if k == key or f"{k}.".startswith(f"{key}.")
+                    or key.startswith(f"{k}.")), None)
+    where = f"{source}: {key}" if culprit is None else f"--set {culprit}" + (f": {key}" if culprit != key else "")
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = f"unknown key{_suggestion(loc)}"
     extra = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {key}: {first['msg']}{extra}"
+    return f"{where}: {msg}{extra}"
 
 
-def validate_config(tree: dict[str, Any], source: str = "config") -> Config:
-    """Validate a raw mapping; raises ConfigError naming the first offending key."""
+def validate_config(tree: dict[str, Any], source: str = "config", overridden: Sequence[str] = ()) -> Config:
+    """Validate a raw mapping; raises ConfigError naming the first offending key and who set it.
+
+    `overridden`: the dotted keys set by `--set`, so an error in one of them blames `--set`, not `source`.
+    """
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+        raise ConfigError(_format_error(e, source, overridden)) from None
+
+
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The dotted keys of `key=value` overrides, in order."""
+    return [item.partition("=")[0].strip() for item in overrides]
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -257,6 +342,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         tree = loaded or {}
     apply_overrides(tree, list(overrides or []))
-    cfg = validate_config(tree, source)
+    cfg = validate_config(tree, source, override_keys(overrides or []))
     _log.debug("config %s resolved: %s", source, cfg.model_dump(mode="json"))
     return cfg

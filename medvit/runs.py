@@ -30,6 +30,8 @@ CONFIG = "config.json"  # findings, preprocessing, model build args, the resolve
 WEIGHTS = "model.safetensors"  # the weights inference serves
 TIMM_BACKBONE = "timm_backbone.safetensors"  # the backbone alone, as timm.create_model(num_classes=0) names it
 CALIBRATION = "calibration.json"  # per-finding calibrators + thresholds (medvit.evaluate.calibration)
+CALIBRATIONS = "calibrations"  # later calibration versions vN.json + vN.meta.json (medvit.evaluate.versions)
+CALIBRATION_ACTIVE = "calibrations/active"  # the name of the version in use (absent: v1 = calibration.json)
 METRICS = "metrics.json"  # evaluation report (medvit.evaluate.report)
 METRICS_CSV = "metrics.csv"  # one row per epoch, appended during training
 SUMMARY = "train_summary.json"  # how training ended: epochs, best metric, interruption
@@ -38,6 +40,10 @@ CARD_NOTES = "card_notes.md"  # optional text shown under "About this model" in 
 EXPORTS = "exports.json"  # verified ONNX/TorchScript exports and their checksums
 PRETRAIN_ENCODER = "encoder.safetensors"  # the MAE stage's encoder, handed to fine-tuning
 PRETRAIN_SUMMARY = "pretrain.json"  # how the MAE stage ended
+OOD = "ood.safetensors"  # training-feature statistics of the out-of-distribution check (medvit.evaluate.ood)
+CV_SUMMARY = "cv.json"  # `train --folds`: per-fold and pooled out-of-fold metrics, the pixel baseline beside them
+OOF = "oof.csv"  # `train --folds`: every image's logits from the fold model that never saw it
+FOLD_DIR = "fold_{}"  # `train --folds`: one ordinary run folder per fold
 
 _MODEL_BUILD_KEYS = ("name", "model_kwargs", "head", "head_hidden", "head_dropout", "drop_path_rate")
 
