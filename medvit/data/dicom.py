@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from medvit.data.files import looks_like_bare_dicom, sniff_format
+from medvit.data.lossy import lossy_compression
 from medvit.data.pixels import Rendered, apply_window, decode, one_line, render
 from medvit.data.raster import decode_raster
 from medvit.errors import ImageReadError, ImageTooLargeError, UnsupportedImageError
@@ -79,6 +80,7 @@ class ImageMeta:
     voi_source: str = "none"  # "voi_lut" | "window" | "minmax" | "none"
     inverted: bool = False  # MONOCHROME1 / INVERSE presentation handled
     decode_level: int = 0  # JPEG 2000 decoded at 1/2**level of full size (rows, columns and spacing are scaled)
+    lossy: str | None = None  # why the pixels are lossy-compressed (medvit.data.lossy); None: nothing says so
     study_date: str | None = None
     warnings: tuple[str, ...] = ()
 
@@ -317,6 +319,7 @@ def _dicom_meta(ds: Dataset, rendered: Rendered, warnings: list[str], level: int
         voi_source=rendered.voi_source,
         inverted=rendered.inverted,
         decode_level=level,
+        lossy=lossy_compression(ds),
         study_date=header_text(ds, "StudyDate"),
         warnings=tuple(warnings),
     )
@@ -351,7 +354,8 @@ def _pixel_spacing(
 def _read_raster(data: bytes, name: str, kind: str, max_pixels: int) -> XrayImage:
     pixels, bits, warnings = decode_raster(data, name, kind, lambda r, c: _check_size(r, c, name, max_pixels))
     _check_not_uniform(pixels, name)
-    meta = ImageMeta(source=kind, rows=pixels.shape[0], columns=pixels.shape[1], bits_stored=bits, warnings=warnings)
+    meta = ImageMeta(source=kind, rows=pixels.shape[0], columns=pixels.shape[1], bits_stored=bits, warnings=warnings,
+                     lossy="JPEG file" if kind == "jpeg" else None)  # fmt: skip
     for warning in warnings:
         _log.warning("%s: %s", name, warning)
     return XrayImage(pixels=pixels, meta=meta, raw=None)
