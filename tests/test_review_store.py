@@ -269,3 +269,60 @@ def test_many_processes_switching_a_new_sqlite_file_to_wal_at_once_all_succeed(t
         with store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         store.close()
+
+
+def _save(store: ReviewStore, **over) -> tuple[int, bool]:
+    kwargs = dict(
+        reviewer="Dr Reviewer", image_uid=UID, image_uid_kind="sop_instance_uid", model_name="deit3-demo",
+        weights_sha256=WEIGHTS, shown=SHOWN, verdicts={"Effusion": "agree"}, note="first look",
+    )  # fmt: skip
+    kwargs.update(over)
+    return store.save_review(**kwargs)
+
+
+def test_saving_again_edits_the_same_review_and_keeps_every_edit(store):
+    from medvit.review.audit import events
+
+    first, edited = _save(store)
+    assert not edited
+    second, edited = _save(store, verdicts={"Effusion": "disagree", "Cardiomegaly": "uncertain"}, note="second look")
+    third, _ = _save(store, verdicts={"Pneumothorax": "agree"}, note="third look")
+    assert first == second == third and edited
+    [review] = store.history(limit=None)
+    assert review.verdicts == {"Pneumothorax": "agree"} and review.note == "third look"
+    assert review.updated_at is not None and review.updated_at >= review.created_at
+    assert [(e.verdicts, e.note) for e in review.edits] == [
+        ({"Effusion": "agree"}, "first look"),
+        ({"Cardiomegaly": "uncertain", "Effusion": "disagree"}, "second look"),
+    ]
+    audit = events(store.engine, event="review_edit")
+    assert len(audit) == 2 and {e.target for e in audit} == {UID}
+    assert audit[0].detail["after"] == {"Pneumothorax": "agree"}  # newest first
+
+    # another reader, or other weights, get a review of their own
+    assert _save(store, reviewer="Dr Other")[0] != first
+    assert _save(store, weights_sha256="1f" * 32)[0] != first
+    assert store.count() == 3
+
+
+def test_verdict_labels_follow_the_flag_the_reader_saw(store):
+    shown = {
+        "Effusion": ShownFinding(prob=0.62, threshold=0.40),  # flagged
+        "Cardiomegaly": ShownFinding(prob=0.08, threshold=0.30),  # below its threshold
+        "Mass": ShownFinding(prob=0.5, threshold=0.1, flag=False),  # not reported: shown unflagged
+        "Nodule": ShownFinding(prob=0.3004, threshold=0.2996),  # equal at the shown rounding: flagged
+    }
+    verdicts = {"Effusion": "agree", "Cardiomegaly": "disagree", "Mass": "agree", "Nodule": "uncertain"}
+    _save(store, shown=shown, verdicts=verdicts)
+    [review] = store.history()
+    assert review.labels == {"Effusion": "present", "Cardiomegaly": "present", "Mass": "absent", "Nodule": None}
+    assert review.shown["Mass"].flag is False and review.shown["Effusion"].flag is None
+    assert shown["Nodule"].flagged
+
+
+def test_reviewed_images_for_the_worklist_status(store):
+    _save(store)
+    _save(store, image_uid="1.2.3", reviewer="Dr Other")
+    assert store.reviewed_images([UID, "1.2.3", "9.9"]) == {UID, "1.2.3"}
+    assert store.reviewed_images([UID, "1.2.3"], reviewer="Dr Other") == {"1.2.3"}
+    assert store.reviewed_images([]) == set()

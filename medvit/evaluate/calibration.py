@@ -178,7 +178,7 @@ class Calibration:
         return np.stack([cal.apply(z[:, k]) for k, cal in enumerate(self.calibrators)], axis=1)
 
     def flags(self, probs: np.ndarray) -> np.ndarray:
-        return np.asarray(probs) >= self.thresholds
+        return metrics.flagged(probs, self.thresholds)
 
     def check_findings(self, findings: Sequence[str]) -> None:
         """Refuse a calibration fitted for another finding list (order matters: columns map to findings)."""

@@ -24,6 +24,7 @@ _log = logging.getLogger(__name__)
 
 N_BINS = 15
 _EPS = 1e-7
+PROB_DECIMALS = 3  # probabilities and thresholds are shown, and compared, at this many decimals
 
 MetricFn = Callable[[np.ndarray, np.ndarray], "float | None"]
 
@@ -151,12 +152,19 @@ def _ratio(num: int, den: int) -> float | None:
     return num / den if den > 0 else None
 
 
+def flagged(probs: np.ndarray | float, thresholds: np.ndarray | float) -> np.ndarray:
+    """`probs >= thresholds` compared at the `PROB_DECIMALS` everyone reads them at: a probability shown equal to
+    its threshold is flagged, for every finding, in every table (the one flag rule of medvit)."""
+    p = np.round(np.asarray(probs, dtype=np.float64), PROB_DECIMALS)
+    return p >= np.round(np.asarray(thresholds, dtype=np.float64), PROB_DECIMALS)
+
+
 def threshold_stats(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float | int | None]:
-    """Confusion counts and sensitivity / specificity / PPV / NPV when flagging `probs >= threshold`.
+    """Confusion counts and sensitivity / specificity / PPV / NPV when flagging `probs >= threshold` (`flagged`).
 
     A ratio whose denominator is zero (e.g. sensitivity without positives) is None.
     """
-    flag = np.asarray(probs) >= threshold
+    flag = flagged(probs, threshold)
     y = np.asarray(labels) == 1
     tp, fp = int(np.sum(flag & y)), int(np.sum(flag & ~y))
     fn, tn = int(np.sum(~flag & y)), int(np.sum(~flag & ~y))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +24,8 @@ from medvit.data.dicom import XrayImage, check_chest_frontal
 from medvit.data.transforms import build_transforms
 from medvit.errors import CheckpointError, ConfigError
 from medvit.evaluate.calibration import Calibration
+from medvit.evaluate.metrics import flagged
+from medvit.evaluate.reporting import read_card, unreported
 from medvit.inference import AUTO
 from medvit.inference.choice import SelfCheck, load_choice, save_choice, self_check
 from medvit.inference.engines import AUTO_TOLERANCE, Backend, available_backends, create_backend, sigmoid
@@ -34,7 +36,7 @@ from medvit.runs import CALIBRATION, RunInfo, load_run, resolve_run_dir
 _log = logging.getLogger(__name__)
 
 BACKEND_ENV = "MEDVIT_BACKEND"
-TABLE_COLUMNS = ("finding", "prob_raw", "prob", "threshold", "flag", "margin")
+TABLE_COLUMNS = ("finding", "prob_raw", "prob", "threshold", "flag", "margin", "reported", "reason")
 
 
 def load_model(run_dir: str | os.PathLike | None = None) -> tuple[nn.Module, RunInfo]:
@@ -66,17 +68,22 @@ class Prediction:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def make_table(findings: Sequence[str], logits: np.ndarray, probs: np.ndarray, thresholds: np.ndarray
-               ) -> pd.DataFrame:
-    """The table a clinician sees, one row per finding."""
+def make_table(findings: Sequence[str], logits: np.ndarray, probs: np.ndarray, thresholds: np.ndarray,
+               not_reported: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The table a clinician sees, one row per finding. A finding in `not_reported` (finding -> reason, see
+    `medvit.evaluate.reporting`) keeps its numbers but is never flagged."""
     probs = np.asarray(probs, dtype=np.float64)
+    not_reported = not_reported or {}
+    reported = np.array([f not in not_reported for f in findings], dtype=bool)
     return pd.DataFrame({
         "finding": list(findings),
         "prob_raw": sigmoid(logits),
         "prob": probs,
         "threshold": np.asarray(thresholds, dtype=np.float64),
-        "flag": probs >= thresholds,
+        "flag": flagged(probs, thresholds) & reported,
         "margin": probs - thresholds,
+        "reported": reported,
+        "reason": [not_reported.get(f, "") for f in findings],
     })
 
 
@@ -120,6 +127,8 @@ class Predictor:
         self.self_check = check
         self.transform = build_transforms(info.preprocessing, train=False)
         self.calibrated = calibration.method != "none"
+        self.card = read_card(info.run_dir)
+        self.not_reported = unreported(calibration, self.card)  # finding -> why it is never flagged
 
     @classmethod
     def from_dir(cls, run_dir: str | os.PathLike | None = None, backend: str = AUTO) -> Predictor:
@@ -160,7 +169,8 @@ class Predictor:
         t1 = time.perf_counter()
         probs = self.calibration.apply(logits)
         out = [
-            make_table(self.findings, logits[i], probs[i], self.calibration.thresholds) for i in range(len(logits))
+            make_table(self.findings, logits[i], probs[i], self.calibration.thresholds, self.not_reported)
+            for i in range(len(logits))
         ]
         t2 = time.perf_counter()
         timings = {"forward": (t1 - t0) * 1e3, "calibrate": (t2 - t1) * 1e3}

@@ -29,7 +29,8 @@ from medvit.errors import ImageReadError, ImageTooLargeError, MedvitError, Unsup
 from medvit.inference.predictor import Prediction, Predictor
 from medvit.model.saliency import attention_rollout, grad_cam, to_image
 from medvit.review.settings import CLIP_TEMPERATURES_ENV, DEFAULT_MAX_UPLOAD_MB
-from medvit.review.store import ShownFinding, is_dicom_uid
+from medvit.review.checks import is_dicom_uid
+from medvit.review.store import ShownFinding
 from medvit.runs import METRICS, resolve_run_dir
 
 if TYPE_CHECKING:

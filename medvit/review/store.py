@@ -15,16 +15,14 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 import os
 import random
-import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from sqlalchemy import (
     Engine,
@@ -38,14 +36,24 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, selectinload
 
 from medvit.errors import MedvitError
+from medvit.review.audit import record
+from medvit.review.checks import (
+    ShownFinding,
+    UidKind,
+    Verdict,
+    check_hash,
+    check_note,
+    check_reviewer,
+    check_text,
+    check_uid,
+    check_verdicts,
+    shown_json,
+)
+from medvit.review.labels import verdict_label
 from medvit.review.tables import NOTE_MAX, REVIEWER_MAX, AuditRow, ReviewEditRow, ReviewRow, UserRow, VerdictRow  # noqa: F401 - registers all tables
 
 _log = logging.getLogger(__name__)
 
-Verdict = Literal["agree", "disagree", "uncertain"]
-VERDICTS: tuple[str, ...] = get_args(Verdict)
-UidKind = Literal["sop_instance_uid", "sha256"]
-UID_KINDS: tuple[str, ...] = get_args(UidKind)
 
 DB_URL_ENV = "MEDVIT_DB_URL"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -55,17 +63,16 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 _MIGRATION_LOCK = 0x6D65_6476_6974  # "medvit": the advisory lock key serialising PostgreSQL migrations
-_DICOM_UID = re.compile(r"[0-9]+(\.[0-9]+)*")  # PS3.5 9.1: digits and dots, at most 64 chars
-_HEX = re.compile(r"^[0-9a-f]+$")
 
 
 @dataclass(frozen=True)
-class ShownFinding:
-    """What the reviewer saw for one finding: calibrated probability, its threshold and the raw model output."""
+class ReviewEdit:
+    """A review's state before one edit: who changed it, when, and what the verdicts and note were."""
 
-    prob: float
-    threshold: float
-    prob_raw: float | None = None
+    edited_at: datetime
+    editor: str
+    verdicts: dict[str, str]
+    note: str
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,9 @@ class Review:
     weights_sha256: str
     shown: dict[str, ShownFinding]
     verdicts: dict[str, str]
+    updated_at: datetime | None = None  # the last edit (None: never edited)
+    edits: tuple[ReviewEdit, ...] = ()  # oldest first
+    labels: dict[str, str | None] = field(default_factory=dict)  # verdicts as present / absent (None: uncertain)
 
 
 def default_db_url() -> str:
@@ -207,17 +217,9 @@ class ReviewStore:
         Raises:
             MedvitError: a field is missing, too long or malformed (the message names it).
         """
-        row = ReviewRow(
-            created_at=datetime.now(UTC),
-            reviewer=_check_reviewer(reviewer),
-            note=_check_note(note),
-            image_uid=_check_uid(image_uid, image_uid_kind),
-            image_uid_kind=image_uid_kind,
-            model_name=_check_text("model name", model_name, 200),
-            weights_sha256=_check_hash(weights_sha256),
-            shown=_shown_json(shown),
-            verdicts=[VerdictRow(finding=f, verdict=v) for f, v in _check_verdicts(verdicts, shown).items()],
-        )
+        row = _review_row(reviewer=reviewer, image_uid=image_uid, image_uid_kind=image_uid_kind,
+                          model_name=model_name, weights_sha256=weights_sha256, shown=shown, verdicts=verdicts,
+                          note=note)  # fmt: skip
         try:
             with Session(self.engine) as session, session.begin():
                 session.add(row)
@@ -232,6 +234,77 @@ class ReviewStore:
         _log.info("stored review %d on %s (%d verdicts)", review_id, image_uid, len(verdicts))
         return review_id
 
+    def save_review(
+        self,
+        *,
+        reviewer: str,
+        image_uid: str,
+        image_uid_kind: UidKind,
+        model_name: str,
+        weights_sha256: str,
+        shown: Mapping[str, ShownFinding],
+        verdicts: Mapping[str, Verdict],
+        note: str = "",
+        user_id: int | None = None,
+    ) -> tuple[int, bool]:
+        """The app's save: one review per image, reader and weights. Saving again edits that review, and the state
+        before the edit is kept in `review_edits` (plus a `review_edit` audit event). Returns (id, edited).
+
+        The reader is the account (`user_id`) when signed in, else the reviewer name.
+
+        Raises:
+            MedvitError: a field is missing, too long or malformed, or the database refused the write.
+        """
+        reviewer, note = check_reviewer(reviewer), check_note(note)
+        uid, weights = check_uid(image_uid, image_uid_kind), check_hash(weights_sha256)
+        stored_shown, checked = shown_json(shown), check_verdicts(verdicts, shown)
+        query = select(ReviewRow).where(ReviewRow.image_uid == uid, ReviewRow.weights_sha256 == weights,
+                                        ReviewRow.source == "app")  # fmt: skip
+        if user_id is not None:
+            query = query.where(ReviewRow.user_id == user_id)
+        else:
+            query = query.where(ReviewRow.user_id.is_(None), ReviewRow.reviewer == reviewer)
+        query = query.order_by(ReviewRow.id).limit(1).with_for_update()
+        try:
+            with Session(self.engine) as session, session.begin():
+                row = session.scalars(query.options(selectinload(ReviewRow.verdicts))).first()
+                if row is None:
+                    new = _review_row(reviewer=reviewer, image_uid=uid, image_uid_kind=image_uid_kind,
+                                      model_name=model_name, weights_sha256=weights, shown=shown, verdicts=checked,
+                                      note=note)  # fmt: skip
+                    new.user_id = user_id
+                    session.add(new)
+                    session.flush()
+                    _log.info("stored review %d on %s (%d verdicts)", new.id, uid, len(checked))
+                    return new.id, False
+                now = datetime.now(UTC)
+                before = {v.finding: v.verdict for v in row.verdicts}
+                row.edits.append(ReviewEditRow(edited_at=now, editor=reviewer, verdicts=before, note=row.note))
+                row.verdicts = _verdict_rows(checked, shown)
+                row.note, row.shown, row.updated_at, row.reviewer = note, stored_shown, now, reviewer
+                record(session, reviewer, "review_edit", target=uid,
+                       detail={"review_id": row.id, "before": before, "after": dict(checked)})  # fmt: skip
+                session.flush()
+                review_id = row.id
+        except SQLAlchemyError as e:
+            _log.exception("review edit failed")
+            raise MedvitError(
+                f"review not saved: the database {self.display_url} refused the write ({e.__class__.__name__}); "
+                "nothing was stored, try again"
+            ) from e
+        _log.info("edited review %d on %s (%d verdicts)", review_id, uid, len(checked))
+        return review_id, True
+
+    def reviewed_images(self, image_uids: list[str], reviewer: str | None = None) -> set[str]:
+        """Which of `image_uids` have a review (by `reviewer` when given): the worklist's reviewed status."""
+        if not image_uids:
+            return set()
+        query = select(ReviewRow.image_uid).where(ReviewRow.image_uid.in_(image_uids)).distinct()
+        if reviewer:
+            query = query.where(ReviewRow.reviewer == reviewer.strip())
+        with Session(self.engine) as session:
+            return set(session.scalars(query))
+
     def count(self) -> int:
         with Session(self.engine) as session:
             return int(session.scalar(select(func.count()).select_from(ReviewRow)) or 0)
@@ -240,7 +313,7 @@ class ReviewStore:
         self, *, image_uid: str | None = None, reviewer: str | None = None, limit: int | None = 1000
     ) -> list[Review]:
         """Reviews newest first, optionally for one image and/or one reviewer."""
-        query = select(ReviewRow).options(selectinload(ReviewRow.verdicts))
+        query = select(ReviewRow).options(selectinload(ReviewRow.verdicts), selectinload(ReviewRow.edits))
         if image_uid is not None:
             query = query.where(ReviewRow.image_uid == image_uid)
         if reviewer is not None:
@@ -277,82 +350,38 @@ def rows_csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
+def _utc(at: datetime | None) -> datetime | None:
+    return at if at is None or at.tzinfo else at.replace(tzinfo=UTC)  # SQLite drops the timezone
+
+
 def _to_review(r: ReviewRow) -> Review:
-    created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)  # SQLite drops the tz
+    edits = tuple(ReviewEdit(_utc(e.edited_at), e.editor, dict(e.verdicts), e.note) for e in r.edits)  # type: ignore[arg-type]
     return Review(
-        id=r.id, created_at=created, reviewer=r.reviewer, note=r.note, image_uid=r.image_uid,
-        image_uid_kind=r.image_uid_kind, model_name=r.model_name, weights_sha256=r.weights_sha256,
-        shown={f: ShownFinding(**v) for f, v in r.shown.items()}, verdicts={v.finding: v.verdict for v in r.verdicts},
+        id=r.id, created_at=_utc(r.created_at), reviewer=r.reviewer, note=r.note,  # type: ignore[arg-type]
+        image_uid=r.image_uid, image_uid_kind=r.image_uid_kind, model_name=r.model_name,
+        weights_sha256=r.weights_sha256, shown={f: ShownFinding(**v) for f, v in r.shown.items()},
+        verdicts={v.finding: v.verdict for v in r.verdicts}, updated_at=_utc(r.updated_at), edits=edits,
+        labels={v.finding: v.label for v in r.verdicts},
     )  # fmt: skip
 
 
-def _check_text(what: str, value: str, max_len: int, *, required: bool = True) -> str:
-    value = (value or "").strip()
-    if required and not value:
-        raise MedvitError(f"review not saved: {what} is empty")
-    if len(value) > max_len:
-        raise MedvitError(f"review not saved: {what} is {len(value)} characters long (at most {max_len})")
-    return value
+def _review_row(*, reviewer: str, image_uid: str, image_uid_kind: str, model_name: str, weights_sha256: str,
+                shown: Mapping[str, ShownFinding], verdicts: Mapping[str, str], note: str) -> ReviewRow:
+    """A new, checked review row with its verdicts (not yet added to a session)."""
+    return ReviewRow(
+        created_at=datetime.now(UTC),
+        reviewer=check_reviewer(reviewer),
+        note=check_note(note),
+        image_uid=check_uid(image_uid, image_uid_kind),
+        image_uid_kind=image_uid_kind,
+        model_name=check_text("model name", model_name, 200),
+        weights_sha256=check_hash(weights_sha256),
+        shown=shown_json(shown),
+        verdicts=_verdict_rows(check_verdicts(verdicts, shown), shown),
+        source="app",
+    )
 
 
-def _check_reviewer(reviewer: str) -> str:
-    return _check_text("reviewer name", reviewer, REVIEWER_MAX)
-
-
-def _check_note(note: str) -> str:
-    return _check_text("note", note, NOTE_MAX, required=False)
-
-
-def is_dicom_uid(uid: str) -> bool:
-    """Whether `uid` can key a review as a DICOM UID (ASCII digits and dots, at most 64 characters)."""
-    return len(uid) <= 64 and _DICOM_UID.fullmatch(uid) is not None
-
-
-def _check_uid(uid: str, kind: str) -> str:
-    """Only a DICOM UID or a SHA-256 hex digest is accepted, so nothing identifying can be stored as the key."""
-    uid = (uid or "").strip()
-    if kind == "sop_instance_uid":
-        if not is_dicom_uid(uid):
-            raise MedvitError(f"review not saved: {uid!r} is not a DICOM SOP Instance UID (digits and dots)")
-    elif kind == "sha256":
-        uid = uid.lower()
-        if len(uid) != 64 or not _HEX.match(uid):
-            raise MedvitError("review not saved: image hash must be a 64-character SHA-256 hex digest")
-    else:
-        raise MedvitError(f"review not saved: image_uid_kind {kind!r} is not one of {', '.join(UID_KINDS)}")
-    return uid
-
-
-def _check_hash(value: str) -> str:
-    value = (value or "").strip().lower()
-    if not 8 <= len(value) <= 64 or not _HEX.match(value):
-        raise MedvitError("review not saved: weights hash must be a hex digest (8-64 characters)")
-    return value
-
-
-def _shown_json(shown: Mapping[str, ShownFinding]) -> dict[str, dict[str, float | None]]:
-    if not shown:
-        raise MedvitError("review not saved: no findings were shown")
-    out: dict[str, dict[str, float | None]] = {}
-    for finding, s in shown.items():
-        values = {"prob": s.prob, "threshold": s.threshold, "prob_raw": s.prob_raw}
-        for key, v in values.items():
-            if v is None and key == "prob_raw":
-                continue
-            if v is None or not math.isfinite(float(v)) or not 0.0 <= float(v) <= 1.0:
-                raise MedvitError(f"review not saved: {finding} {key}={v!r} is not a probability in [0, 1]")
-        out[_check_text("finding name", finding, 64)] = {k: None if v is None else float(v) for k, v in values.items()}
-    return out
-
-
-def _check_verdicts(verdicts: Mapping[str, str], shown: Mapping[str, ShownFinding]) -> dict[str, str]:
-    if not verdicts:
-        raise MedvitError("review not saved: choose agree / disagree / uncertain for at least one finding")
-    for finding, verdict in verdicts.items():
-        if verdict not in VERDICTS:
-            raise MedvitError(
-                f"review not saved: verdict {verdict!r} for {finding} is not one of {', '.join(VERDICTS)}"
-            )
-        if finding not in shown:
-            raise MedvitError(f"review not saved: {finding} was not among the findings shown")
-    return dict(verdicts)
+def _verdict_rows(verdicts: Mapping[str, str], shown: Mapping[str, ShownFinding]) -> list[VerdictRow]:
+    """One row per verdict, with its label against the flag the reader saw (`medvit.review.labels`)."""
+    return [VerdictRow(finding=f, verdict=v, label=verdict_label(v, shown[f].flagged)) for f, v in verdicts.items()]
