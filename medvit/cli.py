@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zeroshot-eval": ("zeroshot_eval", "per-finding zero-shot AUROC on a labelled set"),
     "align": ("align", "contrastively fine-tune a CLIP model on image-text pairs"),
     "review": ("review", "start the Streamlit review app for clinicians"),
+    "users": ("users", "site-mode accounts of the review app: add, list, disable"),
     "watch": ("watch", "score new CR/DX instances in a PACS (DICOMweb) and store DICOM SR results back"),
 }
 

@@ -68,6 +68,24 @@ def testdata(name: str) -> str:
     return str(path)
 
 
+def self_signed_cert(folder: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A real self-signed certificate for `name` (plus 127.0.0.1) and its key, made by the openssl CLI."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={name}",
+         "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 @pytest.fixture(scope="session")
 def cxr_dicom() -> str:
     """RG1_UNCI.dcm: a real 15-bit MONOCHROME1 PA chest CR."""

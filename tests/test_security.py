@@ -125,7 +125,9 @@ def _review_args(*argv: str):
     return build_parser("review").parse_args(["review", *argv])
 
 
-def test_medvit_review_binds_to_localhost_by_default_and_caps_uploads():
+def test_medvit_review_binds_to_localhost_by_default_and_caps_uploads(tmp_path):
+    from conftest import self_signed_cert
+
     from medvit.commands.review import build_command
 
     cmd, env = build_command(_review_args())
@@ -133,7 +135,11 @@ def test_medvit_review_binds_to_localhost_by_default_and_caps_uploads():
     assert int(cmd[cmd.index("--server.maxUploadSize") + 1]) == int(env["MEDVIT_MAX_UPLOAD_MB"]) <= 64
     assert cmd[cmd.index("--client.showErrorDetails") + 1] in ("none", "false")  # no tracebacks in the browser
 
-    cmd, env = build_command(_review_args("--host", "0.0.0.0", "--max-upload-mb", "5"))
+    with pytest.raises(MedvitError, match="refusing to serve on 0.0.0.0"):  # beyond localhost: sign-in and TLS
+        build_command(_review_args("--host", "0.0.0.0"))
+    cert, key = self_signed_cert(tmp_path)
+    site = ("--auth", "accounts", "--tls-cert", str(cert), "--tls-key", str(key))
+    cmd, env = build_command(_review_args("--host", "0.0.0.0", "--max-upload-mb", "5", *site))
     assert cmd[cmd.index("--server.address") + 1] == "0.0.0.0"  # only when asked
     assert cmd[cmd.index("--server.maxUploadSize") + 1] == env["MEDVIT_MAX_UPLOAD_MB"] == "5"
 

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from medvit.errors import MedvitError
 from medvit.review.store import DB_URL_ENV
@@ -23,7 +24,12 @@ WORKLIST_ENV = "MEDVIT_WORKLIST"  # folder of images listed in the sidebar
 FILE_ENV = "MEDVIT_FILE"  # image opened at start
 MAX_UPLOAD_ENV = "MEDVIT_MAX_UPLOAD_MB"  # largest upload accepted, in MB
 CLIP_TEMPERATURES_ENV = "MEDVIT_CLIP_TEMPERATURES"  # temperatures.json for the zero-shot panel's CLIP
+AUTH_ENV = "MEDVIT_AUTH"  # "local" (no sign-in) or "accounts" (site mode)
+IDLE_ENV = "MEDVIT_SESSION_IDLE_MINUTES"  # site mode: sign out after this long without activity
 DEFAULT_MAX_UPLOAD_MB = 64
+DEFAULT_IDLE_MINUTES = 15.0
+AuthMode = Literal["local", "accounts"]
+AUTH_MODES: tuple[str, ...] = get_args(AuthMode)
 DEFAULT_EXAMPLE = "RG1_UNCI.dcm"  # a real 15-bit MONOCHROME1 PA chest CR from pydicom-data
 # The app never downloads weights mid-session; huggingface_hub reads these once, at import.
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -50,6 +56,8 @@ class AppSettings:
     default_file: Path | None = None  # None in the environment: the pydicom-data example
     max_upload_mb: int = DEFAULT_MAX_UPLOAD_MB
     db_url: str | None = None  # None: SQLite in the user data dir
+    auth: AuthMode = "local"  # "accounts": site mode, sign-in before anything is shown
+    idle_minutes: float = DEFAULT_IDLE_MINUTES
 
     @property
     def max_upload_bytes(self) -> int:
@@ -63,6 +71,8 @@ class AppSettings:
             FILE_ENV: self.default_file,
             DB_URL_ENV: self.db_url,
             MAX_UPLOAD_ENV: self.max_upload_mb,
+            AUTH_ENV: self.auth,
+            IDLE_ENV: f"{self.idle_minutes:g}",
         }
         return {name: str(v) for name, v in values.items() if v is not None}
 
@@ -71,7 +81,8 @@ class AppSettings:
         """Read the settings `to_env` wrote (default: this process's environment).
 
         Raises:
-            MedvitError: the upload limit is not a whole number of at least 1 MB.
+            MedvitError: the upload limit is not a whole number of at least 1 MB, the sign-in mode is unknown or
+                the idle time is not a positive number of minutes.
         """
         env = os.environ if env is None else env
         raw = env.get(MAX_UPLOAD_ENV, str(DEFAULT_MAX_UPLOAD_MB))
@@ -88,7 +99,37 @@ class AppSettings:
             default_file=Path(file) if file else default_example(),
             max_upload_mb=max_mb,
             db_url=env.get(DB_URL_ENV) or None,
+            auth=auth_mode(env),
+            idle_minutes=idle_minutes(env),
         )
+
+
+def auth_mode(env: Mapping[str, str] | None = None) -> AuthMode:
+    """``$MEDVIT_AUTH``: "local" (the default) or "accounts".
+
+    Raises:
+        MedvitError: any other value.
+    """
+    raw = ((os.environ if env is None else env).get(AUTH_ENV) or "local").strip().lower()
+    if raw not in AUTH_MODES:
+        raise MedvitError(f"{AUTH_ENV}={raw!r} is not one of {', '.join(AUTH_MODES)}")
+    return raw  # type: ignore[return-value]
+
+
+def idle_minutes(env: Mapping[str, str] | None = None) -> float:
+    """``$MEDVIT_SESSION_IDLE_MINUTES`` (default 15): how long a site-mode session may sit idle.
+
+    Raises:
+        MedvitError: not a number of minutes in (0, 1440].
+    """
+    raw = (os.environ if env is None else env).get(IDLE_ENV) or f"{DEFAULT_IDLE_MINUTES:g}"
+    try:
+        minutes = float(raw)
+    except ValueError:
+        raise MedvitError(f"{IDLE_ENV}={raw!r} is not a number of minutes") from None
+    if not 0 < minutes <= 24 * 60:
+        raise MedvitError(f"{IDLE_ENV}={raw}: the idle time must be more than 0 and at most 1440 minutes")
+    return minutes
 
 
 def app_environment(settings: AppSettings, base: Mapping[str, str] | None = None) -> dict[str, str]:
