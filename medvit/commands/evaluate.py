@@ -1,4 +1,5 @@
-"""`medvit evaluate --run RUN_DIR --labels CSV --images DIR --out OUT_DIR [--split NAME]`."""
+"""`medvit evaluate --run RUN_DIR --labels CSV --images DIR --out OUT_DIR [--split NAME]`, or `--baseline pixels`
+instead of `--run` for the pixel baseline (CV on the labels, or fitted on `--fit-labels`)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,17 @@ import json
 from pathlib import Path
 
 from medvit.commands.calibrate import add_engine_argument
+from medvit.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", type=Path, required=True, metavar="RUN_DIR", help="run folder from `medvit train`")
+    parser.add_argument("--run", type=Path, metavar="RUN_DIR", help="run folder from `medvit train`")
+    parser.add_argument("--baseline", choices=("pixels",), help="instead of a run: the pixel baseline (PCA(30) of "
+                        "32x32 thumbnails + logistic regression per finding), patient-wise CV on --labels")
+    parser.add_argument("--folds", type=int, default=5, metavar="K", help="--baseline: CV folds (default: 5)")
+    parser.add_argument("--seed", type=int, default=0, help="--baseline: fold seed, as data.split.seed (default: 0)")
+    parser.add_argument("--fit-labels", type=Path, metavar="CSV", help="--baseline: fit on this set, score --labels")
+    parser.add_argument("--fit-images", type=Path, metavar="DIR", help="image folder for --fit-labels")
     parser.add_argument(
         "--labels",
         type=Path,
@@ -28,6 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if (args.run is None) == (args.baseline is None):
+        raise ConfigError("give either --run RUN_DIR or --baseline pixels")
+    if args.baseline is not None:
+        from medvit.evaluate.baseline import BASELINE_JSON, evaluate_baseline
+
+        result = evaluate_baseline(args.baseline, args.labels, args.images, args.out, folds=args.folds,
+                                   seed=args.seed, fit_labels=args.fit_labels, fit_images=args.fit_images)
+        keys = ("baseline", "n_images", "folds", "fold_mean_auroc", "cv_mean_auroc", "cv_sd_auroc", "mean_auroc")
+        print(json.dumps({"metrics": str(args.out / BASELINE_JSON), **{k: result[k] for k in keys if k in result}},
+                         indent=2))
+        return 0
     from medvit.evaluate.pipeline import evaluate_run
     from medvit.runs import METRICS
 

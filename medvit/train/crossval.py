@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from medvit._io import write_json
+from medvit._io import load_tensors, read_json, save_tensors, write_json
 from medvit.config import Config
 from medvit.data.datasets import XrayDataset, label_matrix
 from medvit.data.splits import split_frame
@@ -29,7 +29,7 @@ from medvit.data.transforms import build_transforms
 from medvit.errors import ConfigError
 from medvit.evaluate.baseline import cross_validate_pixels
 from medvit.evaluate.metrics import mean_auroc
-from medvit.runs import CV_SUMMARY, FOLD_DIR, OOF, SUMMARY, load_run
+from medvit.runs import CONFIG, CV_SUMMARY, FOLD_DIR, OOF, SUMMARY, WEIGHTS, load_run, write_run_config
 from medvit.train.resume import STATE
 from medvit.train.supervised import fit
 
@@ -122,7 +122,15 @@ def summarize(oof: OutOfFold, baseline: dict[str, Any] | None = None) -> dict[st
     return out
 
 
-def cross_validate(cfg: Config, cv_dir: str | os.PathLike, folds: int, *, baseline: bool = True) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CrossValidation:
+    """What `cross_validate` wrote: the cv.json summary and the out-of-fold logits behind it."""
+
+    summary: dict[str, Any]
+    oof: OutOfFold
+
+
+def cross_validate(cfg: Config, cv_dir: str | os.PathLike, folds: int, *, baseline: bool = True) -> CrossValidation:
     """Train `folds` patient-wise fold runs of `cfg` under `cv_dir`, then write oof.csv and cv.json.
 
     Raises:
@@ -140,10 +148,42 @@ def cross_validate(cfg: Config, cv_dir: str | os.PathLike, folds: int, *, baseli
         _train_fold(fold_config(cfg, folds, i), cv_dir / FOLD_DIR.format(i))
     oof = out_of_fold(cfg, cv_dir, folds)
     oof.to_csv(cv_dir / OOF)
-    pixels = cross_validate_pixels(oof.frame, oof.findings, oof.frame["fold"].to_numpy(), cfg.seed) if baseline else None
+    fold = oof.frame["fold"].to_numpy()
+    pixels = cross_validate_pixels(oof.frame, oof.findings, fold, cfg.seed) if baseline else None
     summary = {"config": cfg.model_dump(mode="json"), **summarize(oof, pixels)}
     write_json(cv_dir / CV_SUMMARY, summary)
     _log.info("CV mean AUROC %.3f +- %.3f over %d folds (pooled out-of-fold %.3f)%s", summary["cv_mean_auroc"],
               summary["cv_sd_auroc"], folds, summary["pooled_oof_mean_auroc"],
               f"; pixel baseline {summary['baseline_pixels']['cv_mean_auroc']:.3f}" if pixels else "")
-    return summary
+    return CrossValidation(summary, oof)
+
+
+def build_fold_ensemble(cfg: Config, cv_dir: str | os.PathLike, folds: int) -> Path:
+    """Make `cv_dir` itself one run folder serving the mean of its fold models (`medvit.model.ensemble`).
+
+    Writes config.json (the fold runs' model with `"ensemble": folds`), model.safetensors (`members.<i>.*`) and
+    train_summary.json (all images; each member saw all but its own fold). Its calibration must come from the
+    out-of-fold logits (`medvit.evaluate.oof`): the ensemble has no unseen images of its own.
+    """
+    cv_dir = Path(cv_dir)
+    runs = [cv_dir / FOLD_DIR.format(i) for i in range(folds)]
+    metas = [read_json(r / CONFIG) for r in runs]
+    for i, meta in enumerate(metas[1:], start=1):
+        if any(meta[k] != metas[0][k] for k in ("findings", "preprocessing", "model")):
+            raise ConfigError(f"{runs[i]} differs from {runs[0]} in findings, preprocessing or model")
+    state = {f"members.{i}.{k}": v for i, r in enumerate(runs) for k, v in load_tensors(r / WEIGHTS).items()}
+    save_tensors(cv_dir / WEIGHTS, state, metadata={"format": "pt"})
+    write_run_config(cv_dir, fold_config(cfg, folds, 0).model_dump(mode="json"), metas[0]["findings"],
+                     metas[0]["preprocessing"], {**metas[0]["model"], "ensemble": folds})
+    members = [read_json(r / SUMMARY) for r in runs]
+    n = sum(m["val_images"] for m in members)
+    write_json(cv_dir / SUMMARY, {
+        **{k: members[0][k] for k in ("epochs_run", "select", "saved_epoch", "weights", "device", "precision",
+                                       "torch")},
+        "ensemble": folds, "train_images": n, "train_patients": sum(m["val_patients"] for m in members),
+        "val_images": n, "val_patients": sum(m["val_patients"] for m in members),
+        "train_seconds": round(sum(m["train_seconds"] for m in members), 1),
+        "members": [{"fold": i, **m} for i, m in enumerate(members)],
+    })
+    _log.info("fold ensemble of %d members -> %s", folds, cv_dir / WEIGHTS)
+    return cv_dir
