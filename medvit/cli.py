@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "align": ("align", "contrastively fine-tune a CLIP model on image-text pairs"),
     "review": ("review", "start the Streamlit review app for clinicians"),
     "users": ("users", "site-mode accounts of the review app: add, list, disable"),
+    "reviews": ("reviews", "import reviews made elsewhere (CSV, scored with the run) or export them"),
     "watch": ("watch", "score new CR/DX instances in a PACS (DICOMweb) and store DICOM SR results back"),
 }
 

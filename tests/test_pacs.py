@@ -221,7 +221,7 @@ def test_watch_once_scores_frontal_crs_refuses_the_rest_and_is_idempotent(orthan
         assert texts["Disclaimer"] == DISCLAIMER and "not for diagnostic use" in DISCLAIMER.lower()
         assert texts["Model weights SHA-256"] == predictor.info.weights_sha256
         assert texts["Algorithm Name"] == predictor.info.model_name and texts["Inference engine"] == "torch"
-        assert texts["Calibration version"].startswith("temperature sha256:")
+        assert texts["Calibration version"].startswith("v1 temperature sha256:")
 
     before = {uid: (r.status, r.updated_at, r.sr_sop_instance_uid) for uid, r in rows.items()}
     total = orthanc.count()

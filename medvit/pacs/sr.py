@@ -39,7 +39,7 @@ class ResultProvenance:
 
     model_name: str
     weights_sha256: str
-    calibration_version: str  # e.g. "temperature sha256:3fa2..." (method + hash of calibration.json)
+    calibration_version: str  # e.g. "v2 platt sha256:3fa2..." (active version, method, hash of its file)
     engine: str  # the inference backend that ran (torch, onnx, ...)
 
 

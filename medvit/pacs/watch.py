@@ -33,12 +33,12 @@ from sqlalchemy.orm import Session
 from medvit._io import sha256_file
 from medvit.data.dicom import read_image
 from medvit.errors import MedvitError, PacsError, PacsRequestError
+from medvit.evaluate.versions import version_path
 from medvit.inference.predictor import Predictor
 from medvit.pacs.client import InstanceRef, PacsClient
 from medvit.pacs.queue import claim_next, enqueue
 from medvit.pacs.sr import ResultProvenance, build_sr
 from medvit.review.scoring import REASON_MAX, PacsInstanceRow
-from medvit.runs import CALIBRATION
 
 _log = logging.getLogger(__name__)
 
@@ -61,7 +61,8 @@ def calibration_version(predictor: Predictor) -> str:
     path = predictor.info.run_dir / CALIBRATION
     if not predictor.calibrated or not path.is_file():
         return "none (uncalibrated sigmoid, thresholds 0.5)"
-    return f"{predictor.calibration.method} sha256:{sha256_file(path)}"
+    path = version_path(predictor.info.run_dir, predictor.calibration_version)
+    return f"{predictor.calibration_version} {predictor.calibration.method} sha256:{sha256_file(path)}"
 
 
 class Watcher:

@@ -32,8 +32,8 @@ def _label(verdict: str, label: str | None, shown: dict[str, Any]) -> float:
     return _LABEL_VALUE.get(label, math.nan) if label is not None else math.nan
 
 
-def labelled_reviews(engine: Engine, weights_sha256: str) -> pd.DataFrame:
-    """Every verdict on reviews of these weights (uncertain ones too, with label NaN), oldest first.
+def labelled_reviews(engine: Engine, weights_sha256: str | None) -> pd.DataFrame:
+    """Every verdict on reviews of these weights (None: of any model; uncertain ones too, label NaN), oldest first.
 
     `created_at` is a timezone-aware UTC pandas timestamp; `prob_raw` is NaN where the review did not keep it.
     """
@@ -42,9 +42,10 @@ def labelled_reviews(engine: Engine, weights_sha256: str) -> pd.DataFrame:
                ReviewRow.calibration_version, ReviewRow.source, VerdictRow.finding, VerdictRow.verdict,
                VerdictRow.label)
         .join(VerdictRow, VerdictRow.review_id == ReviewRow.id)
-        .where(ReviewRow.weights_sha256 == weights_sha256.lower())
         .order_by(ReviewRow.created_at, ReviewRow.id, VerdictRow.finding)
     )  # fmt: skip
+    if weights_sha256 is not None:
+        query = query.where(ReviewRow.weights_sha256 == weights_sha256.lower())
     rows: list[dict[str, Any]] = []
     with Session(engine) as session:
         for rid, created, reviewer, uid, shown, version, source, finding, verdict, label in session.execute(query):
