@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from medvit.errors import MedvitError
+from medvit.hub import OFFLINE_ENV, offline_requested, set_offline_env
 
 _log = logging.getLogger("medvit")
 
@@ -33,8 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "zeroshot-eval": ("zeroshot_eval", "per-finding zero-shot AUROC on a labelled set"),
     "align": ("align", "contrastively fine-tune a CLIP model on image-text pairs"),
     "review": ("review", "start the Streamlit review app for clinicians"),
-    "users": ("users", "site-mode accounts of the review app: add, list, disable"),
     "reviews": ("reviews", "import reviews made elsewhere (CSV, scored with the run) or export them"),
+    "users": ("users", "site-mode accounts of the review app: add, list, disable"),
     "watch": ("watch", "score new CR/DX instances in a PACS (DICOMweb) and store DICOM SR results back"),
 }
 
@@ -50,6 +51,10 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: {message}")
 
 
+_OFFLINE_HELP = (f"never touch the network: no Hugging Face hub downloads, local files and the cache only "
+                 f"(same as {OFFLINE_ENV}=1)")
+
+
 def _load(command: str):
     return importlib.import_module(f"medvit.commands.{COMMANDS[command][0]}")
 
@@ -58,10 +63,12 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only `command`'s module is imported to add its arguments."""
     parser = _Parser(prog="medvit", description="Chest X-ray review with vision transformers.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--offline", dest="offline_all", action="store_true", help=_OFFLINE_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == command:
+            p.add_argument("--offline", action="store_true", default=None, help=_OFFLINE_HELP)
             _load(name).add_arguments(p)
     return parser
 
@@ -91,11 +98,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     _configure_logging(args.verbose)
+    if offline_requested(True if args.offline_all or args.offline else None):
+        set_offline_env()  # before any command imports huggingface_hub, which reads it once
+        args.offline = True
     try:
         return int(_load(args.command).run(args) or 0)
     except MedvitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say what was kept and how to go on (medvit train: --resume)
+        print(f"error: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130

@@ -1,22 +1,25 @@
 """Typed training configuration: a YAML file validated by pydantic, plus dotted `--set` overrides.
 
-Every model forbids unknown keys, so a typo such as `train.lrr` fails loudly instead of silently
-training with a default. Relative paths are resolved against the current working directory.
+Every model forbids unknown keys, so a typo such as `train.lrr` fails loudly (with a did-you-mean) instead of
+silently training with a default. Relative data and weights paths are made absolute against the current working
+directory when the config is read, so the run folder's `config.json` works from any directory.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medvit.errors import ConfigError
 from medvit.findings import DEFAULT_FINDINGS
+from medvit.rundir import CONFIG, read_run_config
 
 _log = logging.getLogger(__name__)
 
@@ -42,6 +45,11 @@ class AugmentConfig(BaseModel):
     photometric_p: float = Field(default=0.6, ge=0, le=1)
     noise_std: float = Field(default=0.0, ge=0, le=0.2, description="Gaussian noise std in [0,1] units; 0 disables")
     blur_p: float = Field(default=0.0, ge=0, le=1)
+
+
+def _absolute(path: Path) -> Path:
+    """Relative paths mean "from the current directory"; stored absolute, a run folder works from anywhere."""
+    return Path(os.path.abspath(path.expanduser()))
 
 
 class _Strict(BaseModel):
@@ -84,6 +92,16 @@ class DataConfig(_Strict):
     num_workers: int = Field(default=0, ge=0)
     augment: AugmentConfig = Field(default_factory=lambda: AugmentConfig())  # type: ignore[call-arg]
 
+    @field_validator("labels_csv", "images_root")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        return _absolute(path)
+
+    @field_validator("split_files")
+    @classmethod
+    def _absolute_splits(cls, files: dict[str, Path] | None) -> dict[str, Path] | None:
+        return None if files is None else {k: _absolute(v) for k, v in files.items()}
+
 
 class ModelConfig(_Strict):
     name: str = Field(default=DEFAULT_BACKBONE, description="timm: any timm model name, pin the pretrained tag; "
@@ -93,7 +111,7 @@ class ModelConfig(_Strict):
     )
     pretrained: bool = Field(default=True, description="load pretrained weights (from weights_file, else the HF hub)")
     weights_file: Path | None = Field(
-        default=None, description="starting weights: a .safetensors/.pth file or a medvit run folder; implies pretrained"
+        default=None, description="starting weights: .safetensors/.pth file or medvit run folder; implies pretrained"
     )
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="passed to timm.create_model, e.g. embed_dim, depth, num_heads, img_size"
@@ -117,6 +135,8 @@ class ModelConfig(_Strict):
                              "or the local folder that holds the weights")
         if self.freeze_blocks and not self.freeze_stem:
             raise ValueError("freeze_blocks > 0 needs freeze_stem: true (frozen layers are a prefix)")
+        if self.weights_file is not None:
+            self.weights_file = _absolute(self.weights_file)
         if self.weights_file is not None and not self.pretrained:
             _log.info("model.weights_file is set: starting from it (model.pretrained is taken as true)")
             self.pretrained = True  # a named weights file is never silently ignored
@@ -345,3 +365,18 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg = validate_config(tree, source, override_keys(overrides or []))
     _log.debug("config %s resolved: %s", source, cfg.model_dump(mode="json"))
     return cfg
+
+
+def resolve_config(config: Path | None, overrides: list[str], resume: Path | None) -> Config:
+    """The config to train with: the YAML file, else (resuming) the run's own saved config; `--set` applies to both.
+
+    Raises:
+        ConfigError: neither a config nor a run to resume, or an invalid config.
+        CheckpointError: `resume` is not a run folder.
+    """
+    if config is not None:
+        return load_config(config, overrides)
+    if resume is None:
+        raise ConfigError("medvit train needs -c CONFIG (or --resume RUN_DIR to continue a run)")
+    saved = read_run_config(resume)
+    return validate_config(apply_overrides(saved, overrides), str(resume / CONFIG), override_keys(overrides))

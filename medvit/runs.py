@@ -21,12 +21,11 @@ from medvit._io import PICKLE_SUFFIXES, load_tensors, read_json, save_tensors, s
 from medvit.config import ModelConfig
 from medvit.errors import CheckpointError
 from medvit.model.classifier import build_model
-from medvit.resources import DEMO_RUN
+from medvit.rundir import CONFIG, resolve_run_data
 
 _log = logging.getLogger(__name__)
 
 # ---- the files of a run folder (the only place their names are spelled) ----
-CONFIG = "config.json"  # findings, preprocessing, model build args, the resolved training config
 WEIGHTS = "model.safetensors"  # the weights inference serves
 TIMM_BACKBONE = "timm_backbone.safetensors"  # the backbone alone, as timm.create_model(num_classes=0) names it
 CALIBRATION = "calibration.json"  # per-finding calibrators + thresholds (medvit.evaluate.calibration)
@@ -69,13 +68,16 @@ def model_build_args(model_cfg: Any, num_classes: int) -> dict[str, Any]:
 
 
 def write_run_config(run_dir: str | os.PathLike, config: dict[str, Any], findings: list[str],
-                     preprocessing: dict[str, Any], model_args: dict[str, Any]) -> None:
-    """Write `config.json`: the resolved config plus what inference needs without the YAML."""
+                     preprocessing: dict[str, Any], model_args: dict[str, Any],
+                     starting_weights: dict[str, Any] | None = None) -> None:
+    """Write `config.json`: the resolved config plus what inference needs without the YAML, and which weights
+    training started from (file, SHA-256, tensors loaded; None = random initialisation)."""
     write_json(Path(run_dir) / CONFIG, {
         "findings": list(findings),
         "preprocessing": preprocessing,
         "model": model_args,
         "config": config,
+        "starting_weights": starting_weights,
     })
 
 
@@ -93,20 +95,17 @@ class RunInfo:
     weights_sha256: str
 
 
-RUN_ENV = "MEDVIT_RUN"
-
-
-def resolve_run_dir(run_dir: str | os.PathLike | None = None) -> Path:
-    """The run to serve: `run_dir`, else $MEDVIT_RUN, else the packaged demo model."""
-    if run_dir:
-        return Path(run_dir)
-    if os.environ.get(RUN_ENV):
-        return Path(os.environ[RUN_ENV])
-    if (DEMO_RUN / CONFIG).is_file():
-        return DEMO_RUN
-    raise CheckpointError(
-        f"no model given and the demo model is missing from {DEMO_RUN}: pass --run RUN_DIR or set {RUN_ENV}"
-    )
+def warn_if_incomplete(run_dir: Path) -> bool:
+    """Log a warning when train_summary.json says the run stopped before its planned epochs; returns whether."""
+    path = run_dir / SUMMARY
+    summary = read_json(path) if path.is_file() else {}
+    if summary.get("complete") is not False:
+        return False
+    _log.warning("%s is an incomplete run (%s of %s epochs%s): its weights are not the finished model; continue "
+                 "it with: %s", run_dir, summary.get("epochs_run"), summary.get("epochs_planned"),
+                 ", interrupted" if summary.get("interrupted") else "",
+                 summary.get("resume") or f"medvit train --resume {run_dir}")
+    return True
 
 
 def _refuse_pickles(run_dir: Path) -> None:
@@ -115,8 +114,12 @@ def _refuse_pickles(run_dir: Path) -> None:
     raise CheckpointError(f"{run_dir} has no {WEIGHTS}{hint} (a run folder needs {CONFIG} + {WEIGHTS})")
 
 
-def load_run(run_dir: str | os.PathLike, weights: str = WEIGHTS) -> tuple[nn.Module, RunInfo]:
+def load_run(run_dir: str | os.PathLike, weights: str = WEIGHTS,
+             data_root: str | os.PathLike | None = None) -> tuple[nn.Module, RunInfo]:
     """Rebuild the trained network from a run folder, in eval mode, with float32 weights.
+
+    The training data paths in `RunInfo.config["data"]` come back absolute: as stored, relative to the run
+    folder, or re-rooted under `data_root` / $MEDVIT_DATA_ROOT (`medvit.rundir.resolve_run_data`).
 
     Raises:
         CheckpointError: missing/invalid config.json or weights, pickle-only folders, mismatched weights.
@@ -145,7 +148,11 @@ def load_run(run_dir: str | os.PathLike, weights: str = WEIGHTS) -> tuple[nn.Mod
     except RuntimeError as e:
         raise CheckpointError(f"{weights_path} does not match the model in {CONFIG}: {str(e)[:300]}") from None
     model.eval()
+    warn_if_incomplete(run_dir)
+    config = dict(meta.get("config") or {})
+    if isinstance(config.get("data"), dict):
+        config["data"] = resolve_run_data(config["data"], run_dir, data_root)
     info = RunInfo(run_dir=run_dir, findings=findings, preprocessing=preprocessing, model_name=model_cfg.name,
-                   model_args=meta["model"], config=meta.get("config", {}), weights_path=weights_path,
+                   model_args=meta["model"], config=config, weights_path=weights_path,
                    weights_sha256=sha256_file(weights_path))
     return model, info

@@ -9,7 +9,7 @@ import pytest
 from _inference_run import make_tiny_run
 from scipy.special import expit, logit
 
-from medvit import runs
+from medvit import rundir
 from medvit.data.dicom import read_image
 from medvit.errors import CheckpointError, UnsupportedImageError
 from medvit.findings import DEFAULT_FINDINGS
@@ -77,14 +77,14 @@ def test_uncalibrated_run_says_so(tmp_path, cxr_dicom):
 
 def test_run_resolution_env_then_demo(run, monkeypatch, tmp_path):
     monkeypatch.setenv("MEDVIT_RUN", str(run))
-    assert runs.resolve_run_dir() == run
+    assert rundir.resolve_run_dir() == run
     assert Predictor.from_dir(backend="torch").info.run_dir == run
     monkeypatch.delenv("MEDVIT_RUN")
-    monkeypatch.setattr(runs, "DEMO_RUN", tmp_path / "no-demo")
+    monkeypatch.setattr(rundir, "DEMO_RUN", tmp_path / "no-demo")
     with pytest.raises(CheckpointError, match="--run RUN_DIR"):
-        runs.resolve_run_dir()
-    monkeypatch.setattr(runs, "DEMO_RUN", run)
-    assert runs.resolve_run_dir() == run
+        rundir.resolve_run_dir()
+    monkeypatch.setattr(rundir, "DEMO_RUN", run)
+    assert rundir.resolve_run_dir() == run
 
 
 def test_backend_from_environment(run, monkeypatch):

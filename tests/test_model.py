@@ -201,5 +201,5 @@ def test_local_weights_of_another_shape_fail_with_a_checkpoint_error(tmp_path: P
     source = timm.create_model(FAMILY, pretrained=False, **TINY)
     path = tmp_path / "model.safetensors"
     save_file(source.state_dict(), str(path))
-    with pytest.raises(CheckpointError, match="model.safetensors cannot be loaded as deit3_small_patch16_384"):
+    with pytest.raises(CheckpointError, match="model.safetensors does not fit deit3_small_patch16_384"):
         build_model(tiny_cfg(pretrained=True, weights_file=path, model_kwargs={**TINY, "embed_dim": 32}), 3)

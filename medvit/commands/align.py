@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from medvit.commands.zeroshot import add_model_arguments, prepare_offline
+from medvit.commands.zeroshot import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +33,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prepare_offline(args)
     from pathlib import Path
 
     from medvit.zeroshot.clip import load_clip

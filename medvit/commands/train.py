@@ -25,13 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medvit._io import read_json
-    from medvit.runs import SUMMARY
-    from medvit.train.supervised import fit, resolve_config
+    from medvit.config import resolve_config
 
-    cfg = resolve_config(args.config, args.overrides, args.resume)
+    cfg = resolve_config(args.config, args.overrides, args.resume)  # before torch: a bad config answers at once
     if args.folds is not None:
         return _cross_validate(cfg, args)
+    from medvit._io import read_json
+    from medvit.runs import SUMMARY
+    from medvit.train.supervised import fit
+
     run_dir = fit(cfg, out_dir=args.out, resume=args.resume, stop_after=args.stop_after)
     if (run_dir / SUMMARY).is_file():  # not on the non-zero ranks of torchrun
         print(json.dumps({"run_dir": str(run_dir), **read_json(run_dir / SUMMARY)}, indent=2))

@@ -18,22 +18,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                              "open_clip:local-dir:DIR, transformers:openai/clip-vit-base-patch32, transformers:DIR "
                              "(default: $MEDVIT_CLIP, then `model:` in the prompts config)")
     parser.add_argument("--prompts", default=None, help="prompts YAML (default: $MEDVIT_PROMPTS, else packaged)")
-    parser.add_argument("--offline", action="store_true", default=None,
-                        help="never touch the network (sets HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
                         help="weight dtype; bf16 weights ran 1.6x faster on CPU here (autocast is never used)")
     parser.add_argument("--normalization", choices=["model", "chexzero"], default="model",
                         help="the CLIP's own preprocessing, or CheXzero's letterbox + MIMIC mean/std")
     parser.add_argument("--random-init", action="store_true",
                         help="accept an open_clip architecture without weights (from-scratch experiments only)")
-
-
-def prepare_offline(args: argparse.Namespace) -> None:
-    """Set the Hugging Face offline variables before open_clip/transformers are imported."""
-    from medvit.zeroshot.spec import offline_requested, set_offline_env
-
-    if offline_requested(args.offline):
-        set_offline_env()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prepare_offline(args)
     from medvit.data.dicom import read_image
     from medvit.zeroshot.scorer import ZeroShotScorer
 

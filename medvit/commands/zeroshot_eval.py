@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medvit.commands.zeroshot import add_model_arguments, prepare_offline
+from medvit.commands.zeroshot import add_model_arguments
 from medvit.findings import ALL_FINDINGS
 
 
@@ -28,7 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prepare_offline(args)
     from medvit.runs import METRICS
     from medvit.zeroshot.evaluate import calibration_label, evaluate_zeroshot
     from medvit.zeroshot.scorer import ZeroShotScorer

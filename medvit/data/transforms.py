@@ -13,30 +13,10 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+
+from medvit.config import AugmentConfig
 
 _INTERPOLATION = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST}
-
-
-class AugmentConfig(BaseModel):
-    """Training augmentation. Defaults are mild; horizontal flip is off because it moves the heart."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    hflip: float = Field(default=0.0, ge=0, le=1, description="probability; changes anatomy (dextrocardia), so off")
-    crop_scale: tuple[float, float] = (0.85, 1.0)
-    crop_ratio: tuple[float, float] = (0.9, 1.1)
-    rotate: float = Field(default=7.0, ge=0, le=45, description="max degrees")
-    translate: float = Field(default=0.04, ge=0, le=0.3)
-    scale: tuple[float, float] = (0.92, 1.08)
-    affine_p: float = Field(default=0.7, ge=0, le=1)
-    brightness: float = Field(default=0.15, ge=0, le=1)
-    contrast: float = Field(default=0.15, ge=0, le=1)
-    gamma: tuple[float, float] = (85.0, 115.0)
-    photometric_p: float = Field(default=0.6, ge=0, le=1)
-    noise_std: float = Field(default=0.0, ge=0, le=0.2, description="Gaussian noise std in [0,1] units; 0 disables")
-    blur_p: float = Field(default=0.0, ge=0, le=1)
 
 
 def resolve_preprocessing(model: torch.nn.Module) -> dict[str, Any]:

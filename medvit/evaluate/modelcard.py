@@ -42,10 +42,20 @@ def _front_matter(timm_loadable: bool) -> str:
     return "\n".join(lines)
 
 
+def _initialisation(mcfg: dict[str, Any], start: dict[str, Any] | None) -> str:
+    """Where training started, as recorded in config.json (file, SHA-256, tensors loaded)."""
+    if start:
+        return (f"from the weights in `{Path(start['file']).name}` ({start['source']}, sha256 `{start['sha256']}`, "
+                f"{start['loaded']} backbone tensors loaded)")
+    if mcfg.get("pretrained"):
+        return "from pretrained weights (the run predates recording which file)"
+    return "from random initialisation (no pretraining)"
+
+
 def _details(cfg: dict[str, Any], model: dict[str, Any], pre: dict[str, Any], findings: list[str],
-             timm_loadable: bool) -> list[str]:
+             timm_loadable: bool, start: dict[str, Any] | None = None) -> list[str]:
     mcfg = cfg.get("model", {})
-    pretrained = "from pretrained weights" if mcfg.get("pretrained") else "from random initialisation (no pretraining)"
+    pretrained = _initialisation(mcfg, start)
     return [
         "## Model details",
         "",
@@ -84,6 +94,10 @@ def _training(cfg: dict[str, Any], summary: dict[str, Any] | None) -> list[str]:
             f"loss `{train.get('loss', {}).get('name')}` with pos_weight={train.get('loss', {}).get('pos_weight')}, "
             f"{summary.get('train_seconds')} s on {summary.get('device')} ({summary.get('precision')})."
         )
+        if summary.get("complete") is False:
+            resume = summary.get("resume", "medvit train --resume RUN_DIR")
+            lines.append(f"- **Incomplete run:** {summary.get('epochs_run')} of {summary.get('epochs_planned')} "
+                         f"planned epochs; continue it with `{resume}`.")
     else:
         lines.append(f"- {SUMMARY} is not available: image and patient counts are unknown.")
     lines += [
@@ -234,7 +248,8 @@ def render_model_card(run_dir: str | os.PathLike, notes: str | None = None) -> s
         "local validation.",
         "",
     ]
-    lines += _details(cfg, meta.get("model", {}), meta.get("preprocessing", {}), findings, timm_loadable)
+    lines += _details(cfg, meta.get("model", {}), meta.get("preprocessing", {}), findings, timm_loadable,
+                      meta.get("starting_weights"))
     lines += _training(cfg, summary)
     lines += _evaluation(_read(run_dir, METRICS))
     lines += _calibration(_read(run_dir, CALIBRATION))

@@ -33,7 +33,8 @@ from medvit.inference.engines import AUTO_TOLERANCE, Backend, OnnxBackend, Torch
 from medvit.inference.fp32check import Verification, reference_inputs, verify
 from medvit.inference.graphs import OPSET, export_onnx, export_torchscript, int8_scheme
 from medvit.inference.openvino import ir_files
-from medvit.runs import EXPORTS, RunInfo, load_run, resolve_run_dir
+from medvit.rundir import resolve_run_dir
+from medvit.runs import EXPORTS, RunInfo, load_run
 
 _log = logging.getLogger(__name__)
 

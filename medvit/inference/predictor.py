@@ -31,7 +31,8 @@ from medvit.inference.choice import SelfCheck, load_choice, save_choice, self_ch
 from medvit.inference.engines import AUTO_TOLERANCE, Backend, available_backends, create_backend, sigmoid
 from medvit.inference.export import verified_engine
 from medvit.inference.fp32check import reference_inputs, verify
-from medvit.runs import CALIBRATION, RunInfo, load_run, resolve_run_dir
+from medvit.rundir import resolve_run_dir
+from medvit.runs import CALIBRATION, RunInfo, load_run
 
 _log = logging.getLogger(__name__)
 

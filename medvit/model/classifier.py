@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
-from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from safetensors import SafetensorError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from medvit.config import ModelConfig
-from medvit.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from medvit.errors import CheckpointError, ConfigError
+from medvit.model.weights import load_backbone
 
 _log = logging.getLogger(__name__)
 
@@ -145,42 +143,10 @@ class Classifier(nn.Module):
         return {f"backbone.{n}" for n in (nwd() if nwd else ())}
 
 
-def _hub_hint(name: str) -> str:
-    cfg = timm.models.get_pretrained_cfg(name)
-    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
-    if repo:
-        return f"download model.safetensors from https://huggingface.co/{repo} (repo id {repo})"
-    return f"download the pretrained weights of {name!r} (timm has no Hugging Face hub id for it)"
-
-
 def create_backbone(cfg: ModelConfig, kwargs: dict[str, Any]) -> Any:
-    """The timm backbone from `cfg`'s weight source (none, local file, or hub); `kwargs` go to timm.create_model."""
-    if not cfg.pretrained:
-        return timm.create_model(cfg.name, pretrained=False, **kwargs)
-    if cfg.weights_file is not None:
-        path = Path(cfg.weights_file).expanduser()
-        if not path.is_file():
-            raise WeightsNotFoundError(
-                f"model.weights_file {path} does not exist: {_hub_hint(cfg.name)} and put it at that path"
-            )
-        _log.info("loading pretrained %s from %s", cfg.name, path)
-        try:  # timm reads .pth with torch.load(weights_only=True): a pickle payload fails instead of running
-            return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
-        except (pickle.UnpicklingError, SafetensorError, RuntimeError, OSError, ValueError, KeyError) as e:
-            raise CheckpointError(
-                f"model.weights_file {path.name} cannot be loaded as {cfg.name} weights "
-                f"({type(e).__name__}: {str(e)[:200]}); use the .safetensors file from the hub ({_hub_hint(cfg.name)})"
-            ) from None
-    try:
-        return timm.create_model(cfg.name, pretrained=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:  # offline hub errors are OSError subclasses
-        if isinstance(e, RuntimeError) and "size mismatch" in str(e):
-            raise
-        raise WeightsNotFoundError(
-            f"pretrained weights for {cfg.name} are not available offline ({type(e).__name__}): "
-            f"{_hub_hint(cfg.name)}, then set model.weights_file: /path/to/model.safetensors "
-            f"(or --set model.weights_file=...), or train from scratch with model.pretrained: false"
-        ) from None
+    """The timm backbone with `cfg`'s starting weights (none, local file or run folder, or hub), loaded strictly
+    (`medvit.model.weights`); `kwargs` go to timm.create_model."""
+    return load_backbone(cfg, kwargs)
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:

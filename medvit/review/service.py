@@ -31,7 +31,8 @@ from medvit.model.saliency import attention_rollout, grad_cam, to_image
 from medvit.review.settings import CLIP_TEMPERATURES_ENV, DEFAULT_MAX_UPLOAD_MB
 from medvit.review.checks import is_dicom_uid
 from medvit.review.store import ShownFinding
-from medvit.runs import METRICS, resolve_run_dir
+from medvit.rundir import resolve_run_dir
+from medvit.runs import METRICS
 
 if TYPE_CHECKING:
     from medvit.zeroshot.scorer import ZeroShotScorer  # imported lazily: the app works without a CLIP

@@ -16,7 +16,7 @@ from typing import Literal, get_args
 
 from medvit.errors import MedvitError
 from medvit.review.store import DB_URL_ENV
-from medvit.runs import RUN_ENV
+from medvit.rundir import RUN_ENV
 
 _log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 from medvit._io import read_json, write_json
-from medvit.config import Config, MixupConfig, apply_overrides, load_config, validate_config
+from medvit.config import Config, MixupConfig
 from medvit.data.datasets import XrayDataset
 from medvit.data.splits import load_splits
 from medvit.data.transforms import build_transforms, resolve_preprocessing
@@ -29,8 +29,8 @@ from medvit.errors import ConfigError
 from medvit.evaluate.metrics import mean_auroc
 from medvit.model.classifier import build_model
 from medvit.model.losses import MaskedMultiLabelLoss, pos_weight_from_labels
+from medvit.model.weights import starting_weights
 from medvit.runs import (
-    CONFIG,
     PRETRAIN_SUMMARY,
     SUMMARY,
     WEIGHTS,
@@ -85,20 +85,6 @@ def predict_probs(model: nn.Module, loader: DataLoader, device: torch.device,
     return np.concatenate(probs), np.concatenate(labels)
 
 
-def resolve_config(config: Path | None, overrides: list[str], resume: Path | None) -> Config:
-    """The config to train with: the YAML file, else (resuming) the run's own saved config; `--set` applies to both.
-
-    Raises:
-        ConfigError: neither a config nor a run to resume, or an invalid config.
-    """
-    if config is not None:
-        return load_config(config, overrides)
-    if resume is None:
-        raise ConfigError("medvit train needs -c CONFIG (or --resume RUN_DIR to continue a run)")
-    saved = read_json(resume / CONFIG)["config"]
-    return validate_config(apply_overrides(saved, overrides), str(resume / CONFIG))
-
-
 def _run_dir(cfg: Config, out_dir: str | Path | None, resume: str | Path | None) -> Path:
     if resume is not None:
         return Path(resume)
@@ -133,10 +119,16 @@ def fit(cfg: Config, *, out_dir: str | Path | None = None, resume: str | Path | 
         elif info.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_run_config(run_dir, cfg.model_dump(mode="json"), task.findings, task.preprocessing,
-                             model_build_args(cfg.model, len(task.findings)))
+                             model_build_args(cfg.model, len(task.findings)), starting_weights(task.model))
         barrier(info)
         task.log_start(engine)
-        engine.run(stop_after)
+        try:
+            engine.run(stop_after)
+        except KeyboardInterrupt:
+            if info.is_main:  # the last finished epoch's resume state is on disk: say so, and how to go on
+                write_json(run_dir / SUMMARY, task.summary(engine, interrupted=True))
+            raise KeyboardInterrupt(f"{run_dir} is incomplete ({engine.state['epoch']} of {cfg.train.epochs} epochs "
+                                    f"done); continue it with: medvit train --resume {run_dir}") from None
         if info.is_main:
             write_json(run_dir / SUMMARY, task.summary(engine))
         return run_dir
@@ -272,10 +264,16 @@ class _Supervised(Task):
                       self.state["best_epoch"])
         return stop
 
-    def summary(self, engine: Engine) -> dict[str, Any]:
-        """train_summary.json: what was trained on, the best and saved epochs, time and environment."""
+    def summary(self, engine: Engine, interrupted: bool = False) -> dict[str, Any]:
+        """train_summary.json: whether the run is complete (and how to resume it if not), what was trained on, the
+        best and saved epochs, time and environment."""
         sp, st = self.splits, {**self.state, **engine.state}
+        patience = self.cfg.train.early_stopping_patience
+        stopped_early = patience is not None and st["bad_epochs"] >= patience
+        complete = not interrupted and (st["epoch"] >= self.cfg.train.epochs or stopped_early)
         return {
+            "complete": complete, "interrupted": interrupted, "epochs_planned": self.cfg.train.epochs,
+            **({} if complete else {"resume": f"medvit train --resume {self.run_dir}"}),
             "epochs_run": st["epoch"], "best_epoch": st["best_epoch"], "best_val_mean_auroc": st["best_val_mean_auroc"],
             "select": self.cfg.train.select, "saved_epoch": st["saved_epoch"],
             "saved_val_mean_auroc": st["saved_val_mean_auroc"],

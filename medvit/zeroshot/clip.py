@@ -17,7 +17,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from medvit.errors import ConfigError, WeightsNotFoundError
-from medvit.zeroshot.spec import WHERE, ModelSpec, looks_like_path, offline_requested, parse_spec, set_offline_env
+from medvit.hub import hub_reachable, offline_requested, set_offline_env
+from medvit.zeroshot.spec import WHERE, ModelSpec, looks_like_path, parse_spec
 
 _log = logging.getLogger(__name__)
 
@@ -348,6 +349,8 @@ def load_clip(
     is_offline = offline_requested(offline)
     if is_offline:
         set_offline_env()
+    elif not hub_reachable():  # load from the cache (or fail with the download hint) now, not after a minute of retries
+        is_offline = True
     _log.info("loading CLIP %s (%s weights%s)", parsed, dtype, ", offline" if is_offline else "")
     if parsed.backend == "open_clip":
         return OpenClipBackend(parsed, DTYPES[dtype], allow_random_init, seed, is_offline)

@@ -1,6 +1,6 @@
-"""Which CLIP and from where: model SPEC strings, the default model, and the offline switch.
+"""Which CLIP and from where: model SPEC strings and the default model (the offline switch is `medvit.hub`).
 
-Kept apart from the loaders (`medvit.zeroshot.clip`) so a command can parse a spec and set offline mode
+Kept apart from the loaders (`medvit.zeroshot.clip`) so a command can parse a spec
 without importing torch, open_clip or transformers. A model SPEC string names the library and the weights:
 
 * ``open_clip:ViT-B-32/laion2b_s34b_b79k``   built-in architecture + pretrained tag (downloaded from the hub)
@@ -15,15 +15,11 @@ The default comes from $MEDVIT_CLIP, then the `model:` key of the prompts file (
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from medvit.errors import ConfigError
-
-_log = logging.getLogger(__name__)
 
 CLIP_LIBRARIES = ("open_clip", "transformers")
 WHERE = "set MEDVIT_CLIP (or `model:` in medvit/resources/prompts.yaml) to"  # how error messages say where to point
@@ -90,19 +86,3 @@ def default_spec(explicit: str | None, config_model: str | None) -> str:
     if not spec:
         raise ConfigError("no CLIP model given: pass --model SPEC, set MEDVIT_CLIP or `model:` in prompts.yaml")
     return spec
-
-
-def offline_requested(offline: bool | None) -> bool:
-    """Explicit flag, else MEDVIT_OFFLINE / HF_HUB_OFFLINE from the environment."""
-    if offline is not None:
-        return offline
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("MEDVIT_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def set_offline_env() -> None:
-    """Tell huggingface_hub/transformers not to touch the network; they read this at import time."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    if "huggingface_hub" in sys.modules:
-        _log.debug("huggingface_hub was imported before offline mode was set: transformers loads with "
-                   "local_files_only and hf-hub: specs are read from the cache directly")
