@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         analysis = service.analyze(data, path.name)
         t1 = time.perf_counter()
-        findings_table(analysis.prediction, service.model_card)
+        findings_table(analysis.prediction)
         table_ms = _ms(t1)
         total = _ms(t0)
         for step in ("decode", "preprocess", "forward", "calibrate"):

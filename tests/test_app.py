@@ -24,7 +24,8 @@ TIMEOUT = 180
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     run = make_tiny_run(tmp_path_factory.mktemp("app") / "run")
-    card = {f: {"auroc": 0.5 + i / 100, "ece": 0.01 * i} for i, f in enumerate(DEFAULT_FINDINGS)}
+    card = {f: {"auroc": 0.7 + i / 100, "auroc_ci": [0.6, 0.9], "ece": i / 100} for i, f in enumerate(DEFAULT_FINDINGS)}
+    card["Mass"] = {"auroc": 0.55, "auroc_ci": [0.3, 0.8], "ece": 0.02}  # no skill shown: never flagged
     write_json(run / "metrics.json", {"n_images": 10, "findings": card})
     return run
 
@@ -55,13 +56,27 @@ def _frame(at: AppTest, column: str) -> pd.DataFrame | None:
     return next((d.value for d in at.dataframe if column in d.value.columns), None)
 
 
-def _findings(at: AppTest) -> pd.DataFrame | None:
-    return _frame(at, "probability (calibrated)")
+def _rows(at: AppTest) -> list[str]:
+    """The findings rows on screen, top to bottom (each row's inline verdict control is keyed by its finding)."""
+    return [b.key.split("_", 2)[2] for b in at.button_group if b.key and b.key.startswith("lab_")]
+
+
+def _show_all(at: AppTest) -> AppTest:
+    at.toggle(key=_image_key(at, "all_")).set_value(True).run()
+    _no_crash(at)
+    return at
+
+
+def _findings(at: AppTest) -> list[str] | None:
+    """Every finding row after "Show all findings" (None when the page shows no findings)."""
+    if not any(t.key and t.key.startswith("all_") for t in at.toggle):
+        return None
+    return _rows(_show_all(at))
 
 
 def _image_key(at: AppTest, prefix: str) -> str:
     """The widget key `prefix` + the 12-hex image hash the app uses to reset per-image widgets."""
-    keys = [w.key for kind in ("radio", "selectbox", "toggle") for w in getattr(at, kind) if w.key]
+    keys = [w.key for kind in ("radio", "selectbox", "toggle", "button_group") for w in getattr(at, kind) if w.key]
     return next(k for k in keys if k.startswith(prefix))[: len(prefix) + 12]
 
 
@@ -69,35 +84,49 @@ def _errors(at: AppTest) -> str:
     return " | ".join(e.value for e in at.error)
 
 
-def test_default_launch_shows_one_row_per_finding(env):
+def test_default_launch_shows_flagged_findings_first_and_greys_what_it_cannot_report(env, run_dir):
+    from medvit.inference.predictor import Predictor
+    from medvit.review.service import ReviewService, findings_table
+
     at = _app()
     assert not at.error, _errors(at)
     assert "not a diagnostic device" in at.warning[0].value
-    table = _findings(at)
-    assert table is not None
-    assert sorted(table["finding"]) == sorted(DEFAULT_FINDINGS)
-    margins = (table["probability (calibrated)"] - table["threshold"]).to_numpy()
-    assert all(margins[:-1] >= margins[1:]), "rows must be sorted by margin past the threshold"
-    assert set(table["flag"]) <= {"above", "below"}
-    assert (table["flag"] == "above").tolist() == list(margins >= 0)
-    assert table.set_index("finding").loc["Effusion", "model card AUROC"] == pytest.approx(
-        0.5 + DEFAULT_FINDINGS.index("Effusion") / 100
-    )
+    service = ReviewService(Predictor.from_dir(run_dir, backend="torch"))
+    table = findings_table(service.analyze(Path(dicom_path("RG1_UNCI.dcm")).read_bytes(), "a.dcm").prediction)
+    flagged = table.loc[table["flag"], "finding"].tolist()
+    assert 0 < len(flagged) < len(DEFAULT_FINDINGS)
+    assert _rows(at) == flagged, "only the flagged findings at first, furthest past the threshold first"
+    assert _findings(at) == table["finding"].tolist() and sorted(_rows(at)) == sorted(DEFAULT_FINDINGS)
+    assert table["finding"].iloc[-1] == "Mass" and not table.set_index("finding").loc["Mass", "flag"]
+    assert any("Mass not reported: no skill shown" in c.value for c in at.caption)
+    auroc = 0.7 + DEFAULT_FINDINGS.index(flagged[0]) / 100
+    assert any(m.value == f"AUROC {auroc:.2f}" for m in at.markdown), "each row shows its model-card AUROC"
+    bars = [m.value for m in at.markdown if "threshold" in m.value and "calibrated probability" in m.value]
+    row = table.iloc[0]
+    assert f"{row['prob']:.3f} · threshold {row['threshold']:.3f}" in bars[0]  # one rounding: 3 decimals
+    assert any("below its threshold" in c.value for c in at.caption)  # what a verdict means below threshold
+    assert not any("Demo model" in c.value for c in at.sidebar.caption)
     meta = _frame(at, "field").set_index("field")["value"]
     assert meta["Modality"] == "CR" and meta["View position"] == "PA" and meta["Body part"] == "CHEST"
-    assert "Explicit VR Little Endian" in meta["Transfer syntax"]
-    assert meta["Pixel spacing"] == "not given"  # RG1_UNCI's PixelSpacing is 0\0, which the reader refuses
-    assert any("PixelSpacing" in c.value for c in at.caption)
 
 
-def test_patient_identifiers_are_masked_until_revealed(env):
+def test_patient_identifiers_are_masked_until_revealed_for_each_image(env, tmp_path):
     at = _app()
     ids = [d.value for d in at.dataframe if "field" in d.value and "PatientName" in d.value["field"].tolist()]
     assert ids and set(ids[0]["value"]) == {"•••••"}
-    at.toggle(key="show_phi").set_value(True).run()
+    at.toggle(key=_image_key(at, "show_phi_")).set_value(True).run()
     _no_crash(at)
     ids = [d.value for d in at.dataframe if "field" in d.value and "PatientName" in d.value["field"].tolist()]
     assert "CompressedSamples^RG1" in ids[0]["value"].tolist()
+    # another image: masked again, whatever was revealed before
+    ds = pydicom.dcmread(dicom_path("RG1_UNCI.dcm"))
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    other = tmp_path / "other.dcm"
+    ds.save_as(other)
+    at.sidebar.file_uploader(key="upload").upload("other.dcm", other.read_bytes()).run()
+    _no_crash(at)
+    ids = [d.value for d in at.dataframe if "field" in d.value and "PatientName" in d.value["field"].tolist()]
+    assert ids and set(ids[0]["value"]) == {"•••••"}
 
 
 def test_uploaded_png_is_scored_and_keyed_by_hash(env, dev_images):
@@ -169,40 +198,47 @@ def test_non_chest_and_lateral_inputs_are_refused(env, tmp_path, monkeypatch):
     assert "lateral" in _errors(at) and _findings(at) is None
 
 
-def test_feedback_is_written_and_read_back(env):
-    at = _app()
-    table = _findings(at)
-    key = _image_key(at, "v_")
-    at.radio(key=f"{key}_Effusion").set_value("agree")
-    at.radio(key=f"{key}_Cardiomegaly").set_value("disagree")
+def test_feedback_is_written_edited_and_read_back(env):
+    at = _show_all(_app())
+    key = _image_key(at, "lab_")
+    at.button_group(key=f"{key}_Effusion").set_value("present")
+    at.button_group(key=f"{key}_Mass").set_value("absent")
+    at.button_group(key=f"{key}_Cardiomegaly").set_value("uncertain").run()
     at.text_input(key="reviewer").input("Dr Test")
-    at.text_area(key=f"note_{key[2:]}").input("looks fine")
-    at = next(b for b in at.button if b.label == "Save review").click().run()
+    at.text_area(key=f"note_{key[4:]}").input("looks fine")
+    at = at.button(key=f"save_{key[4:]}").click().run()
     _no_crash(at)
     assert not at.error, _errors(at)
-    assert any("Saved review #1" in s.value for s in at.success)
+    assert any("Saved review #1 (3 finding(s))" in s.value for s in at.success)
 
     [review] = stored_reviews(env)
     assert review.reviewer == "Dr Test" and review.note == "looks fine"
-    assert review.verdicts == {"Effusion": "agree", "Cardiomegaly": "disagree"}
+    assert review.labels == {"Effusion": "present", "Mass": "absent", "Cardiomegaly": None}
+    flag = {f: s.flag for f, s in review.shown.items()}
+    assert review.verdicts["Effusion"] == ("agree" if flag["Effusion"] else "disagree")
+    assert review.verdicts["Mass"] == "agree" and flag["Mass"] is False  # not reported: shown unflagged
     assert review.image_uid == "1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457"
-    shown = table.set_index("finding")
-    assert review.shown["Effusion"].prob == pytest.approx(shown.loc["Effusion", "probability (calibrated)"])
-    assert review.shown["Effusion"].threshold == pytest.approx(shown.loc["Effusion", "threshold"])
     assert len(review.shown) == len(DEFAULT_FINDINGS)
     assert review.model_name == "deit3_small_patch16_384" and len(review.weights_sha256) == 64
 
+    at.button_group(key=f"{key}_Effusion").set_value("absent").run()  # the reader changes their mind
+    at = at.button(key=f"save_{key[4:]}").click().run()
+    assert any("Updated review #1" in s.value for s in at.success), [s.value for s in at.success]
+    [review] = stored_reviews(env)
+    assert review.labels["Effusion"] == "absent" and len(review.edits) == 1
+    assert review.edits[0].verdicts["Effusion"] == ("agree" if flag["Effusion"] else "disagree")
     history = _frame(at, "verdict")
-    assert history is not None and set(history["finding"]) == {"Effusion", "Cardiomegaly"}
+    assert history is not None and set(history["finding"]) == {"Effusion", "Mass", "Cardiomegaly"}
     assert any(b.label == "Download CSV" for b in at.get("download_button"))
 
 
-def test_feedback_without_reviewer_is_refused(env):
+def test_feedback_without_reviewer_is_refused_with_one_message(env):
     at = _app()
-    key = _image_key(at, "v_")
-    at.radio(key=f"{key}_Effusion").set_value("agree")
-    at = next(b for b in at.button if b.label == "Save review").click().run()
-    assert "reviewer name is empty" in _errors(at)
+    key = _image_key(at, "lab_")
+    at.button_group[0].set_value("present").run()
+    at = at.button(key=f"save_{key[4:]}").click().run()
+    assert "Review not saved: reviewer name is empty" in _errors(at)
+    assert "not saved: review not saved" not in _errors(at).lower()
     assert stored_reviews(env) == []
 
 
@@ -245,16 +281,20 @@ def test_window_sliders_default_to_the_dicom_voi(env):
     assert len({default, narrowed, _image_url(at)}) == 3
 
 
-def test_zero_shot_without_clip_explains_what_to_configure(env, monkeypatch, tmp_path):
+def test_zero_shot_without_clip_is_one_line(env, monkeypatch, tmp_path):
+    at = _app()  # MEDVIT_CLIP unset: one line naming the variable and the docs, no toggle, no error
+    [line] = [c.value for c in at.caption if "CLIP" in c.value]
+    assert "MEDVIT_CLIP" in line and "docs/" in line and not any(t.key == "zs_on" for t in at.toggle)
     monkeypatch.setenv("MEDVIT_CLIP", f"open_clip:local-dir:{tmp_path / 'no-clip-here'}")
     at = _app()
     at.toggle(key="zs_on").set_value(True).run()
     _no_crash(at)
-    assert any("MEDVIT_CLIP" in i.value for i in at.info)
-    assert not at.error, _errors(at)
+    [line] = [c.value for c in at.caption if "CLIP" in c.value and "could be loaded" in c.value]
+    assert "docs/" in line and "Traceback" not in line and "\n" not in line
+    assert not at.error and not at.info, _errors(at)
 
 
-def test_zero_shot_with_a_local_clip_is_labelled_uncalibrated(env, monkeypatch, tmp_path):
+def test_zero_shot_with_a_local_clip_is_labelled_uncalibrated_and_survives_a_rerun(env, monkeypatch, tmp_path):
     from test_zeroshot import make_open_clip_dir
 
     monkeypatch.setenv("MEDVIT_CLIP", f"open_clip:local-dir:{make_open_clip_dir(tmp_path / 'clip')}")
@@ -267,25 +307,51 @@ def test_zero_shot_with_a_local_clip_is_labelled_uncalibrated(env, monkeypatch, 
     assert not at.error, _errors(at)
     table = _frame(at, "calibration")
     assert len(table) == 4 and set(table["calibration"]) == {"uncalibrated"}
-    assert table["prob"].iloc[:2].sum() == pytest.approx(1.0, abs=1e-5)
+    assert all(p.endswith(" (uncalibrated)") for p in table["prob"])  # labelled where the number is
+    assert sum(float(p.split()[0]) for p in table["prob"].iloc[:2]) == pytest.approx(1.0, abs=2e-3)
     assert "pneumothorax | no pneumothorax" in table["prompt"].tolist()
+    _show_all(at)  # any other rerun (invert, verdicts...) keeps the results
+    assert _frame(at, "calibration") is not None
 
 
-def test_worklist_lists_files_and_opens_one(env, monkeypatch, tmp_path):
+def _queue(at: AppTest) -> pd.DataFrame:
+    return next(d.value for d in at.sidebar.dataframe if "status" in d.value.columns)
+
+
+def test_worklist_is_a_queue_with_status_and_refusals(env, monkeypatch, tmp_path, dev_images):
     folder = tmp_path / "worklist"
     folder.mkdir()
     for name in ("RG1_UNCI.dcm", "CT_small.dcm"):
         os.symlink(dicom_path(name), folder / name)
+    png = sorted(dev_images.glob("*.png"))[0]
+    os.symlink(png, folder / "b_nih.png")
     (folder / "readme.txt").write_text("not an image")
     monkeypatch.setenv("MEDVIT_WORKLIST", str(folder))
     at = _app()
-    listing = _frame(at, "modality")
-    assert listing["file"].tolist() == ["CT_small.dcm", "RG1_UNCI.dcm"]
-    row = listing.set_index("file").loc["RG1_UNCI.dcm"]
-    assert (row["modality"], row["view"], row["date"]) == ("CR", "PA", "2004-08-26")
-    at.sidebar.selectbox(key="worklist_choice").set_value("CT_small.dcm").run()
+    queue = _queue(at).set_index("file")
+    assert queue.index.tolist() == ["CT_small.dcm", "RG1_UNCI.dcm", "b_nih.png", "readme.txt"]
+    assert queue.loc["CT_small.dcm", "status"].startswith("⛔ refused: Modality CT")
+    assert queue.loc["readme.txt", "status"] == "⛔ refused: not a DICOM, PNG or JPEG file"
+    assert queue.loc["RG1_UNCI.dcm", "status"] == "○ unreviewed"
+    assert "CT" in _errors(at) and _findings(at) is None  # the queue starts on its first item
+    at = at.button(key="next_folder").click().run()
     _no_crash(at)
-    assert "CT" in _errors(at) and _findings(at) is None
+    assert not at.error, _errors(at)
+    assert _rows(at) and _queue(at)[""].tolist()[1] == "▶"
+    key = _image_key(at, "lab_")
+    at.button_group[0].set_value("present")
+    at.text_input(key="reviewer").input("Dr Queue")
+    at = at.button(key=f"save_{key[4:]}").click().run()
+    assert any("Saved review #1" in s.value for s in at.success)
+    at = at.button(key="next_folder").click().run()
+    assert _queue(at).set_index("file").loc["RG1_UNCI.dcm", "status"] == "✓ reviewed"
+    assert any("no DICOM header" in c.value for c in at.caption)  # the PNG
+    # an upload shows the uploaded file and keeps the queue; the queue's buttons take the reader back to it
+    at.sidebar.file_uploader(key="upload").upload("up.dcm", Path(dicom_path("RG1_UNCI.dcm")).read_bytes()).run()
+    _no_crash(at)
+    assert _queue(at) is not None and any("up.dcm" in c.value for c in at.caption)
+    at = at.button(key="prev_folder").click().run()
+    assert _queue(at)[""].tolist()[1] == "▶" and not any("up.dcm" in c.value for c in at.caption)
 
 
 def test_review_command_binds_localhost_and_passes_settings(run_dir, tmp_path):
@@ -388,6 +454,9 @@ def test_fresh_launch_uses_the_demo_model(env, monkeypatch):
     monkeypatch.delenv("MEDVIT_RUN")
     at = _app()
     assert not at.error, _errors(at)
+    assert any("Demo model" in c.value and "hold-out mean AUROC 0.63" in c.value for c in at.sidebar.caption)
+    assert any("demo model" in i.value and "hold-out mean AUROC" in i.value for i in at.info)
+    assert any("Effusion not reported: calibration is constant" in c.value for c in at.caption)
     table = _findings(at)
     assert table is not None and len(table) == len(DEFAULT_FINDINGS)
 

@@ -31,20 +31,24 @@ TOKEN_ENV = "MEDVIT_DICOMWEB_TOKEN"
 CA_BUNDLE_ENV = "MEDVIT_DICOMWEB_CA_BUNDLE"
 RADIOGRAPH_MODALITIES = ("CR", "DX")
 # Only what the watcher needs to key, retrieve and order instances: no patient attributes are requested.
-_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "StudyDate")
+_FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "StudyDate", "ViewPosition",
+           "BodyPartExamined")
 _AUTH_STATUS = (401, 403)
 _T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
 class InstanceRef:
-    """Where one instance lives in the PACS: its three UIDs, modality and study date (no patient data)."""
+    """Where one instance lives in the PACS: its three UIDs, modality, study date, view and body part (no patient
+    data)."""
 
     study_uid: str
     series_uid: str
     sop_uid: str
     modality: str
     study_date: str | None = None
+    view: str | None = None
+    body_part: str | None = None
 
 
 def session_from_env(*, verify: bool | str | None = None) -> requests.Session:
@@ -152,4 +156,5 @@ def _ref(item: dict) -> InstanceRef | None:
     uids = value("0020000D"), value("0020000E"), value("00080018")
     if not all(uids):
         return None
-    return InstanceRef(*uids, modality=value("00080060") or "", study_date=value("00080020"))  # type: ignore[arg-type]
+    return InstanceRef(*uids, modality=value("00080060") or "", study_date=value("00080020"),  # type: ignore[arg-type]
+                       view=value("00185101"), body_part=value("00180015"))

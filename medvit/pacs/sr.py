@@ -12,7 +12,7 @@ same result twice (a crash between STOW and the database commit) replaces one ob
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -22,7 +22,8 @@ from pydicom.uid import generate_uid
 
 from medvit.findings import display_name
 
-__all__ = ["DISCLAIMER", "LOCAL_SCHEME", "ResultProvenance", "build_sr", "read_sr_findings", "sr_texts", "sr_uids"]
+__all__ = ["DISCLAIMER", "LOCAL_SCHEME", "WARNING_MEANING", "ResultProvenance", "build_sr", "read_sr_findings",
+           "sr_texts", "sr_uids"]
 
 LOCAL_SCHEME = "99MEDVIT"  # private coding scheme (PS3.16 8.2: "99" prefix) for concepts without a standard code
 DISCLAIMER = (
@@ -30,7 +31,14 @@ DISCLAIMER = (
     "probabilities are model estimates."
 )
 SERIES_NUMBER = 9901
+WARNING_MEANING = "Image warning"  # the TEXT item carrying the prediction's warnings (sr_texts key)
 SERIES_DESCRIPTION = "medvit findings (not for diagnostic use)"
+REVIEWED_DESCRIPTION = "medvit findings with clinician verdicts"
+REVIEWED_DISCLAIMER = (
+    "Not for diagnostic use. Research software output (medvit) with a clinician's verdict on each finding judged; "
+    "probabilities are model estimates."
+)
+VERDICT_MEANING = "Reviewer verdict"
 
 
 @dataclass(frozen=True)
@@ -57,13 +65,18 @@ def sr_uids(source_sop_uid: str, weights_sha256: str) -> tuple[str, str]:
     )
 
 
-def build_sr(source: Dataset, table: pd.DataFrame, provenance: ResultProvenance) -> Dataset:
+def build_sr(source: Dataset, table: pd.DataFrame, provenance: ResultProvenance, warnings: Sequence[str] = (),
+             *, verdicts: Mapping[str, str] | None = None, uids: tuple[str, str] | None = None) -> Dataset:
     """The SR for one scored image.
 
     Args:
         source: the scored DICOM instance (its header is enough: patient and study are copied from it).
         table: the Predictor's table (finding, prob, threshold, flag, ...).
         provenance: model, weights hash, calibration version and engine.
+        warnings: the prediction's warnings (e.g. out of distribution), one TEXT item "Image warning" if any.
+        verdicts: a clinician's verdict per finding (agree / disagree / uncertain), stored as a "Reviewer verdict"
+            property of that finding; such an SR is a reviewed result, in a series of its own.
+        uids: (series UID, SOP instance UID); default `sr_uids` (the model's result for this image and weights).
 
     Returns:
         A `highdicom.sr.ComprehensiveSR` (a pydicom Dataset), ready for STOW-RS.
@@ -81,7 +94,8 @@ def build_sr(source: Dataset, table: pd.DataFrame, provenance: ResultProvenance)
 
     contains, props = RelationshipTypeValues.CONTAINS, RelationshipTypeValues.HAS_PROPERTIES
     items = [
-        TextContentItem(name=_local("DISCLAIMER", "Disclaimer"), value=DISCLAIMER, relationship_type=contains),
+        TextContentItem(name=_local("DISCLAIMER", "Disclaimer"), value=REVIEWED_DISCLAIMER if verdicts else DISCLAIMER,
+                        relationship_type=contains),
         TextContentItem(name=codes.DCM.AlgorithmName, value=provenance.model_name, relationship_type=contains),
         TextContentItem(name=_local("WEIGHTS_SHA256", "Model weights SHA-256"), value=provenance.weights_sha256,
                         relationship_type=contains),
@@ -89,6 +103,8 @@ def build_sr(source: Dataset, table: pd.DataFrame, provenance: ResultProvenance)
                         relationship_type=contains),
         TextContentItem(name=_local("ENGINE", "Inference engine"), value=provenance.engine,
                         relationship_type=contains),
+        *([TextContentItem(name=_local("IMAGE_WARNING", WARNING_MEANING), value="; ".join(warnings),
+                           relationship_type=contains)] if warnings else []),
         ImageContentItem(name=codes.DCM.SourceOfMeasurement, referenced_sop_class_uid=source.SOPClassUID,
                          referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type=contains),
     ]
@@ -100,31 +116,36 @@ def build_sr(source: Dataset, table: pd.DataFrame, provenance: ResultProvenance)
                            unit=codes.UCUM.NoUnits, relationship_type=props),
             CodeContentItem(name=_local("FLAGGED", "Flagged"), value=codes.SCT.Yes if row.flag else codes.SCT.No,
                             relationship_type=props),
+            *([TextContentItem(name=_local("VERDICT", VERDICT_MEANING), value=verdicts[row.finding],
+                               relationship_type=props)] if verdicts and row.finding in verdicts else []),
         ])
         items.append(item)
     root = ContainerContentItem(name=_local("REPORT", "medvit chest radiograph findings"))
     root.ContentSequence = ContentSequence(items)
-    series_uid, sop_uid = sr_uids(source.SOPInstanceUID, provenance.weights_sha256)
+    series_uid, sop_uid = uids or sr_uids(source.SOPInstanceUID, provenance.weights_sha256)
     return ComprehensiveSR(
         evidence=[source], content=root, series_instance_uid=series_uid, series_number=SERIES_NUMBER,
-        sop_instance_uid=sop_uid, instance_number=1, manufacturer="medvit", series_description=SERIES_DESCRIPTION,
+        sop_instance_uid=sop_uid, instance_number=1, manufacturer="medvit",
+        series_description=REVIEWED_DESCRIPTION if verdicts else SERIES_DESCRIPTION,
         is_complete=True,
     )
 
 
-def read_sr_findings(sr: Dataset) -> dict[str, dict[str, float | bool]]:
-    """{finding: {"prob", "threshold", "flag"}} read back from a medvit SR (for tests, audits and the app)."""
-    out: dict[str, dict[str, float | bool]] = {}
+def read_sr_findings(sr: Dataset) -> dict[str, dict[str, float | bool | str]]:
+    """{finding: {"prob", "threshold", "flag"[, "verdict"]}} read back from a medvit SR (tests, audits, the app)."""
+    out: dict[str, dict[str, float | bool | str]] = {}
     for item in sr.ContentSequence:
         if item.ValueType != "NUM" or item.ConceptNameCodeSequence[0].CodingSchemeDesignator != LOCAL_SCHEME:
             continue
-        values: dict[str, float | bool] = {"prob": float(item.MeasuredValueSequence[0].NumericValue)}
+        values: dict[str, float | bool | str] = {"prob": float(item.MeasuredValueSequence[0].NumericValue)}
         for prop in item.ContentSequence:
             code = _code_value(prop.ConceptNameCodeSequence[0])
             if code == "THRESHOLD":
                 values["threshold"] = float(prop.MeasuredValueSequence[0].NumericValue)
             elif code == "FLAGGED":
                 values["flag"] = prop.ConceptCodeSequence[0].CodeValue == codes.SCT.Yes.value
+            elif code == "VERDICT":
+                values["verdict"] = str(prop.TextValue)
         out[_code_value(item.ConceptNameCodeSequence[0])] = values
     return out
 

@@ -9,22 +9,23 @@ variables; see docs/app.md).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
-from medvit.review.panels import (
-    BANNER,
-    feedback_form,
-    findings_panel,
-    history_panel,
-    patient_panel,
-    reported,
-    zero_shot_panel,
-)
-from medvit.review.service import ReviewService, load_zero_shot
-from medvit.review.settings import AppSettings
+from medvit.pacs.client import PacsClient
+from medvit.pacs.sr import ResultProvenance
+from medvit.review.accounts import can
+from medvit.review.findings import findings_list, review_form
+from medvit.review.monitor_page import monitoring_page
+from medvit.review.pacs_worklist import pacs_listing, retrieve, store_review_sr
+from medvit.review.panels import BANNER, history_panel, patient_panel, reported, zero_shot_panel
+from medvit.review.queue import SOURCE, queue_panel
+from medvit.review.service import Analysis, ReviewService, load_zero_shot
+from medvit.review.settings import CLIP_ENV, AppSettings
+from medvit.review.signin import current_user, reveal_audit
 from medvit.review.store import ReviewStore
 from medvit.review.viewer import image_panel
 from medvit.review.worklist import list_worklist, patient_identifiers
@@ -32,7 +33,10 @@ from medvit.review.worklist import list_worklist, patient_identifiers
 _log = logging.getLogger("medvit.app")
 
 
-@st.cache_resource(show_spinner="Loading the model…")
+@st.cache_resource(
+    show_spinner="Loading the model (on a machine's first start, medvit also checks which inference "
+    "engine is fastest and still matches fp32: allow a few minutes)…"
+)
 def get_service(run_dir: str | None) -> ReviewService:
     return ReviewService.load(run_dir)
 
@@ -56,32 +60,111 @@ def worklist_listing(folder: str, mtime_ns: int) -> pd.DataFrame:
     return list_worklist(folder)
 
 
-def choose_file(settings: AppSettings) -> tuple[bytes, str] | None:
-    """The image to review: an upload, else the worklist selection, else the default example."""
+@st.cache_resource(show_spinner=False)
+def get_pacs(url: str) -> PacsClient:
+    return PacsClient(url, timeout=10.0)
+
+
+@st.cache_data(show_spinner="Reading the PACS worklist…", ttl=30, max_entries=4)
+def pacs_rows(url: str, db_url: str | None, weights_sha256: str, refresh: int) -> pd.DataFrame:
+    """The PACS worklist, read at most every 30 s (or on "Refresh"), not on every rerun."""
+    return pacs_listing(get_pacs(url), get_store(db_url).engine, weights_sha256)
+
+
+def _upload_chosen() -> None:
+    st.session_state[SOURCE] = "upload"
+
+
+def choose_file(
+    settings: AppSettings, service: ReviewService, store: ReviewStore | None, reviewer: str | None
+) -> tuple[bytes, str, pd.Series | None] | None:  # fmt: skip
+    """The image to review: the worklist's current row (folder or PACS), or an upload the reader just chose,
+    else the default example. Returns the bytes, a name and the PACS row (None for other sources)."""
     st.sidebar.header("Image")
     upload = st.sidebar.file_uploader(
-        "Upload a DICOM, PNG or JPEG", key="upload", max_upload_size=settings.max_upload_mb,
+        "Upload a DICOM, PNG or JPEG", key="upload", max_upload_size=settings.max_upload_mb, on_change=_upload_chosen,
         help=f"Up to {settings.max_upload_mb} MB; the format is recognised from the content.",
     )  # fmt: skip
-    if upload is not None:
-        return upload.getvalue(), upload.name
-    if settings.worklist is not None:
+    row, kind = None, None
+    if settings.dicomweb_url:
+        with reported("PACS worklist"):
+            refresh = st.session_state.get("_medvit_pacs_refresh", 0)
+            listing = pacs_rows(settings.dicomweb_url, settings.db_url, service.predictor.info.weights_sha256, refresh)
+            st.sidebar.caption(f"PACS worklist: {settings.dicomweb_url} ({len(listing)} CR/DX instances, most urgent "
+                               "first)")  # fmt: skip
+            if st.sidebar.button("Refresh", key="pacs_refresh"):
+                st.session_state["_medvit_pacs_refresh"] = refresh + 1
+                st.rerun()
+            reviewed = store.reviewed_images(listing["uid"].tolist(), reviewer) if store else set()
+            columns = ["date", "view", "status", "top_finding", "top_prob"]
+            row, kind = queue_panel("pacs", listing, columns, reviewed), "pacs"
+    elif settings.worklist is not None:
         with reported("Worklist"):
             folder = settings.worklist
             listing = worklist_listing(str(folder), folder.stat().st_mtime_ns if folder.is_dir() else 0)
             st.sidebar.caption(f"Worklist: {settings.worklist} ({len(listing)} files)")
-            st.sidebar.dataframe(listing, hide_index=True, key="worklist_table")
-            names = ["—", *listing["file"]]
-            choice = st.sidebar.selectbox("Open from worklist", names, key="worklist_choice")
-            if choice != "—":
-                path = settings.worklist / choice
-                return path.read_bytes(), choice
+            reviewed = store.reviewed_images(listing["uid"].dropna().tolist(), reviewer) if store else set()
+            row, kind = queue_panel("folder", listing, ["file", "view", "date"], reviewed), "folder"
+    if upload is not None and (row is None or st.session_state.get(SOURCE) == "upload"):
+        return upload.getvalue(), upload.name, None
+    if row is not None and kind == "pacs" and settings.dicomweb_url:
+        with reported("PACS"), st.spinner("Retrieving the image from the PACS…"):
+            return retrieve(get_pacs(settings.dicomweb_url), row), f"PACS instance {row['uid']}", row
+        return None
+    if row is not None and settings.worklist is not None:
+        with reported("Worklist"):
+            return (settings.worklist / str(row["file"])).read_bytes(), str(row["file"]), None
+        return None
     if settings.default_file is not None:
         path = Path(settings.default_file)
         with reported("Default image"):
-            return path.read_bytes(), path.name
+            return path.read_bytes(), path.name, None
     st.info("Upload an image to start.")
     return None
+
+
+def model_notes(service: ReviewService) -> None:
+    """Sidebar model line, and the demo banner with its hold-out AUROC when the run is the packaged demo."""
+    info, card = service.predictor.info, service.model_card
+    auroc = ""
+    if card is not None and card.mean_auroc is not None:
+        ci = f" [{card.mean_auroc_ci[0]:.2f}–{card.mean_auroc_ci[1]:.2f}]" if card.mean_auroc_ci else ""
+        auroc = f"hold-out mean AUROC {card.mean_auroc:.2f}{ci} on {card.n_images} images"
+    demo = "**Demo model** · " if service.is_demo else ""
+    st.sidebar.caption(
+        f"{demo}Model **{info.model_name}** · backend {service.predictor.backend.name} · "
+        f"weights {info.weights_sha256[:12]} · {'calibrated' if service.predictor.calibrated else 'uncalibrated'}"
+        + (f" · {auroc}" if auroc else "")
+    )
+    if service.is_demo:
+        st.info(
+            "**This is the demo model**, a small ViT trained on 286 NIH images to show how medvit works"
+            + (f" ({auroc})" if auroc else "") + ". Its findings are illustrations, far from a clinical model.",
+            icon="🧪",
+        )  # fmt: skip
+
+
+def pacs_sr_option(settings: AppSettings, store: ReviewStore, analysis: Analysis, data: bytes,
+                   review_id: int | None) -> None:  # fmt: skip
+    """Optionally store the saved review's verdicts back into the PACS as an SR (PACS images only)."""
+    send = st.checkbox("Also store my verdicts in the PACS as a DICOM SR", key="pacs_sr", value=False)
+    if review_id is None or not send or analysis.prediction is None or not settings.dicomweb_url:
+        return
+    with reported("Verdicts not stored in the PACS"):
+        [review] = [r for r in store.history(image_uid=analysis.image_uid, limit=None) if r.id == review_id]
+        uid = store_review_sr(
+            get_pacs(settings.dicomweb_url), data, analysis.prediction.table, provenance(analysis), review.verdicts,
+            f"{review.id}.{len(review.edits)}",
+        )  # fmt: skip
+        st.success(f"Stored your verdicts in the PACS (SR {uid}).")
+
+
+def provenance(analysis: Analysis) -> ResultProvenance:
+    """What produced the numbers the reader judged, for the SR that carries their verdicts."""
+    pred = analysis.prediction
+    assert pred is not None  # only scored images are reviewed
+    return ResultProvenance(model_name=pred.model_name, weights_sha256=pred.weights_sha256,
+                            calibration_version=pred.calibration_version, engine=pred.backend)  # fmt: skip
 
 
 def main() -> None:
@@ -93,21 +176,26 @@ def main() -> None:
         settings = AppSettings.from_env()
     if settings is None:
         return
-    with reported("Model"):
-        service = get_service(settings.run_dir)
     with reported("Review database"):
         store = get_store(settings.db_url)
+    account = current_user(store, settings)  # site mode: nothing about a patient before sign-in
+    if account is None:
+        return
+    with reported("Model"):
+        service = get_service(settings.run_dir)
     if service is None:
         return
+    if can(account, "see_monitoring") and store is not None:
+        page = st.sidebar.radio("Page", ["Review", "Monitoring"], horizontal=True, key="page")
+        if page == "Monitoring":
+            monitoring_page(store, service.run_dir)
+            return
     info = service.predictor.info
-    st.sidebar.caption(
-        f"Model **{info.model_name}** · backend {service.predictor.backend.name} · "
-        f"weights {info.weights_sha256[:12]} · {'calibrated' if service.predictor.calibrated else 'uncalibrated'}"
-    )
-    chosen = choose_file(settings)
+    model_notes(service)
+    chosen = choose_file(settings, service, store, None if account.is_local else account.name)
     if chosen is None:
         return
-    data, name = chosen
+    data, name, pacs_row = chosen
     with reported("Cannot read the file"):
         analysis = service.analyze(data, name, max_bytes=settings.max_upload_bytes)
     if analysis is None:
@@ -115,16 +203,20 @@ def main() -> None:
 
     left, right = st.columns([1, 1], gap="large")
     with right:  # filled first: the findings reach the browser before a JPEG 2000 is decoded in full for display
-        table = findings_panel(service, analysis)
-        if table is not None and store is not None:
-            feedback_form(store, analysis, table, info.model_name)
+        readings = findings_list(analysis, service.model_card, service.predictor.calibrated)
+        if analysis.prediction is not None and store is not None:
+            review_id = review_form(store, analysis, readings, info.model_name, account)
+            if pacs_row is not None:
+                pacs_sr_option(settings, store, analysis, data, review_id)
         if store is not None:
-            history_panel(store, analysis)
+            history_panel(store, analysis, None if can(account, "see_all_history") else account.name)
     with left:
         with reported("Image"):
             image_panel(service, analysis)
-        patient_panel(patient_identifiers(data))
-    zero_shot_panel(get_zero_shot, analysis)
+        patient_panel(patient_identifiers(data), image_key=analysis.sha256[:12],
+                      may_reveal=can(account, "reveal_identifiers"),
+                      on_reveal=reveal_audit(store, account, analysis.image_uid))  # fmt: skip
+    zero_shot_panel(get_zero_shot, analysis, configured=bool(os.environ.get(CLIP_ENV)))
 
 
 def run() -> None:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import cast
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import streamlit as st
 
 from medvit.errors import MedvitError
-from medvit.review.service import Analysis, ReviewService, findings_table, zero_shot_table
-from medvit.review.store import NOTE_MAX, REVIEWER_MAX, VERDICTS, ReviewStore, Verdict, rows_csv
+from medvit.review.service import Analysis, zero_shot_table
+
+if TYPE_CHECKING:
+    from medvit.zeroshot.scorer import ZeroShotScorer
+from medvit.review.store import ReviewStore, rows_csv
 
 _log = logging.getLogger("medvit.app")
 
@@ -20,7 +23,7 @@ BANNER = (
     "**Research decision support — not a diagnostic device.** Outputs are model estimates for research use; "
     "they are not a diagnosis and must not replace a clinician's reading of the image."
 )
-NO_VERDICT = "—"
+ZERO_SHOT_DOCS = "docs/zeroshot.md"  # where setting up a CLIP model for the app is explained
 MASK = "•••••"
 
 
@@ -30,7 +33,8 @@ def reported(what: str) -> Iterator[None]:
     try:
         yield
     except MedvitError as e:
-        st.error(f"{what}: {e}")
+        message = str(e)  # library messages may already say what failed ("review not saved: ..."): say it once
+        st.error(message[:1].upper() + message[1:] if message.lower().startswith(what.lower()) else f"{what}: {e}")
     except Exception as e:  # noqa: BLE001 - the app must never show a traceback
         _log.exception("%s failed", what)
         st.error(f"{what}: unexpected {type(e).__name__}; the details are in the server log.")
@@ -41,84 +45,48 @@ def _rows_height(n: int) -> int:
     return 35 * (n + 1) + 3
 
 
-def patient_panel(identifiers: dict[str, str]) -> None:
-    """Patient identifiers, masked until the reader deliberately reveals them (nothing is stored or logged)."""
+def patient_panel(
+    identifiers: dict[str, str], *, image_key: str = "", may_reveal: bool = True,
+    on_reveal: Callable[[], None] | None = None,
+) -> None:  # fmt: skip
+    """Patient identifiers, masked until the reader deliberately reveals them (never stored or logged).
+
+    The reveal toggle is keyed by the image (`image_key`), so every new image starts masked again.
+
+    `may_reveal` False (a site-mode reviewer) offers no way to reveal them; `on_reveal` runs each time they are
+    revealed (site mode audits it), before any identifier is drawn.
+    """
     with st.expander("Patient identifiers", expanded=False):
         if not identifiers:
             st.caption("No patient identifiers in this file.")
             return
-        hint = "Masked by default; revealing them is not recorded and they are never stored."
-        show = st.toggle("Show patient identifiers", value=False, key="show_phi", help=hint)
+        if not may_reveal:
+            st.caption("Only an admin may reveal patient identifiers.")
+            show = False
+        else:
+            hint = "Masked by default; " + ("each reveal is recorded in the audit trail" if on_reveal else
+                                            "revealing them is not recorded") + "; they are never stored."  # fmt: skip
+            key = f"show_phi_{image_key}"
+            show = st.toggle("Show patient identifiers", value=False, key=key, help=hint,
+                             on_change=_revealed(on_reveal, key))  # fmt: skip
         values = list(identifiers.values()) if show else [MASK] * len(identifiers)
         st.dataframe(pd.DataFrame({"field": list(identifiers), "value": values}), hide_index=True, width="stretch")
 
 
-def findings_panel(service: ReviewService, analysis: Analysis) -> pd.DataFrame | None:
-    """The findings table, or a refusal that explains why there are no numbers."""
-    if analysis.refusal or analysis.prediction is None:
-        st.error(f"Not scored — this input is outside what the model was made for. {analysis.refusal}")
+def _revealed(on_reveal: Callable[[], None] | None, key: str) -> Callable[[], None] | None:
+    """The toggle's change callback: `on_reveal` when it was switched on (callbacks run before the page)."""
+    if on_reveal is None:
         return None
-    pred = analysis.prediction
-    table = findings_table(pred, service.model_card)
-    view = pd.DataFrame({
-        "finding": table["finding"],
-        "probability (calibrated)": table["prob"],
-        "threshold": table["threshold"],
-        "flag": ["above" if f else "below" for f in table["flag"]],
-        "raw probability": table["prob_raw"],
-    })  # fmt: skip
-    if "auroc" in table:
-        view["model card AUROC"] = table["auroc"]
-        view["model card ECE"] = table["ece"]
-    st.subheader("Findings")
-    if not pred.calibrated:
-        st.warning("This run has no calibration: probabilities are raw model outputs and thresholds are 0.5.")
-    st.dataframe(
-        view, hide_index=True, width="stretch", height=_rows_height(len(view)),
-        column_config={
-            "probability (calibrated)": st.column_config.ProgressColumn(format="%.3f", min_value=0.0, max_value=1.0),
-            "threshold": st.column_config.NumberColumn(format="%.3f"),
-            "raw probability": st.column_config.NumberColumn(format="%.3f"),
-            "model card AUROC": st.column_config.NumberColumn(format="%.3f"),
-            "model card ECE": st.column_config.NumberColumn(format="%.3f"),
-        },
-    )  # fmt: skip
-    st.caption(
-        "Sorted by how far the calibrated probability sits past the finding's operating threshold. "
-        + ("Model card: AUROC and ECE per finding from this run's evaluation." if "auroc" in table
-           else "No metrics.json in this run: model card metrics unavailable.")
-    )  # fmt: skip
-    return table
+    return lambda: on_reveal() if st.session_state.get(key) else None
 
 
-def feedback_form(store: ReviewStore, analysis: Analysis, table: pd.DataFrame, model_name: str) -> None:
-    """Agree / disagree / uncertain per finding, a note and the reviewer's name, saved in one transaction."""
-    key = analysis.sha256[:12]
-    with st.form(f"feedback_{key}"):
-        st.subheader("Your review")
-        verdicts = {}
-        for finding, prob, flag in zip(table["finding"], table["prob"], table["flag"], strict=True):
-            label = f"{finding} — {prob:.2f} ({'above' if flag else 'below'} threshold)"
-            verdicts[finding] = st.radio(label, [NO_VERDICT, *VERDICTS], horizontal=True, key=f"v_{key}_{finding}")
-        reviewer = st.text_input("Reviewer name", max_chars=REVIEWER_MAX, key="reviewer")
-        note = st.text_area("Note", max_chars=NOTE_MAX, key=f"note_{key}")
-        submitted = st.form_submit_button("Save review")
-    if submitted and analysis.prediction is not None:
-        chosen = {f: cast(Verdict, v) for f, v in verdicts.items() if v != NO_VERDICT}  # the store checks them
-        with reported("Review not saved"):
-            review_id = store.add_review(
-                reviewer=reviewer, image_uid=analysis.image_uid, image_uid_kind=analysis.image_uid_kind,
-                model_name=model_name, weights_sha256=analysis.prediction.weights_sha256,
-                shown=analysis.shown(), verdicts=chosen, note=note,
-            )  # fmt: skip
-            st.success(f"Saved review #{review_id} ({len(chosen)} finding(s)).")
-
-
-def history_panel(store: ReviewStore, analysis: Analysis) -> None:
-    """Stored reviews (this image or all) with a CSV download."""
-    st.subheader("Review history")
+def history_panel(store: ReviewStore, analysis: Analysis, own_only: str | None = None) -> None:
+    """Stored reviews (this image or all) with a CSV download; only `own_only`'s when given (a reviewer)."""
+    st.subheader("Review history" if own_only is None else "Your review history")
     this_only = st.toggle("This image only", value=True, key="history_this")
-    filters = {"image_uid": analysis.image_uid} if this_only else {}
+    filters: dict[str, str] = {"image_uid": analysis.image_uid} if this_only else {}
+    if own_only is not None:
+        filters["reviewer"] = own_only
     with reported("Review history"):
         rows = store.history_rows(**filters)
         if rows:
@@ -132,29 +100,43 @@ def history_panel(store: ReviewStore, analysis: Analysis) -> None:
         st.caption(f"Database: {store.display_url}")
 
 
-def zero_shot_panel(load_scorer, analysis: Analysis) -> None:
-    """Free-text prompts and positive/negative pairs against a CLIP model (explains set-up when there is none)."""
+def zero_shot_panel(load_scorer: Callable[[], ZeroShotScorer], analysis: Analysis, configured: bool) -> None:
+    """Free-text prompts and positive/negative pairs against a CLIP model; one line when there is none.
+
+    Results are kept per image and prompts in `st.session_state`, so they survive reruns (windowing, invert).
+    """
     with st.expander("Zero-shot probing (CLIP)", expanded=False):
+        if not configured:
+            st.caption(f"Zero-shot probing needs a CLIP model: set `MEDVIT_CLIP` before starting ({ZERO_SHOT_DOCS}).")
+            return
         if not st.toggle("Enable zero-shot probing", key="zs_on", help="Loads the CLIP model named by MEDVIT_CLIP"):
             return
         try:
             scorer = load_scorer()
         except MedvitError as e:
-            st.info(
-                "Zero-shot probing needs a CLIP model, and none could be loaded. Set `MEDVIT_CLIP` before starting "
-                "the app, e.g. `open_clip:local-dir:/models/clip` (a folder from `hf download`), "
-                "`transformers:/models/clip` or a hub id already in the local cache; optionally "
-                "`MEDVIT_CLIP_TEMPERATURES` to a temperatures.json from `medvit zeroshot-eval --fit-split`. "
-                f"Details: {e}"
-            )
+            st.caption(f"No CLIP model could be loaded ({_first_line(e)}); see {ZERO_SHOT_DOCS}.")
             return
         with st.form("zero_shot"):
             prompts = st.text_area("Free-text prompts (one per line)", key="zs_prompts")
             pairs = st.text_area("Positive | negative pairs (one per line; the negative is optional)", key="zs_pairs")
             run = st.form_submit_button("Score prompts")
+        results = st.session_state.setdefault("_medvit_zero_shot", {})
+        key = (analysis.sha256, prompts, pairs)
         if run:
             with reported("Zero-shot"):
-                table = zero_shot_table(scorer, analysis.image, prompts.splitlines(), pairs.splitlines())
-                st.dataframe(table, hide_index=True, width="stretch", key="zs_table")
-                if (table["calibration"] == "uncalibrated").any():
-                    st.caption("**uncalibrated**: CLIP scores, not probabilities anyone has checked against labels.")
+                results[key] = zero_shot_table(scorer, analysis.image, prompts.splitlines(), pairs.splitlines())
+        table = results.get(key)
+        if table is not None:
+            shown = table.assign(
+                prob=[
+                    f"{p:.3f}" + (" (uncalibrated)" if c == "uncalibrated" else "")
+                    for p, c in zip(table["prob"], table["calibration"], strict=True)
+                ]
+            )
+            st.dataframe(shown, hide_index=True, width="stretch", key="zs_table")
+            if (table["calibration"] == "uncalibrated").any():
+                st.caption("**uncalibrated**: CLIP scores, not probabilities anyone has checked against labels.")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

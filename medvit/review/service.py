@@ -16,23 +16,21 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
 import torch
 
-from medvit._io import read_json
 from medvit.data.dicom import XrayImage, check_chest_frontal, read_image
 from medvit.errors import ImageReadError, ImageTooLargeError, MedvitError, UnsupportedImageError
 from medvit.inference.predictor import Prediction, Predictor
 from medvit.model.saliency import attention_rollout, grad_cam, to_image
-from medvit.review.settings import CLIP_TEMPERATURES_ENV, DEFAULT_MAX_UPLOAD_MB
+from medvit.resources import DEMO_RUN
 from medvit.review.checks import is_dicom_uid
+from medvit.review.settings import CLIP_TEMPERATURES_ENV, DEFAULT_MAX_UPLOAD_MB
 from medvit.review.store import ShownFinding
 from medvit.rundir import resolve_run_dir
-from medvit.runs import METRICS
 
 if TYPE_CHECKING:
     from medvit.zeroshot.scorer import ZeroShotScorer  # imported lazily: the app works without a CLIP
@@ -79,31 +77,19 @@ class Analysis:
         if self.prediction is None:
             return {}
         return {
-            r.finding: ShownFinding(prob=float(r.prob), threshold=float(r.threshold), prob_raw=float(r.prob_raw))
+            r.finding: ShownFinding(prob=float(r.prob), threshold=float(r.threshold), prob_raw=float(r.prob_raw),
+                                    flag=bool(r.flag))
             for r in self.prediction.table.itertuples()
         }
 
 
-def findings_table(prediction: Prediction, card: dict[str, dict[str, float | None]] | None = None) -> pd.DataFrame:
-    """The findings panel: sorted by how far each finding sits past its threshold, model-card metrics alongside."""
-    table = prediction.table.sort_values("margin", ascending=False, kind="stable").reset_index(drop=True)
-    if card:
-        table["auroc"] = [card.get(f, {}).get("auroc") for f in table["finding"]]
-        table["ece"] = [card.get(f, {}).get("ece") for f in table["finding"]]
-    return table
-
-
-def model_card_metrics(run_dir: Path) -> dict[str, dict[str, float | None]]:
-    """Per-finding AUROC and ECE from the run's metrics.json ({} when the run was never evaluated)."""
-    path = run_dir / METRICS
-    if not path.is_file():
-        return {}
-    try:
-        doc = read_json(path)
-        return {f: {"auroc": m.get("auroc"), "ece": m.get("ece")} for f, m in doc["findings"].items()}
-    except (MedvitError, KeyError, TypeError, AttributeError) as e:
-        _log.warning("ignoring unreadable model card metrics %s: %s", path, e)
-        return {}
+def findings_table(prediction: Prediction) -> pd.DataFrame:
+    """The findings in reading order: flagged first (furthest past the threshold first), then the other reported
+    findings, then those the run does not report (`medvit.evaluate.reporting`)."""
+    table = prediction.table
+    rank = (~table["flag"]).astype(int) + (~table["reported"]).astype(int)
+    order = table.assign(_rank=rank).sort_values(["_rank", "margin"], ascending=[True, False], kind="stable")
+    return order.drop(columns="_rank").reset_index(drop=True)
 
 
 class _Lru:
@@ -131,7 +117,8 @@ class ReviewService:
     def __init__(self, predictor: Predictor, *, cache_size: int = 32) -> None:
         self.predictor = predictor
         self.run_dir = predictor.info.run_dir
-        self.model_card = model_card_metrics(self.run_dir)
+        self.model_card = predictor.card  # the run's evaluation (None: never evaluated)
+        self.is_demo = self.run_dir.resolve() == DEMO_RUN.resolve()
         self._model_lock = threading.Lock()
         self._analyses = _Lru(cache_size)
         self._saliency = _Lru(4 * cache_size)

@@ -24,6 +24,8 @@ WORKLIST_ENV = "MEDVIT_WORKLIST"  # folder of images listed in the sidebar
 FILE_ENV = "MEDVIT_FILE"  # image opened at start
 MAX_UPLOAD_ENV = "MEDVIT_MAX_UPLOAD_MB"  # largest upload accepted, in MB
 CLIP_TEMPERATURES_ENV = "MEDVIT_CLIP_TEMPERATURES"  # temperatures.json for the zero-shot panel's CLIP
+CLIP_ENV = "MEDVIT_CLIP"  # the zero-shot panel's CLIP model (medvit.zeroshot.spec reads it)
+DICOMWEB_ENV = "MEDVIT_DICOMWEB_URL"  # a DICOMweb root: the worklist lists the PACS's CR/DX studies
 AUTH_ENV = "MEDVIT_AUTH"  # "local" (no sign-in) or "accounts" (site mode)
 IDLE_ENV = "MEDVIT_SESSION_IDLE_MINUTES"  # site mode: sign out after this long without activity
 DEFAULT_MAX_UPLOAD_MB = 64
@@ -58,6 +60,7 @@ class AppSettings:
     db_url: str | None = None  # None: SQLite in the user data dir
     auth: AuthMode = "local"  # "accounts": site mode, sign-in before anything is shown
     idle_minutes: float = DEFAULT_IDLE_MINUTES
+    dicomweb_url: str | None = None  # the PACS worklist (credentials: MEDVIT_DICOMWEB_USER/_PASSWORD or _TOKEN)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -73,6 +76,7 @@ class AppSettings:
             MAX_UPLOAD_ENV: self.max_upload_mb,
             AUTH_ENV: self.auth,
             IDLE_ENV: f"{self.idle_minutes:g}",
+            DICOMWEB_ENV: self.dicomweb_url,
         }
         return {name: str(v) for name, v in values.items() if v is not None}
 
@@ -101,6 +105,7 @@ class AppSettings:
             db_url=env.get(DB_URL_ENV) or None,
             auth=auth_mode(env),
             idle_minutes=idle_minutes(env),
+            dicomweb_url=env.get(DICOMWEB_ENV) or None,
         )
 
 

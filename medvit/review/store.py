@@ -211,8 +211,9 @@ class ReviewStore:
         shown: Mapping[str, ShownFinding],
         verdicts: Mapping[str, Verdict],
         note: str = "",
+        user_id: int | None = None,
     ) -> int:
-        """Store one review in a single transaction and return its id.
+        """Store one review in a single transaction and return its id (`user_id`: the signed-in account).
 
         Raises:
             MedvitError: a field is missing, too long or malformed (the message names it).
@@ -220,6 +221,7 @@ class ReviewStore:
         row = _review_row(reviewer=reviewer, image_uid=image_uid, image_uid_kind=image_uid_kind,
                           model_name=model_name, weights_sha256=weights_sha256, shown=shown, verdicts=verdicts,
                           note=note)  # fmt: skip
+        row.user_id = user_id
         try:
             with Session(self.engine) as session, session.begin():
                 session.add(row)
