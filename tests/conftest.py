@@ -56,6 +56,20 @@ def stored_reviews(url: str) -> list:
         store.close()
 
 
+def database_text(url: str) -> str:
+    """Every value in every table of the database at `url` (reflected, so tables added later are searched too)."""
+    from sqlalchemy import MetaData, create_engine, select
+
+    engine = create_engine(url)
+    try:
+        meta = MetaData()
+        meta.reflect(engine)
+        with engine.connect() as conn:
+            return "\n".join(str(v) for table in meta.sorted_tables for row in conn.execute(select(table)) for v in row)
+    finally:
+        engine.dispose()
+
+
 def testdata(name: str) -> str:
     """Path of a real DICOM from pydicom's test files / pydicom-data; skips if the package is missing."""
     try:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from argon2 import PasswordHasher
-from conftest import self_signed_cert
-from sqlalchemy import MetaData, select
+from conftest import database_text, self_signed_cert
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from medvit.cli import main as cli_main
@@ -50,15 +50,7 @@ def store(db_url):
 
 
 def _database_text(store: ReviewStore) -> str:
-    """Every value in every table of the database (reflected, so tables added later are scanned too)."""
-    meta = MetaData()
-    meta.reflect(store.engine)
-    parts = []
-    with store.engine.connect() as conn:
-        for table in meta.sorted_tables:
-            for row in conn.execute(select(table)):
-                parts.extend(str(v) for v in row)
-    return "\n".join(parts)
+    return database_text(store.url)
 
 
 def test_only_an_argon2id_hash_is_stored_and_nothing_leaks_into_the_log(store, caplog):

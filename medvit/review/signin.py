@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import streamlit as st
 
 from medvit.errors import MedvitError
 from medvit.review.accounts import LOCAL_ACCOUNT, PASSWORD_MAX, Account, get_account, sign_in
+from medvit.review.audit import record
 from medvit.review.settings import AppSettings
 from medvit.review.store import ReviewStore
 from medvit.review.tables import REVIEWER_MAX
@@ -43,7 +45,8 @@ def current_user(store: ReviewStore | None, settings: AppSettings) -> Account | 
     now = time.time()
     if account is not None and now - state.get(_LAST_ACTIVE, 0.0) > settings.idle_minutes * 60:
         _log.info("%s signed out after %g idle minutes", account.name, settings.idle_minutes)
-        sign_out(f"Signed out after {settings.idle_minutes:g} minutes without activity.")
+        unit = "minute" if settings.idle_minutes == 1 else "minutes"
+        sign_out(f"Signed out after {settings.idle_minutes:g} {unit} without activity.")
         account = None
     elif account is not None and account.id is not None:
         fresh = get_account(store.engine, account.id)
@@ -69,6 +72,14 @@ def sign_out(notice: str) -> None:
     st.session_state[_NOTICE] = notice
 
 
+def reveal_audit(store: ReviewStore | None, account: Account, image_uid: str) -> Callable[[], None] | None:
+    """What the identifier panel calls on each reveal: an audit event in site mode (nothing in local mode)."""
+    if account.is_local or store is None:
+        return None
+    engine = store.engine
+    return lambda: record(engine, account.name, "reveal_identifiers", image_uid)
+
+
 def _idle_watch(idle_seconds: float) -> None:
     """Runs on a timer (a fragment, so it is not activity): rerun the page once the session has expired."""
     last = st.session_state.get(_LAST_ACTIVE)
@@ -82,8 +93,9 @@ def _signin_form(store: ReviewStore) -> None:
         st.info(notice)
     st.subheader("Sign in")
     with st.form("_medvit_signin", clear_on_submit=True):
-        name = st.text_input("Account name", max_chars=REVIEWER_MAX, autocomplete="username")
-        password = st.text_input("Password", type="password", max_chars=PASSWORD_MAX, autocomplete="current-password")
+        name = st.text_input("Account name", max_chars=REVIEWER_MAX, autocomplete="username", key="_medvit_name")
+        password = st.text_input("Password", type="password", max_chars=PASSWORD_MAX, autocomplete="current-password",
+                                 key="_medvit_password")  # fmt: skip
         submitted = st.form_submit_button("Sign in")
     if not submitted:
         return
