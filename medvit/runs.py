@@ -40,6 +40,7 @@ EXPORTS = "exports.json"  # verified ONNX/TorchScript exports and their checksum
 PRETRAIN_ENCODER = "encoder.safetensors"  # the MAE stage's encoder, handed to fine-tuning
 PRETRAIN_SUMMARY = "pretrain.json"  # how the MAE stage ended
 OOD = "ood.safetensors"  # training-feature statistics of the out-of-distribution check (medvit.evaluate.ood)
+OOD = "ood.safetensors"  # training-feature statistics of the out-of-distribution check (medvit.evaluate.ood)
 CV_SUMMARY = "cv.json"  # `train --folds`: per-fold and pooled out-of-fold metrics, the pixel baseline beside them
 OOF = "oof.csv"  # `train --folds`: every image's logits from the fold model that never saw it
 FOLD_DIR = "fold_{}"  # `train --folds`: one ordinary run folder per fold
