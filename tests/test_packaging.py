@@ -25,7 +25,7 @@ from medvit.data.dicom import read_image
 from medvit.findings import NIH_FINDINGS
 from medvit.inference.predictor import Predictor
 from medvit.resources import DEMO_RUN
-from medvit.runs import CALIBRATION, CARD, CONFIG, METRICS, SUMMARY, WEIGHTS
+from medvit.runs import CALIBRATION, CARD, CONFIG, METRICS, OOD, SUMMARY, WEIGHTS
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,7 @@ def test_wheel_installed_in_a_fresh_venv_predicts_and_finds_its_app(tmp_path: Pa
          work, env)
     installed = purelib / "medvit"
     demo_before = _tree(installed / "resources" / "demo")
-    for name in (CONFIG, WEIGHTS, CALIBRATION, METRICS, SUMMARY, CARD):
+    for name in (CONFIG, WEIGHTS, CALIBRATION, METRICS, SUMMARY, CARD, OOD):
         assert (installed / "resources" / "demo" / name).is_file(), f"the wheel lacks the demo run's {name}"
         assert filecmp.cmp(installed / "resources" / "demo" / name, DEMO_RUN / name, shallow=False), name
 
