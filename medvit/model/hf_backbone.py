@@ -45,7 +45,7 @@ _MAX_PREFIX_TOKENS = 8  # class + distillation + register tokens in front of the
 class HFBackbone(nn.Module):
     """A transformers vision encoder with the timm-backbone interface the Classifier uses."""
 
-    def __init__(self, model: nn.Module, preprocessing: dict[str, Any], processor: Any = None) -> None:
+    def __init__(self, model: Any, preprocessing: dict[str, Any], processor: Any = None) -> None:
         super().__init__()
         self.model: Any = model  # a transformers PreTrainedModel (ViTModel, Dinov2Model, SwinModel, ...)
         self.preprocessing = preprocessing
@@ -54,6 +54,8 @@ class HFBackbone(nn.Module):
         self.pool = "cls" if getattr(embeddings, "cls_token", None) is not None else "pooler"
         if self.pool == "cls" and isinstance(getattr(model, "pooler", None), nn.Module):
             model.pooler = None  # ViT's dense+tanh pooler: unused when the class token is read directly
+        if isinstance(getattr(embeddings, "mask_token", None), nn.Parameter):
+            embeddings.mask_token = None  # only for masked-image pretraining: never used here (DDP needs no unused)
         config = model.config
         self.num_features = int(
             getattr(model, "num_features", 0) or getattr(config, "hidden_size", 0) or config.hidden_sizes[-1]
