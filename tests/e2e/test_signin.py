@@ -1,0 +1,201 @@
+"""Site mode in a real browser against a real `medvit review --auth accounts` served over HTTPS (a self-signed
+certificate): nothing is shown before sign-in, a wrong password is refused, repeated failures lock the account,
+a reviewer can neither open Monitoring nor reveal identifiers, an admin can (and the reveal is audited), an
+idle session clears itself. Afterwards the database and the server log are searched for the test passwords.
+
+Chromium is Debian's, as in test_browser.py; screenshots go to $MEDVIT_ARTIFACT_DIR (default: the test's tmp dir).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_browser import CHROMIUM, CHROMIUM_ARGS, RESULT_MS, STARTUP_S, _free_port
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests"))
+from _inference_run import make_tiny_run  # noqa: E402
+from conftest import database_text, self_signed_cert  # noqa: E402
+from conftest import testdata as dicom_path  # noqa: E402
+
+PASSWORDS = {"rita": "rita-Canary-pw-1", "adam": "adam-Canary-pw-2", "lou": "lou-Canary-pw-3"}
+WRONG = "not-the-Canary-pw"
+IDLE_MINUTES = 1
+PATIENT_NAME = "CompressedSamples^RG1"  # RG1_UNCI.dcm's PatientName
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
+    """Like test_browser's, over HTTPS with the test's self-signed certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"medvit review exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2, context=context) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"medvit review did not become healthy in {STARTUP_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def site_server(tmp_path):
+    """`medvit review` in site mode over HTTPS on a free localhost port, with three accounts made by `medvit users`."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} not found: `apt-get install -y chromium` (or set MEDVIT_CHROMIUM)")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (the Python package only)")
+    run = make_tiny_run(tmp_path / "run")
+    db = f"sqlite:///{tmp_path / 'reviews.sqlite3'}"
+    env = dict(os.environ, MEDVIT_BACKEND="torch", MEDVIT_CACHE=str(tmp_path / "cache"), MEDVIT_AUTH="accounts",
+               MEDVIT_SESSION_IDLE_MINUTES=str(IDLE_MINUTES), MEDVIT_DB_URL=db)  # fmt: skip
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        for name, role in (("rita", "reviewer"), ("adam", "admin"), ("lou", "reviewer")):
+            subprocess.run([sys.executable, "-m", "medvit", "users", "add", name, "--role", role], env=env, cwd=ROOT,
+                           input=PASSWORDS[name] + "\n", text=True, stdout=out, stderr=subprocess.STDOUT,
+                           check=True, timeout=120)  # fmt: skip
+    cert, key = self_signed_cert(tmp_path / "tls")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "medvit", "review", "--run", str(run), "--port", str(port),
+           "--file", dicom_path("RG1_UNCI.dcm"), "--tls-cert", str(cert), "--tls-key", str(key)]  # fmt: skip
+    with log.open("a") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"https://localhost:{port}"
+    try:
+        _wait_healthy(url, proc, log)
+        yield url, db, log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _attempts(db: str) -> int:
+    """Sign-in attempts the server has recorded so far (read with the standard library, no app code)."""
+    with contextlib.closing(sqlite3.connect(db.removeprefix("sqlite:///"), timeout=30)) as conn:
+        return conn.execute("SELECT count(*) FROM audit_events WHERE event LIKE 'signin_%'").fetchone()[0]
+
+
+def _sign_in(page, db: str, name: str, password: str) -> None:
+    """Submit the form and wait until the server has handled this attempt (its audit row exists), so that
+    quick successive clicks are not folded into one rerun."""
+    before = _attempts(db)
+    page.get_by_label("Account name").fill(name)
+    page.get_by_label("Password", exact=True).fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    deadline = time.monotonic() + RESULT_MS / 1000
+    while _attempts(db) == before:
+        assert time.monotonic() < deadline, "the server never handled the sign-in"
+        time.sleep(0.2)
+
+
+def _assert_nothing_shown(page) -> None:
+    """No image, data grid or finding on the page."""
+    assert page.get_by_test_id("stImage").count() == 0
+    assert page.get_by_test_id("stDataFrame").count() == 0
+    assert page.get_by_role("heading", name="Findings").count() == 0
+    assert PATIENT_NAME not in page.content()
+
+
+def test_sign_in_roles_lockout_and_idle_expiry_in_a_real_browser(site_server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, db, log = site_server
+    artifacts = Path(os.environ.get("MEDVIT_ARTIFACT_DIR") or tmp_path / "artifacts")
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+        def fresh_page():  # one browser context per person: its own Streamlit session
+            context = browser.new_context(ignore_https_errors=True, viewport={"width": 1600, "height": 1400})
+            page = context.new_page()
+            page.goto(url)
+            expect(page.get_by_role("button", name="Sign in")).to_be_visible(timeout=RESULT_MS)
+            return page
+
+        try:
+            page = fresh_page()
+            expect(page.get_by_text("not a diagnostic device")).to_be_visible()
+            page.wait_for_timeout(1000)
+            _assert_nothing_shown(page)
+            page.screenshot(path=str(artifacts / "signin_form.png"))
+            _sign_in(page, db, "rita", WRONG)
+            expect(page.get_by_text("wrong account name or password")).to_be_visible(timeout=RESULT_MS)
+            _assert_nothing_shown(page)
+
+            for _ in range(5):  # lou's account locks after five failures...
+                _sign_in(page, db, "lou", WRONG)
+            expect(page.get_by_text("the account is locked for 15 minutes")).to_be_visible(timeout=RESULT_MS)
+            _sign_in(page, db, "lou", PASSWORDS["lou"])  # ...and then even the right password is refused
+            expect(page.get_by_text("is locked after 5 failed sign-ins")).to_be_visible(timeout=RESULT_MS)
+            _assert_nothing_shown(page)
+
+            _sign_in(page, db, "rita", PASSWORDS["rita"])  # a reviewer: reviews, no monitoring, no identifiers
+            expect(page.get_by_role("heading", name="Findings")).to_be_visible(timeout=RESULT_MS)
+            expect(page.get_by_test_id("stImage").first).to_be_visible(timeout=RESULT_MS)
+            expect(page.get_by_text("Signed in as rita (reviewer)")).to_be_visible()
+            assert page.get_by_text("Monitoring", exact=True).count() == 0
+            page.get_by_text("Patient identifiers", exact=True).click()
+            expect(page.get_by_text("Only an admin may reveal patient identifiers.")).to_be_visible()
+            assert page.get_by_text("Show patient identifiers", exact=True).count() == 0
+            assert PATIENT_NAME not in page.content()
+            page.screenshot(path=str(artifacts / "signin_reviewer.png"))
+            page.get_by_role("button", name="Sign out").click()
+            expect(page.get_by_role("button", name="Sign in")).to_be_visible(timeout=RESULT_MS)
+            _assert_nothing_shown(page)
+
+            page = fresh_page()  # an admin: reveals identifiers (audited) and opens Monitoring
+            _sign_in(page, db, "adam", PASSWORDS["adam"])
+            expect(page.get_by_role("heading", name="Findings")).to_be_visible(timeout=RESULT_MS)
+            page.get_by_text("Patient identifiers", exact=True).click()
+            page.get_by_text("Show patient identifiers", exact=True).click()
+            page.wait_for_timeout(1500)  # the data grid draws on a canvas; read the audit row instead below
+            page.screenshot(path=str(artifacts / "signin_admin_identifiers.png"))
+            page.get_by_text("Monitoring", exact=True).click()
+            expect(page.get_by_role("heading", name="Monitoring")).to_be_visible(timeout=RESULT_MS)
+            page.screenshot(path=str(artifacts / "signin_admin_monitoring.png"))
+
+            page = fresh_page()  # idle: the screen clears itself without any click
+            _sign_in(page, db, "rita", PASSWORDS["rita"])
+            expect(page.get_by_role("heading", name="Findings")).to_be_visible(timeout=RESULT_MS)
+            expect(page.get_by_text(f"Signed out after {IDLE_MINUTES} minute without activity")).to_be_visible(
+                timeout=(IDLE_MINUTES * 60 + 90) * 1000
+            )
+            _assert_nothing_shown(page)
+            assert "Traceback" not in page.content()
+        finally:
+            browser.close()
+
+    from medvit.review import audit
+    from medvit.review.store import ReviewStore
+
+    store = ReviewStore(db)
+    try:
+        [reveal] = audit.events(store.engine, event="reveal_identifiers")
+        assert (reveal.actor, reveal.target) == ("adam", "1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457")
+        reasons = [e.detail["reason"] for e in audit.events(store.engine, event="signin_failed")]
+        assert reasons.count("wrong_password") == 6 and reasons.count("locked") == 1
+        assert {e.actor for e in audit.events(store.engine, event="signin_ok")} == {"rita", "adam"}
+    finally:
+        store.close()
+    text, server_log = database_text(db), log.read_text()
+    files = b"".join(f.read_bytes() for f in tmp_path.glob("reviews.sqlite3*"))  # the database, its WAL and shm
+    assert "medvit review: https://localhost" in server_log and "$argon2id$" in text
+    for secret in [*PASSWORDS.values(), WRONG]:
+        assert secret not in server_log and secret not in text and secret.encode() not in files
