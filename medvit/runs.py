@@ -21,6 +21,7 @@ from medvit._io import PICKLE_SUFFIXES, load_tensors, read_json, save_tensors, s
 from medvit.config import ModelConfig
 from medvit.errors import CheckpointError
 from medvit.model.classifier import build_model
+from medvit.model.ensemble import Ensemble
 from medvit.rundir import CONFIG, resolve_run_data
 
 _log = logging.getLogger(__name__)
@@ -137,12 +138,14 @@ def load_run(run_dir: str | os.PathLike, weights: str = WEIGHTS,
         findings = tuple(meta["findings"])
         preprocessing = dict(meta["preprocessing"])
         num_classes = int(args.pop("num_classes"))
+        members = int(args.pop("ensemble", 0))  # a fold ensemble (medvit.model.ensemble): K members
         model_cfg = ModelConfig(**args, pretrained=False, freeze_stem=False, freeze_blocks=0)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{run_dir / CONFIG} is incomplete or invalid: {e}") from None
     if num_classes != len(findings):
         raise CheckpointError(f"{run_dir / CONFIG}: {num_classes} outputs but {len(findings)} findings")
-    model = build_model(model_cfg, num_classes)
+    model: nn.Module = (Ensemble([build_model(model_cfg, num_classes) for _ in range(members)]) if members
+                        else build_model(model_cfg, num_classes))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_tensors(weights_path).items()}
     try:
         model.load_state_dict(state, strict=True)

@@ -89,6 +89,9 @@ def run_split_frame(info: RunInfo, split: str | None = None) -> tuple[pd.DataFra
         raise DatasetError(
             f"the run's labels {csv} / images {root} are not found from {Path.cwd()}; pass --labels CSV --images DIR"
         )
+    if split is None and info.model_args.get("ensemble"):
+        raise DatasetError(f"{info.run_dir} is a fold ensemble: every training image was seen by some member, so it "
+                           "has no held-out split; pass --labels CSV --images DIR of other patients")
     cfg = Config.model_validate(info.config)
     df = split_frame(cfg)
     if split is None:

@@ -111,8 +111,11 @@ def _query_rows(vit: Any, relevance: torch.Tensor) -> torch.Tensor:
 def attention_rollout(model: nn.Module, x: torch.Tensor, head_fusion: HeadFusion = "mean") -> torch.Tensor:
     """Per-patch rollout relevance on the token grid, (B, gh, gw), unnormalised.
 
-    `model` is a timm ViT or a module wrapping one as `.backbone`.
+    `model` is a timm ViT or a module wrapping one as `.backbone`; for a fold ensemble (`.members`), the mean of
+    its members' maps.
     """
+    if isinstance(members := getattr(model, "members", None), nn.ModuleList):
+        return torch.stack([attention_rollout(m, x, head_fusion) for m in members]).mean(dim=0)
     vit = vit_backbone(model)
     with _eval(model), capture_attention(vit) as attentions:
         vit(x)
@@ -123,8 +126,11 @@ def attention_rollout(model: nn.Module, x: torch.Tensor, head_fusion: HeadFusion
 def grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
     """Grad-CAM for output `target` (a finding's logit) on the token grid, (B, gh, gw), ReLU'd and unnormalised.
 
-    `model` maps images to per-finding logits: a timm ViT or a module wrapping one as `.backbone`.
+    `model` maps images to per-finding logits: a timm ViT or a module wrapping one as `.backbone`; for a fold
+    ensemble (`.members`), the mean of its members' maps.
     """
+    if isinstance(members := getattr(model, "members", None), nn.ModuleList):
+        return torch.stack([grad_cam(m, x, target) for m in members]).mean(dim=0)
     vit = vit_backbone(model)
     layer: nn.Module = vit.blocks[-1].norm1
     acts: list[torch.Tensor] = []
