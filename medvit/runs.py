@@ -22,6 +22,7 @@ from medvit.config import ModelConfig
 from medvit.errors import CheckpointError
 from medvit.model.classifier import build_model
 from medvit.model.ensemble import Ensemble
+from medvit.model.hf_backbone import HFBackbone
 from medvit.rundir import CONFIG, resolve_run_data
 
 _log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ _log = logging.getLogger(__name__)
 # ---- the files of a run folder (the only place their names are spelled) ----
 WEIGHTS = "model.safetensors"  # the weights inference serves
 TIMM_BACKBONE = "timm_backbone.safetensors"  # the backbone alone, as timm.create_model(num_classes=0) names it
+HF_BACKBONE = "hf_backbone"  # transformers runs: the encoder's config.json + preprocessor_config.json (no weights)
 CALIBRATION = "calibration.json"  # per-finding calibrators + thresholds (medvit.evaluate.calibration)
 CALIBRATIONS = "calibrations"  # later calibration versions vN.json + vN.meta.json (medvit.evaluate.versions)
 CALIBRATION_ACTIVE = "calibrations/active"  # the name of the version in use (absent: v1 = calibration.json)
@@ -41,12 +43,11 @@ EXPORTS = "exports.json"  # verified ONNX/TorchScript exports and their checksum
 PRETRAIN_ENCODER = "encoder.safetensors"  # the MAE stage's encoder, handed to fine-tuning
 PRETRAIN_SUMMARY = "pretrain.json"  # how the MAE stage ended
 OOD = "ood.safetensors"  # training-feature statistics of the out-of-distribution check (medvit.evaluate.ood)
-OOD = "ood.safetensors"  # training-feature statistics of the out-of-distribution check (medvit.evaluate.ood)
 CV_SUMMARY = "cv.json"  # `train --folds`: per-fold and pooled out-of-fold metrics, the pixel baseline beside them
 OOF = "oof.csv"  # `train --folds`: every image's logits from the fold model that never saw it
 FOLD_DIR = "fold_{}"  # `train --folds`: one ordinary run folder per fold
 
-_MODEL_BUILD_KEYS = ("name", "model_kwargs", "head", "head_hidden", "head_dropout", "drop_path_rate")
+_MODEL_BUILD_KEYS = ("name", "source", "model_kwargs", "head", "head_hidden", "head_dropout", "drop_path_rate")
 
 
 def save_weights(path: str | os.PathLike, model: nn.Module, dtype: torch.dtype | None = None) -> None:
@@ -60,7 +61,17 @@ def save_timm_backbone(run_dir: str | os.PathLike, model: nn.Module) -> None:
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, nn.Module):
         raise TypeError(f"{type(model).__name__} has no timm backbone to save")
+    if isinstance(backbone, HFBackbone):
+        return  # a transformers encoder: its config is in HF_BACKBONE, its weights in WEIGHTS
     save_tensors(Path(run_dir) / TIMM_BACKBONE, backbone.state_dict(), metadata={"format": "pt"})
+
+
+def save_backbone_config(run_dir: str | os.PathLike, model: nn.Module) -> None:
+    """A transformers backbone's config and image processor into HF_BACKBONE, so `load_run` needs no hub
+    (nothing for timm backbones, which timm builds from their name)."""
+    backbone = getattr(model, "backbone", None)
+    if isinstance(backbone, HFBackbone):
+        backbone.save_config(Path(run_dir) / HF_BACKBONE)
 
 
 def model_build_args(model_cfg: Any, num_classes: int) -> dict[str, Any]:
@@ -116,6 +127,17 @@ def _refuse_pickles(run_dir: Path) -> None:
     raise CheckpointError(f"{run_dir} has no {WEIGHTS}{hint} (a run folder needs {CONFIG} + {WEIGHTS})")
 
 
+def _local_build_config(model_cfg: ModelConfig, run_dir: Path) -> ModelConfig:
+    """A transformers run rebuilds its encoder from the config saved in the run, never from the hub."""
+    if model_cfg.source != "transformers":
+        return model_cfg
+    folder = run_dir / HF_BACKBONE
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{run_dir} is a transformers run without {HF_BACKBONE}/config.json (the encoder's "
+                              "config, written at training): copy it from the training machine")
+    return model_cfg.model_copy(update={"name": str(folder)})
+
+
 def load_run(run_dir: str | os.PathLike, weights: str = WEIGHTS,
              data_root: str | os.PathLike | None = None) -> tuple[nn.Module, RunInfo]:
     """Rebuild the trained network from a run folder, in eval mode, with float32 weights.
@@ -144,8 +166,9 @@ def load_run(run_dir: str | os.PathLike, weights: str = WEIGHTS,
         raise CheckpointError(f"{run_dir / CONFIG} is incomplete or invalid: {e}") from None
     if num_classes != len(findings):
         raise CheckpointError(f"{run_dir / CONFIG}: {num_classes} outputs but {len(findings)} findings")
-    model: nn.Module = (Ensemble([build_model(model_cfg, num_classes) for _ in range(members)]) if members
-                        else build_model(model_cfg, num_classes))
+    build_cfg = _local_build_config(model_cfg, run_dir)
+    model: nn.Module = (Ensemble([build_model(build_cfg, num_classes) for _ in range(members)]) if members
+                        else build_model(build_cfg, num_classes))
     state = {k: v.float() if v.is_floating_point() else v for k, v in load_tensors(weights_path).items()}
     try:
         model.load_state_dict(state, strict=True)

@@ -23,11 +23,15 @@ def resolve_preprocessing(model: torch.nn.Module) -> dict[str, Any]:
     """Preprocessing derived from the model's timm data config, saved in every checkpoint.
 
     timm keeps the pretrained config's input size even when a ViT is built with another
-    `img_size`; the patch embedding knows the size the model really takes, so it wins.
+    `img_size`; the patch embedding knows the size the model really takes, so it wins. A backbone that carries
+    its own `preprocessing` (a transformers encoder: from its AutoImageProcessor) is taken at its word.
     """
     from timm.data import resolve_model_data_config
 
     model = getattr(model, "backbone", model)  # a medvit Classifier: the timm model is its backbone
+    own = getattr(model, "preprocessing", None)
+    if isinstance(own, dict):
+        return dict(own)
     cfg = resolve_model_data_config(model)
     size = list(cfg["input_size"])
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)

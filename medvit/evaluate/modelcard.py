@@ -59,7 +59,8 @@ def _details(cfg: dict[str, Any], model: dict[str, Any], pre: dict[str, Any], fi
     return [
         "## Model details",
         "",
-        f"- **Architecture:** timm `{model.get('name')}` with {json.dumps(model.get('model_kwargs') or {})}, "
+        f"- **Architecture:** {model.get('source', 'timm')} `{model.get('name')}` with "
+        f"{json.dumps(model.get('model_kwargs') or {})}, "
         f"{model.get('head', 'linear')} head, {len(findings)} sigmoid outputs (multi-label).",
         f"- **Initialisation:** trained {pretrained}; "
         f"{mcfg.get('freeze_blocks', 0)} leading blocks frozen during training.",

@@ -5,6 +5,8 @@ The network is `Classifier(backbone, head)`: the backbone is created by `timm.cr
 the backbone's own `group_matcher` (the grouping timm uses for layer decay), so "stem + first N
 blocks" means the same thing for ViT/DeiT (blocks), Swin and ConvNeXt (stages). For ViT-style
 backbones the frozen prefix runs under `torch.no_grad`, so no activations are kept for it.
+With `model.source: transformers` the backbone is a transformers vision encoder behind the same
+interface (`medvit.model.hf_backbone`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from medvit.config import ModelConfig
 from medvit.errors import CheckpointError, ConfigError
+from medvit.model.hf_backbone import create_hf_backbone
 from medvit.model.weights import load_backbone
 
 _log = logging.getLogger(__name__)
@@ -154,13 +157,14 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
 
     Raises:
         WeightsNotFoundError: pretrained weights requested but unavailable (message says what to download).
-        CheckpointError: `cfg.name` is not a timm model.
+        CheckpointError: `cfg.name` is not a timm model (or, with source transformers, not a vision encoder).
     """
-    base = cfg.name.split(".")[0]
-    if not timm.is_model(base):
-        raise CheckpointError(f"unknown timm model {cfg.name!r}; see timm.list_models()")
-    kwargs = {"drop_path_rate": cfg.drop_path_rate, **cfg.model_kwargs, "num_classes": 0}
-    backbone = create_backbone(cfg, kwargs)
+    if cfg.source == "transformers":
+        backbone: Any = create_hf_backbone(cfg)
+    else:
+        if not timm.is_model(cfg.name.split(".")[0]):
+            raise CheckpointError(f"unknown timm model {cfg.name!r}; see timm.list_models()")
+        backbone = create_backbone(cfg, {"drop_path_rate": cfg.drop_path_rate, **cfg.model_kwargs, "num_classes": 0})
     width = backbone.num_features
     if cfg.head == "mlp":
         head: nn.Module = MlpHead(width, cfg.head_hidden, num_classes, cfg.head_dropout)

@@ -12,6 +12,9 @@ original image, undoing the letterbox (longest side + centre padding) of `medvit
 * Grad-CAM (Selvaraju et al. 2017) on the tokens entering the last block's attention
   (`blocks[-1].norm1`): the head reads only the class token after the last block, so patch tokens
   *after* it have zero gradient; before its attention they still feed the class token.
+* transformers encoders (`medvit.model.hf_backbone`): rollout over the attentions the encoder returns
+  (eager attention for the call; Swin attends within windows, so it has no rollout), Grad-CAM on the
+  tokens entering the last block (for Swin, the last stage's coarser grid).
 
 Maps are for orientation, not evidence: they explain this model's output, not the anatomy.
 """
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medvit.data.transforms import letterbox_box
+from medvit.model.hf_backbone import HFBackbone
 
 _log = logging.getLogger(__name__)
 
@@ -111,11 +115,18 @@ def _query_rows(vit: Any, relevance: torch.Tensor) -> torch.Tensor:
 def attention_rollout(model: nn.Module, x: torch.Tensor, head_fusion: HeadFusion = "mean") -> torch.Tensor:
     """Per-patch rollout relevance on the token grid, (B, gh, gw), unnormalised.
 
-    `model` is a timm ViT or a module wrapping one as `.backbone`; for a fold ensemble (`.members`), the mean of
-    its members' maps.
+    `model` is a timm ViT or a module wrapping one (or a transformers encoder) as `.backbone`; for a fold
+    ensemble (`.members`), the mean of its members' maps.
     """
     if isinstance(members := getattr(model, "members", None), nn.ModuleList):
         return torch.stack([attention_rollout(m, x, head_fusion) for m in members]).mean(dim=0)
+    hf = _hf_backbone(model)
+    if hf is not None:
+        with _eval(model):
+            relevance = rollout(hf.attentions(x), head_fusion)
+        prefix, grid = hf.token_grid(relevance.shape[-1], (int(x.shape[-2]), int(x.shape[-1])))
+        rows = relevance[:, 0, prefix:] if hf.pool == "cls" else relevance[:, prefix:, prefix:].mean(dim=1)
+        return rows.reshape(x.shape[0], *grid)
     vit = vit_backbone(model)
     with _eval(model), capture_attention(vit) as attentions:
         vit(x)
@@ -126,15 +137,39 @@ def attention_rollout(model: nn.Module, x: torch.Tensor, head_fusion: HeadFusion
 def grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
     """Grad-CAM for output `target` (a finding's logit) on the token grid, (B, gh, gw), ReLU'd and unnormalised.
 
-    `model` maps images to per-finding logits: a timm ViT or a module wrapping one as `.backbone`; for a fold
-    ensemble (`.members`), the mean of its members' maps.
+    `model` maps images to per-finding logits: a timm ViT or a module wrapping one (or a transformers
+    encoder) as `.backbone`; for a fold ensemble (`.members`), the mean of its members' maps.
     """
     if isinstance(members := getattr(model, "members", None), nn.ModuleList):
         return torch.stack([grad_cam(m, x, target) for m in members]).mean(dim=0)
-    vit = vit_backbone(model)
-    layer: nn.Module = vit.blocks[-1].norm1
+    hf = _hf_backbone(model)
+    if hf is not None:
+        tokens, grads = _token_grads(model, x, target, hf.last_block, block_input=True)
+        prefix, grid = hf.token_grid(tokens.shape[1], (int(x.shape[-2]), int(x.shape[-1])))
+    else:
+        vit = vit_backbone(model)
+        tokens, grads = _token_grads(model, x, target, vit.blocks[-1].norm1, block_input=False)
+        prefix, grid = vit.num_prefix_tokens, _grid(vit, x, tokens.shape[1] - vit.num_prefix_tokens)
+    tokens, grads = tokens[:, prefix:], grads[:, prefix:]
+    cam = F.relu((tokens * grads.mean(dim=1, keepdim=True)).sum(dim=-1))
+    return cam.reshape(x.shape[0], *grid)
+
+
+def _hf_backbone(model: nn.Module) -> HFBackbone | None:
+    backbone = getattr(model, "backbone", model)
+    return backbone if isinstance(backbone, HFBackbone) else None
+
+
+def _token_grads(model: nn.Module, x: torch.Tensor, target: int, layer: nn.Module, *, block_input: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens (B, N, C) at `layer` (its output, or with `block_input` the hidden states entering it) and the
+    gradient of logit `target` with respect to them."""
     acts: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _i, out: acts.append(out))
+    if block_input:
+        handle = layer.register_forward_pre_hook(
+            lambda _m, args, kwargs: acts.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    else:
+        handle = layer.register_forward_hook(lambda _m, _i, out: acts.append(out))
     try:
         with _eval(model), torch.enable_grad():
             logits = model(x.detach().clone().requires_grad_(True))
@@ -143,10 +178,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
             (grads,) = torch.autograd.grad(logits[:, target].sum(), acts[0])
     finally:
         handle.remove()
-    prefix = vit.num_prefix_tokens
-    tokens, grads = acts[0][:, prefix:].detach(), grads[:, prefix:]
-    cam = F.relu((tokens * grads.mean(dim=1, keepdim=True)).sum(dim=-1))
-    return cam.reshape(x.shape[0], *_grid(vit, x, cam.shape[-1]))
+    return acts[0].detach(), grads
 
 
 @contextmanager

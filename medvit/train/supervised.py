@@ -35,6 +35,7 @@ from medvit.runs import (
     SUMMARY,
     WEIGHTS,
     model_build_args,
+    save_backbone_config,
     save_timm_backbone,
     save_weights,
     write_run_config,
@@ -120,6 +121,7 @@ def fit(cfg: Config, *, out_dir: str | Path | None = None, resume: str | Path | 
             run_dir.mkdir(parents=True, exist_ok=True)
             write_run_config(run_dir, cfg.model_dump(mode="json"), task.findings, task.preprocessing,
                              model_build_args(cfg.model, len(task.findings)), starting_weights(task.model))
+            save_backbone_config(run_dir, task.model)  # a transformers encoder's config: the run reloads offline
         barrier(info)
         task.log_start(engine)
         try:
