@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=AUTO, choices=[AUTO, *BACKENDS], help="inference engine (default auto)")
     parser.add_argument("--db", default=None, help="review database URL (default: $MEDVIT_DB_URL, else SQLite)")
     parser.add_argument("--max-attempts", type=int, default=5, help="retries of a failed instance (default 5)")
+    parser.add_argument("--secondary-capture", action="store_true",
+                        help="also store the saliency overlay as a Secondary Capture in the SR's series")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     store = ReviewStore(args.db)
     try:
         watcher = Watcher(client, Predictor.from_dir(args.run, backend=args.backend), store.engine,
-                          since=args.since, max_attempts=args.max_attempts)
+                          since=args.since, max_attempts=args.max_attempts, secondary_capture=args.secondary_capture)
         if not args.once:
             watcher.serve(args.interval)
             return 0

@@ -24,12 +24,16 @@ from tqdm import tqdm
 from medvit.data.dicom import check_chest_frontal, read_image
 from medvit.data.transforms import build_transforms
 from medvit.errors import MedvitError
+from medvit.evaluate.ood import needs_check
 
 _log = logging.getLogger(__name__)
 
-CSV_COLUMNS = ("file", "finding", "prob_raw", "prob", "threshold", "flag", "margin", "backend", "error")
+CSV_COLUMNS = ("file", "finding", "prob_raw", "prob", "threshold", "flag", "margin", "backend", "error", "warning")
+Item = tuple[int, torch.Tensor | None, str, bool]  # index, input (None: error), error message, OOD check wanted
 class _DecodeDataset(torch.utils.data.Dataset):
-    """read_image + chest/frontal check + eval transform, in a worker; failures come back as messages."""
+    """read_image + chest/frontal check + eval transform, in a worker; failures come back as messages.
+
+    Each item also says whether the image needs the out-of-distribution check (no body-part tag)."""
 
     def __init__(self, paths: Sequence[Path], preprocessing: dict[str, Any]) -> None:
         self.paths = list(paths)
@@ -39,21 +43,21 @@ class _DecodeDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, i: int) -> Item:
         if self._transform is None:
             self._transform = build_transforms(self.preprocessing, train=False)
         try:
             image = read_image(self.paths[i], min_side=int(max(self.preprocessing["input_size"][1:])))
             check_chest_frontal(image.meta)
-            return i, self._transform(image.pixels), ""
+            return i, self._transform(image.pixels), "", needs_check(image.meta)
         except MedvitError as e:
-            return i, None, str(e)
+            return i, None, str(e), False
         except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop a 10,000-file run
             _log.warning("unexpected %s on %s", type(e).__name__, self.paths[i], exc_info=True)
-            return i, None, f"{type(e).__name__}: {e}"
+            return i, None, f"{type(e).__name__}: {e}", False
 
 
-def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> list[tuple[int, torch.Tensor | None, str]]:
+def _collate(batch: list[Item]) -> list[Item]:
     return batch
 
 
@@ -99,7 +103,7 @@ class BatchSummary:
 
 
 def _batches(paths: Sequence[Path], preprocessing: dict[str, Any], batch_size: int, workers: int
-             ) -> Iterator[list[tuple[int, torch.Tensor | None, str]]]:
+             ) -> Iterator[list[Item]]:
     loader = torch.utils.data.DataLoader(
         _DecodeDataset(paths, preprocessing), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
         prefetch_factor=2 if workers else None, persistent_workers=False,
@@ -122,13 +126,16 @@ def predict_files(predictor: Any, paths: Sequence[Path], sink: Callable[[pd.Data
     t0 = time.perf_counter()
     with tqdm(total=len(todo), unit="img", disable=not progress, desc="predict") as bar:
         for batch in _batches(todo, predictor.info.preprocessing, batch_size, workers):
-            good = [(i, x) for i, x, _ in batch if x is not None]
-            preds = predictor.predict_inputs(torch.stack([x for _, x in good])) if good else []
-            by_index = {i: pred for (i, _), pred in zip(good, preds, strict=True)}
+            good = [(i, x, check) for i, x, _, check in batch if x is not None]
+            preds = predictor.predict_inputs(torch.stack([x for _, x, _ in good]),
+                                             [check for _, _, check in good]) if good else []
+            by_index = {i: pred for (i, _, _), pred in zip(good, preds, strict=True)}
             frames = []
-            for i, _, message in batch:
+            for i, _, message, _ in batch:
                 if i in by_index:
-                    frames.append(by_index[i].table.assign(file=str(todo[i]), backend=by_index[i].backend, error=""))
+                    pred = by_index[i]
+                    frames.append(pred.table.assign(file=str(todo[i]), backend=pred.backend, error="",
+                                                    warning="; ".join(pred.warnings)))
                 else:
                     frames.append(pd.DataFrame({"file": [str(todo[i])], "backend": [predictor.backend.name],
                                                 "error": [message]}))

@@ -31,12 +31,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from medvit._io import sha256_file
-from medvit.data.dicom import read_image
+from medvit.data.dicom import XrayImage, read_image
 from medvit.errors import MedvitError, PacsError, PacsRequestError
 from medvit.evaluate.versions import version_path
 from medvit.inference.predictor import Predictor
 from medvit.pacs.client import InstanceRef, PacsClient
 from medvit.pacs.queue import claim_next, enqueue
+from medvit.pacs.sc import build_sc, saliency_overlay
 from medvit.pacs.sr import ResultProvenance, build_sr
 from medvit.review.scoring import REASON_MAX, PacsInstanceRow
 
@@ -71,7 +72,7 @@ class Watcher:
     def __init__(
         self, client: PacsClient, predictor: Predictor, engine: Engine, *, since: str | None = None,
         max_attempts: int = MAX_ATTEMPTS, worker: str | None = None,
-        after_instance: Callable[[PacsInstanceRow], None] | None = None,
+        after_instance: Callable[[PacsInstanceRow], None] | None = None, secondary_capture: bool = False,
     ) -> None:
         """
         Args:
@@ -82,11 +83,13 @@ class Watcher:
             max_attempts: a failed instance is retried until it has failed this often.
             worker: the name recorded on the rows this watcher handles (default host:pid).
             after_instance: called after each committed row (tests use it to stop the PACS mid-run).
+            secondary_capture: also store the saliency overlay as a Secondary Capture in the SR's series.
         """
         self.client, self.predictor, self.engine = client, predictor, engine
         self.since, self.max_attempts = since, max_attempts
         self.worker = (worker or f"{socket.gethostname()}:{os.getpid()}")[:120]
         self.after_instance = after_instance
+        self.secondary_capture = secondary_capture
         self.provenance = ResultProvenance(
             model_name=predictor.info.model_name, weights_sha256=predictor.info.weights_sha256,
             calibration_version=calibration_version(predictor), engine=predictor.backend.name,
@@ -138,14 +141,17 @@ class Watcher:
         try:
             data = self.client.retrieve(ref)
             try:
-                pred = self.predictor.predict(read_image(data, name=name))
+                image = read_image(data, name=name)
+                pred = self.predictor.predict(image)
             except MedvitError as exc:  # unreadable or unsuitable: refused for good, no SR
                 _finish(row, "refused", str(exc), self.worker)
                 _log.info("%s refused: %s", name, exc)
                 return
             source = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-            sr = build_sr(source, pred.table, self.provenance)
+            sr = build_sr(source, pred.table, self.provenance, pred.warnings)
             self.client.store(sr)
+            if self.secondary_capture:
+                self._store_sc(source, image, name)
         except PacsRequestError as exc:
             _fail(row, str(exc), self.worker)
             return
@@ -158,6 +164,16 @@ class Watcher:
         row.sr_sop_instance_uid = str(sr.SOPInstanceUID)
         _finish(row, "scored", None, self.worker)
         _log.info("%s scored: SR %s", name, row.sr_sop_instance_uid)
+
+
+    def _store_sc(self, source: pydicom.Dataset, image: XrayImage, name: str) -> None:
+        """STOW the saliency overlay beside the SR (a model without attention gets the SR alone, logged)."""
+        try:
+            rgb = saliency_overlay(self.predictor, image)
+        except ValueError as exc:
+            _log.warning("%s: no secondary capture (%s)", name, exc)
+            return
+        self.client.store(build_sc(source, rgb, self.provenance.weights_sha256))
 
 
 def _finish(row: PacsInstanceRow, status: str, reason: str | None, worker: str) -> None:
