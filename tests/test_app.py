@@ -473,3 +473,76 @@ def test_unexpected_failures_are_logged_and_shown_without_a_traceback(env, monke
     assert "boom" not in _errors(at) and "Traceback" not in _errors(at)
     assert _findings(at) is None
     assert any(r.exc_info and "boom in a library bug" in str(r.exc_info[1]) for r in caplog.records)
+
+
+# ---- the PACS worklist (issue 11), against a real Orthanc ----
+
+
+@pytest.fixture
+def pacs(tmp_path, monkeypatch):
+    """A real Orthanc (test_pacs.Orthanc: temp storage, authentication on, loopback only), stopped by its PID."""
+    from test_pacs import ORTHANC, PLUGINS, USER, Orthanc
+
+    from medvit.pacs.client import PASSWORD_ENV, TOKEN_ENV, USER_ENV
+
+    if not ORTHANC.is_file() or not (PLUGINS / "libOrthancDicomWeb.so").is_file():
+        pytest.skip(f"Orthanc not installed ({ORTHANC}, DICOMweb plugin): apt-get install orthanc orthanc-dicomweb")
+    server = Orthanc(tmp_path / "orthanc")
+    server.start()
+    monkeypatch.setenv(USER_ENV, USER)
+    monkeypatch.setenv(PASSWORD_ENV, server.password)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    yield server
+    server.stop()
+
+
+def test_pacs_worklist_lists_scores_opens_and_stores_verdicts(env, pacs, monkeypatch, run_dir):
+    from test_pacs import _copy, _srs
+
+    from medvit.inference.predictor import Predictor
+    from medvit.pacs.client import PacsClient
+    from medvit.pacs.sr import read_sr_findings
+    from medvit.pacs.watch import Watcher
+    from medvit.review.store import ReviewStore
+
+    unci, lateral, later = _copy("RG1_UNCI.dcm"), _copy("RG1_UNCI.dcm", ViewPosition="LL"), _copy("RG1_UNCI.dcm")
+    for ds in (unci, lateral, later, pydicom.dcmread(dicom_path("CT_small.dcm"))):
+        pacs.upload(ds)
+    store = ReviewStore(env)  # the watcher scores two of the three CR instances into the app's database
+    Watcher(PacsClient(pacs.dicomweb), Predictor.from_dir(run_dir, backend="torch"), store.engine).run_pass()
+    store.close()
+    pacs.upload(_copy("RG1_UNCI.dcm"))  # arrives after the watcher's pass: not scored yet
+    monkeypatch.setenv("MEDVIT_DICOMWEB_URL", pacs.dicomweb)
+    at = _app()
+    assert not at.error, _errors(at)
+    queue = _queue(at)
+    assert len(queue) == 4 and "CT" not in set(queue["view"].dropna())  # CR/DX only
+    statuses = queue["status"].tolist()
+    assert statuses.count("✓ reviewed") == 0
+    assert queue["top_finding"].iloc[0] is not None, "the most urgent scored study comes first"
+    assert queue["top_prob"].dropna().is_monotonic_decreasing
+    assert any(s.startswith("⛔ refused") and "lateral" in s for s in statuses)
+    assert _rows(at), "the first study is retrieved and shown like any other image"
+    assert (queue["date"] == "2004-08-26").all()
+
+    key = _image_key(at, "lab_")
+    at.button_group[0].set_value("present")
+    at.text_input(key="reviewer").input("Dr PACS")
+    at.checkbox(key="pacs_sr").check()
+    at = at.button(key=f"save_{key[4:]}").click().run()
+    _no_crash(at)
+    assert not at.error, _errors(at)
+    assert any("Stored your verdicts in the PACS" in s.value for s in at.success)
+    reviewed = [sr for sr in _srs(pacs) if sr.SeriesDescription == "medvit findings with clinician verdicts"]
+    assert len(reviewed) == 1
+    verdicts = {f: v["verdict"] for f, v in read_sr_findings(reviewed[0]).items() if "verdict" in v}
+    assert list(verdicts) == [_rows(at)[0]] and set(verdicts.values()) <= {"agree", "disagree"}
+    at = at.button(key="next_pacs").click().run()
+    assert _queue(at)["status"].tolist()[0] == "✓ reviewed"
+
+
+def test_unreachable_pacs_is_one_clear_message(env, monkeypatch):
+    monkeypatch.setenv("MEDVIT_DICOMWEB_URL", "http://127.0.0.1:9/dicom-web")
+    at = _app()
+    [message] = [e.value for e in at.error]
+    assert "cannot be reached" in message and "Traceback" not in message

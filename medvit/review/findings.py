@@ -120,7 +120,7 @@ def findings_list(analysis: Analysis, card: ModelCard | None, calibrated: bool) 
             continue
         evidence = card.findings.get(str(row.finding)) if card else None
         with st.container(key=f"frow_{i}_{key}"):
-            c1, c2, c3, c4, c5 = st.columns([2.0, 2.6, 1.2, 1.0, 2.6], vertical_alignment="center")
+            c1, c2, c3, c4, c5 = st.columns([1.7, 2.2, 1.1, 1.0, 3.4], vertical_alignment="center")
             name = html.escape(str(row.finding).replace("_", " "))
             c1.markdown(name if row.reported else f'<span style="color:#868e96">{name}</span>', unsafe_allow_html=True)
             c2.markdown(_bar(row.prob, row.threshold, bool(row.flag), bool(row.reported)), unsafe_allow_html=True)

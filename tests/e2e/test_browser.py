@@ -82,42 +82,135 @@ def server(tmp_path, dev_images):
             proc.kill()
 
 
-def test_upload_review_and_audit_in_a_real_browser(server, tmp_path):
+def _rows(page) -> list[str]:
+    """The findings rows on screen, top to bottom (their containers are keyed frow_<i>_<image>)."""
+    return [t.strip() for t in page.locator('[class*="st-key-frow_"] [data-testid="stMarkdownContainer"] p')
+            .filter(has_not_text="AUROC").all_inner_texts() if t.strip()]  # fmt: skip
+
+
+def test_review_queue_keys_edits_and_masking_in_a_real_browser(server, tmp_path, dev_images):
     from playwright.sync_api import expect, sync_playwright
 
     url, db, log = server
     artifacts = Path(os.environ.get("MEDVIT_ARTIFACT_DIR") or tmp_path / "artifacts")
     artifacts.mkdir(parents=True, exist_ok=True)
     dicom = dicom_path("RG1_UNCI.dcm")
+    blank = tmp_path / "blank.png"
+    from PIL import Image
+
+    Image.new("L", (256, 256), 0).save(blank)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1400})
         try:
             page.goto(url)
             expect(page.get_by_text("not a diagnostic device")).to_be_visible(timeout=RESULT_MS)
-            page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(dicom)
-            expect(page.get_by_text("RG1_UNCI.dcm — window")).to_be_visible(timeout=RESULT_MS)
+            uploader = page.locator('[data-testid="stFileUploader"] input[type="file"]')
+            uploader.set_input_files(dicom)
+            expect(page.get_by_text("RG1_UNCI.dcm").first).to_be_visible(timeout=RESULT_MS)
             expect(page.get_by_role("heading", name="Findings")).to_be_visible(timeout=RESULT_MS)
-            expect(page.get_by_test_id("stDataFrame").first).to_be_visible()
-            verdicts = page.get_by_test_id("stRadio")
-            expect(verdicts).to_have_count(14, timeout=RESULT_MS)  # one feedback row per finding
-            page.wait_for_timeout(1000)  # let the image and the data grids paint
+            rows = page.locator('[class*="st-key-frow_"]')
+            expect(rows.first).to_be_visible(timeout=RESULT_MS)
+            n_flagged = rows.count()
+            assert 0 < n_flagged < 14 and rows.filter(has_text="flagged").count() == n_flagged  # flagged first
+            page.get_by_text("Show all findings (").click()
+            expect(rows).to_have_count(14, timeout=RESULT_MS)
+            assert all("flagged" in rows.nth(i).inner_text() for i in range(n_flagged))
+            assert "flagged" not in rows.nth(n_flagged).inner_text()
+            page.wait_for_timeout(1000)
             page.screenshot(path=str(artifacts / "review_findings.png"))
 
-            verdicts.filter(has_text="Effusion —").get_by_text("agree", exact=True).click()
-            verdicts.filter(has_text="Cardiomegaly —").get_by_text("uncertain", exact=True).click()
+            first = rows.nth(0).locator('[data-testid="stMarkdownContainer"] p').first.inner_text().strip()
+            rows.nth(0).get_by_role("button", name="present", exact=True).click()  # inline verdict
+            page.evaluate("document.activeElement && document.activeElement.blur()")  # keys go to the page
+            page.keyboard.press("j")  # keys: the second row, set absent
+            page.keyboard.press("a")
+            expect(page.get_by_text("2 verdict(s) set.")).to_be_visible(timeout=RESULT_MS)
             page.get_by_label("Reviewer name").fill("Dr Browser")
             page.get_by_label("Note").fill("checked in Chromium")
             page.get_by_role("button", name="Save review").click()
             expect(page.get_by_text("Saved review #1")).to_be_visible(timeout=RESULT_MS)
+            rows.nth(0).get_by_role("button", name="uncertain", exact=True).click()  # edit the saved review
+            expect(page.get_by_text("2 verdict(s) set.")).to_be_visible(timeout=RESULT_MS)
+            page.get_by_role("button", name="Save review").click()
+            expect(page.get_by_text("Updated review #1")).to_be_visible(timeout=RESULT_MS)
+            page.screenshot(path=str(artifacts / "review_saved.png"))
+
+            page.get_by_text("Patient identifiers").click()  # reveal on this image...
+            page.get_by_text("Show patient identifiers").click()
+            expect(page.get_by_text("CompressedSamples^RG1")).to_be_visible(timeout=RESULT_MS)
+            uploader.set_input_files(str(sorted(dev_images.glob("*.png"))[0]))  # ...and the next one is masked
+            expect(page.get_by_text("no DICOM header")).to_be_visible(timeout=RESULT_MS)
+            expect(page.get_by_text("CompressedSamples^RG1")).to_have_count(0)
+
+            uploader.set_input_files(str(blank))  # a blank image is refused, with no findings
+            expect(page.get_by_text("uniform").first).to_be_visible(timeout=RESULT_MS)
+            expect(rows).to_have_count(0)
+            page.screenshot(path=str(artifacts / "review_blank_refused.png"))
             assert "Traceback" not in page.content()
         finally:
-            page.screenshot(path=str(artifacts / "review_saved.png"))
+            page.screenshot(path=str(artifacts / "review_last.png"))
             browser.close()
 
     [review] = stored_reviews(db)
     assert review.reviewer == "Dr Browser" and review.note == "checked in Chromium"
-    assert review.verdicts == {"Effusion": "agree", "Cardiomegaly": "uncertain"}
+    assert review.labels[first] is None and len(review.verdicts) == 2 and len(review.edits) == 1
+    assert review.edits[0].verdicts[first] in ("agree", "disagree")
     assert review.image_uid == "1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457"
-    assert review.image_uid_kind == "sop_instance_uid"
-    assert all((artifacts / f"review_{n}.png").stat().st_size > 10_000 for n in ("findings", "saved"))
+
+
+def test_worklist_next_and_previous_in_a_real_browser(worklist_server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url = worklist_server
+    artifacts = Path(os.environ.get("MEDVIT_ARTIFACT_DIR") or tmp_path / "artifacts")
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1200})
+        try:
+            page.goto(url)
+            expect(page.get_by_text("1 of 3")).to_be_visible(timeout=RESULT_MS)
+            expect(page.get_by_text("Modality CT").first).to_be_visible(timeout=RESULT_MS)  # first item: refused
+            page.get_by_role("button", name="Next ▶").click()
+            expect(page.get_by_text("2 of 3")).to_be_visible(timeout=RESULT_MS)
+            expect(page.get_by_role("heading", name="Findings")).to_be_visible(timeout=RESULT_MS)
+            page.evaluate("document.activeElement && document.activeElement.blur()")
+            page.keyboard.press("n")  # the same with the key
+            expect(page.get_by_text("3 of 3")).to_be_visible(timeout=RESULT_MS)
+            page.get_by_role("button", name="◀ Previous").click()
+            expect(page.get_by_text("2 of 3")).to_be_visible(timeout=RESULT_MS)
+            page.screenshot(path=str(artifacts / "review_worklist.png"))
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def worklist_server(tmp_path, dev_images):
+    """`medvit review --worklist` over a CT (refused), RG1_UNCI.dcm and an NIH PNG."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} not found: `apt-get install -y chromium` (or set MEDVIT_CHROMIUM)")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (the Python package only)")
+    folder = tmp_path / "worklist"
+    folder.mkdir()
+    for name in ("CT_small.dcm", "RG1_UNCI.dcm"):
+        os.symlink(dicom_path(name), folder / name)
+    os.symlink(sorted(dev_images.glob("*.png"))[0], folder / "z_nih.png")
+    run = make_tiny_run(tmp_path / "run")
+    port = _free_port()
+    env = dict(os.environ, MEDVIT_BACKEND="torch", MEDVIT_CACHE=str(tmp_path / "cache"))
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "medvit", "review", "--run", str(run), "--port", str(port), "--db",
+           f"sqlite:///{tmp_path / 'reviews.sqlite3'}", "--worklist", str(folder)]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    url = f"http://localhost:{port}"
+    try:
+        _wait_healthy(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
