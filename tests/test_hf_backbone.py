@@ -256,9 +256,23 @@ def test_train_calibrate_export_predict_and_serve_without_the_source_folder(
     assert heat.shape == (120, 100) and heat.min() >= 0 and heat.max() <= 1 and heat.max() > 0
 
 
-def test_offline_with_a_missing_hub_id_fails_in_one_line(dev_subset_csv, dev_images, tmp_path, monkeypatch, capsys):
+def test_offline_a_hub_id_loads_from_the_cache_or_fails_in_one_line(
+    hf_dirs, dev_subset_csv, dev_images, tmp_path, monkeypatch, capsys
+):
+    import huggingface_hub
+
     _go_offline(monkeypatch)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache: nothing to find locally
+    cache = tmp_path / "hub"  # the hub cache layout: refs/main names the snapshot that holds the files
+    repo, commit = cache / "models--medvit-test--tiny-vit", "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(hf_dirs["vit"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read at call time
+
+    net = build_model(_cfg(Path("medvit-test/tiny-vit")), K)  # a hub id, read with local_files_only
+    saved = _encoder("vit")[0].state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in net.backbone.model.state_dict().items())
+
     rc = _train(Path("medvit-test-no-such-org/no-such-encoder"), tmp_path / "run", dev_subset_csv, dev_images)
     err = capsys.readouterr().err
     assert rc == 2
