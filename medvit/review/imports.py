@@ -156,7 +156,8 @@ def read_rows(csv_path: str | os.PathLike, images_dir: str | os.PathLike, findin
     missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
     if missing:
         raise MedvitError(f"{csv_path}: missing column(s) {', '.join(missing)}; expected {', '.join(CSV_COLUMNS)}")
-    images, rows, seen = _Images(images_dir), [], {}
+    images, rows = _Images(images_dir), []
+    seen: dict[tuple[Path, str, datetime, str], int] = {}
     for n, record in enumerate(reader, start=1):
         if None in record or any(v is None for v in record.values()):
             raise MedvitError(f"{csv_path}: {_where(n)}: {len(reader.fieldnames or [])} columns expected")

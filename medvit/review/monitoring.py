@@ -110,10 +110,8 @@ def card_bounds(card_finding: dict[str, Any] | None, recent_probs: np.ndarray, s
     metrics.json entry; a bound is None where the card has no value for it."""
     card_finding = card_finding or {}
     n = len(recent_probs)
-    counts = [card_finding.get(k) for k in ("tp", "tn", "fp", "fn")]
-    accuracy = None
-    if all(isinstance(c, int) for c in counts) and sum(counts) > 0:  # type: ignore[arg-type]
-        accuracy = (counts[0] + counts[1]) / sum(counts)  # type: ignore[operator]
+    counts = [c for c in (card_finding.get(k) for k in ("tp", "tn", "fp", "fn")) if isinstance(c, int)]
+    accuracy = (counts[0] + counts[1]) / sum(counts) if len(counts) == 4 and sum(counts) > 0 else None
     min_agreement = None
     if accuracy is not None and n:
         min_agreement = accuracy - AGREEMENT_SLACK - 1.96 * math.sqrt(accuracy * (1 - accuracy) / n)

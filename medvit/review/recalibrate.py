@@ -107,11 +107,12 @@ def recalibrate_from_reviews(
     fit = site.fit_site_calibration(current, reviews, findings=wanted, prior_strength=prior_strength,
                                     min_reviews=min_reviews, test_fraction=test_fraction)  # fmt: skip
     recalibrated = fit.report["findings"]
-    meta = {
+    summary = _review_summary(reviews, list(recalibrated))
+    meta: dict[str, Any] = {
         "source": "site reviews",
         "weights_sha256": weights,
         "database": store.display_url,
-        "reviews": _review_summary(reviews, list(recalibrated)),
+        "reviews": summary,
         "method": {"calibrator": "platt shrunk toward the parent", "prior_strength": prior_strength,
                    "test_fraction": test_fraction, "min_reviews": min_reviews},
         "evaluation": fit.report,
@@ -124,7 +125,7 @@ def recalibrate_from_reviews(
         "calibration %s of %s from %d labelled reviews%s",
         name,
         run_dir,
-        meta["reviews"]["n_labelled"],
+        summary["n_labelled"],
         " (active)" if activate else "",
     )
     return Recalibration(name, activate, {**meta, "parent": None if parent == "none" else parent})
