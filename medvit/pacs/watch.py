@@ -58,9 +58,9 @@ class PassSummary:
 
 
 def calibration_version(predictor: Predictor) -> str:
-    """The calibration's method and the SHA-256 of its file (there is no other version concept yet)."""
-    path = predictor.info.run_dir / CALIBRATION
-    if not predictor.calibrated or not path.is_file():
+    """The active calibration version (medvit.evaluate.versions), its method and the SHA-256 of its write-once
+    file: version names are per run, the hash identifies the numbers anywhere."""
+    if not predictor.calibrated:
         return "none (uncalibrated sigmoid, thresholds 0.5)"
     path = version_path(predictor.info.run_dir, predictor.calibration_version)
     return f"{predictor.calibration_version} {predictor.calibration.method} sha256:{sha256_file(path)}"
