@@ -64,3 +64,41 @@ def test_flop_count_of_deit3_base_and_matmul_peak():
     assert model_gflop(speed_model("tiny"), [3, 64, 64]) == pytest.approx(
         model_gflop(speed_model("tiny").to("meta"), [3, 64, 64]))
     assert matmul_peak_gflops(torch.float32, 256, repeats=2) > 0
+
+
+def test_bench_model_reports_each_model_and_engine_against_the_baseline(dev_data, capsys):
+    """`bench --model` on two tiny timm models (a ViT and a convnet) with the tiny baseline: the schema, filled."""
+    argv = ["bench", "--model", "test_vit,test_efficientnet", "--model-size", "tiny", "--backends", "torch",
+            "onnx-int8", "--repeats", "1", "--warmup", "0", "--data", str(dev_data), "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"machine", "baseline", "models"}
+    assert out["machine"]["cpu"] and "avx2" in out["machine"]["isa"]
+    base = out["baseline"]
+    assert base["model"] == "deit3_small_patch16_384" and base["engine"] == "torch-fp32"
+    assert base["batch1_ms_per_image"] > 0 and base["batch8_ms_per_image"] > 0
+    assert list(out["models"]) == ["test_vit", "test_efficientnet"]
+    for name, row in out["models"].items():
+        assert set(row) == {"params_m", "gflops", "input_size", "engines", "skipped"}, name
+        assert 0 < row["params_m"] < 1 and 0 < row["gflops"] < 1 and len(row["input_size"]) == 3
+        assert set(row["engines"]) == {"torch-fp32", "onnx-int8"} and row["skipped"] == {}
+        for engine, r in row["engines"].items():
+            assert set(r) == {"size_mb", "max_abs_dp", "within_tolerance", "batch1", "batch8"}, engine
+            assert r["size_mb"] > 0 and math.isfinite(r["max_abs_dp"])
+            for bs in ("batch1", "batch8"):
+                assert set(r[bs]) == {"ms_per_image", "ratio_to_baseline"}
+                assert r[bs]["ms_per_image"] > 0 and r[bs]["ratio_to_baseline"] > 0
+        assert row["engines"]["torch-fp32"]["max_abs_dp"] == 0.0
+        # the int8 graph stores int8 MatMul weights: smaller than the fp32 safetensors for the ViT
+    vit = out["models"]["test_vit"]["engines"]
+    assert vit["onnx-int8"]["size_mb"] < vit["torch-fp32"]["size_mb"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--model", "no_such_net"], "unknown timm model"),
+    (["--model", "test_vit", "--backends", "openvino"], "not openvino"),
+])
+def test_bench_model_refuses_bad_arguments_in_one_line(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

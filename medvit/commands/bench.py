@@ -3,6 +3,10 @@
 One process measures every backend on DeiT3-B/16-384 (random init) at batch 1 and 8, the fp32/bf16
 matmul peaks, the mean-AUROC drift of the run (default: the demo model) on the dev val split, and the
 DICOM -> table latency. `--json` prints exactly the issue's schema; `--save FILE` keeps every number.
+
+`medvit bench --model NAME[,NAME...] [--json]` compares timm models instead (`edge`: the five reference edge
+models): parameters, GFLOPs, size on disk and ms/image per engine, as a ratio to DeiT3-B eager fp32 measured in
+the same run (`medvit.inference.edgebench`).
 """
 
 from __future__ import annotations
@@ -17,8 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-size", default="base", choices=["base", "tiny"],
                         help="base = DeiT3-B/16-384 (minutes); tiny = a 64-px 2-block DeiT3 (seconds, for tests)")
     parser.add_argument("--run", default=None, help="run for AUROC drift and latency (default: $MEDVIT_RUN, demo)")
-    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS), metavar="NAME",
-                        help=f"backends to measure (default: all of {', '.join(BACKENDS)})")
+    parser.add_argument("--model", metavar="NAME[,NAME...]", default=None,
+                        help="compare these timm models (random init) against DeiT3-B eager fp32 instead; `edge` = "
+                        "vit_tiny_patch16_224,deit_tiny_patch16_224,mobilevit_s,efficientvit_m0,fastvit_t8")
+    parser.add_argument("--backends", nargs="+", default=None, choices=list(BACKENDS), metavar="NAME",
+                        help=f"backends to measure (default: all of {', '.join(BACKENDS)}; with --model: torch onnx "
+                        "onnx-int8)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median and min)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs (compiled backends warm up when built)")
     parser.add_argument("--e2e-repeats", type=int, default=3, help="timed DICOM -> table passes per file")
@@ -58,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.repeats < 1 or args.e2e_repeats < 1 or args.warmup < 0:
         raise ConfigError("--repeats and --e2e-repeats must be >= 1, --warmup >= 0")
-    opts = BenchOptions(model_size=args.model_size, run_dir=args.run, backends=args.backends,
+    if args.model is not None:
+        return _run_models(args)
+    opts = BenchOptions(model_size=args.model_size, run_dir=args.run, backends=args.backends or list(BACKENDS),
                         warmup=args.warmup, repeats=args.repeats, e2e_repeats=args.e2e_repeats,
                         data_dir=Path(args.data) if args.data else DEV_DATA)
     report = run_bench(opts)
@@ -68,4 +78,30 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json()))
     else:
         _print_report(report.details())
+    return 0
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    """`--model`: the edge comparison (`--model-size` picks the baseline: base = DeiT3-B/16-384)."""
+    import json
+    from pathlib import Path
+
+    from medvit.inference.bench import DEV_DATA
+    from medvit.inference.edgebench import (
+        EDGE_ENGINES,
+        EdgeOptions,
+        check_engines,
+        format_table,
+        parse_models,
+        run_edge_bench,
+    )
+
+    engines = args.backends or list(EDGE_ENGINES)
+    check_engines(engines)
+    opts = EdgeOptions(models=parse_models(args.model), engines=engines, baseline_size=args.model_size,
+                       warmup=args.warmup, repeats=args.repeats, data_dir=Path(args.data) if args.data else DEV_DATA)
+    report = run_edge_bench(opts)
+    if args.save:
+        Path(args.save).write_text(json.dumps(report, indent=2, default=float) + "\n")
+    print(json.dumps(report, default=float) if args.json else format_table(report))
     return 0

@@ -202,7 +202,7 @@ class Report:
                 "mean_auroc": self.auroc, **self.info}
 
 
-def _machine() -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
     """What the numbers were measured on (see `medvit._platform`)."""
     flags = isa_flags()
     return {"cpu": cpu_model(), "isa": {f: f in flags for f in ISA_FLAGS}, "int8_scheme": int8_scheme().name,
@@ -326,7 +326,7 @@ def run_bench(opts: BenchOptions) -> Report:
     """All sections in one process, so every ratio compares numbers taken under the same load."""
     if opts.model_size not in SIZES:
         raise ConfigError(f"--model-size must be one of {', '.join(SIZES)}")
-    report = Report(info={"machine": _machine()})
+    report = Report(info={"machine": machine_info()})
     with tempfile.TemporaryDirectory(prefix="medvit-bench-") as tmp:
         bench_speed(opts, report, Path(tmp))
         try:
