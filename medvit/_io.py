@@ -1,6 +1,8 @@
 """Atomic file I/O shared by every writer: temp file + fsync + rename, so a reader never sees half a file.
 
-Also the safetensors/JSON readers, which refuse pickles (they can run code on load)."""
+Also the safetensors/JSON readers, which refuse pickles (they can run code on load). torch is imported only by
+the two tensor functions: commands read JSON and write files through this module before their arguments are
+checked, and must not pay the torch import for it."""
 
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 
 from medvit.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 _log = logging.getLogger(__name__)
 
@@ -102,6 +105,8 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
 
     Returns the SHA-256 of the written file, hashed from memory (no second read of a possibly large file).
     """
+    from safetensors.torch import save
+
     out = {}
     for k, v in tensors.items():
         v = v.detach().cpu()
@@ -123,6 +128,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         )
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
+    from safetensors.torch import load_file
+
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:

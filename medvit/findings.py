@@ -7,6 +7,7 @@ so the loss can be masked instead of treating "not labelled" as "absent".
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable, Sequence
 
@@ -79,6 +80,14 @@ def canonical(name: str) -> str:
         raise DatasetError(
             f"unknown finding {name!r}; known findings: {', '.join(ALL_FINDINGS + CHEXPERT_ONLY)}"
         ) from None
+
+
+def close_finding(name: str) -> str | None:
+    """The known finding a column name looks like a misspelling of ("Efusion" -> "Effusion"), else None."""
+    if is_finding(name):
+        return None
+    close = difflib.get_close_matches(_key(name), list(_CANONICAL), n=1, cutoff=0.8)
+    return _CANONICAL[close[0]] if close else None
 
 
 def display_name(name: str) -> str:

@@ -1,5 +1,9 @@
+import os
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from medvit.cli import COMMANDS, main
 
@@ -32,3 +36,48 @@ def test_data_check_on_dev_set(dev_labels, dev_images, capsys):
 def test_data_check_missing_csv_is_user_error(tmp_path, capsys):
     assert main(["data", "check", "--labels", str(tmp_path / "x.csv"), "--images", str(tmp_path)]) == 2
     assert "labels CSV not found" in capsys.readouterr().err
+
+
+USER_ERRORS = {  # argv -> the start of the one error line; each must answer before torch is imported
+    "train-config": (["train", "--config", "nope.yaml"], "error: cannot read config nope.yaml"),
+    "train-key": (["train", "-c", "configs/smoke.yaml", "--set", "train.lrr=1"],
+                  "error: --set train.lrr: unknown key; did you mean train.lr?"),
+    "train-resume": (["train", "--resume", "nope"], "error: run folder not found: nope"),
+    "evaluate-run": (["evaluate", "--run", "nope", "--labels", "configs/smoke.yaml", "--images", ".", "--out", "o"],
+                     "error: run folder not found: nope"),
+    "evaluate-labels": (["evaluate", "--run", "nope", "--labels", "nope.csv", "--images", ".", "--out", "o"],
+                        "error: labels CSV not found: nope.csv"),
+    "calibrate-run": (["calibrate", "--run", "nope"], "error: run folder not found: nope"),
+    "calibrate-data-root": (["calibrate", "--run", "medvit/resources/demo", "--data-root", "nope"],
+                            "error: --data-root nope: folder not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_ERRORS))
+def test_user_errors_answer_before_torch_is_imported(case):
+    argv, expected = USER_ERRORS[case]
+    code = ("import sys; from medvit.cli import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'torch' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, cwd=root)
+    assert r.stdout.split() == ["2", "False"], r.stderr
+    assert r.stderr.strip().startswith(expected) and "\n" not in r.stderr.strip()
+
+
+def test_review_help_does_not_import_torch():
+    code = "import sys; from medvit.cli import build_parser; build_parser('review'); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          timeout=120).stdout.strip() == "False"
+
+
+def test_offline_flag_before_or_after_the_command_sets_the_hub_variables():
+    code = ("import os, sys; from medvit.cli import main; main(sys.argv[1:]); "
+            "print(os.environ.get('HF_HUB_OFFLINE'), os.environ.get('TRANSFORMERS_OFFLINE'), "
+            "os.environ.get('MEDVIT_OFFLINE'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "MEDVIT_OFFLINE")}
+    for argv in (["--offline", "calibrate", "--run", "nope"], ["calibrate", "--offline", "--run", "nope"]):
+        r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=120)
+        assert r.stdout.split() == ["1", "1", "1"], r.stderr
+    r = subprocess.run([sys.executable, "-c", code, "calibrate", "--run", "nope"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.stdout.split() == ["None", "None", "None"]

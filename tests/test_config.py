@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from medvit.config import DEFAULT_BACKBONE, load_config
+from medvit.config import DEFAULT_BACKBONE, load_config, validate_config
 from medvit.errors import ConfigError
 from medvit.findings import NIH_FINDINGS
 
@@ -92,3 +92,29 @@ def test_frozen_blocks_need_frozen_stem() -> None:
 def test_batch_must_split_into_accumulation_steps() -> None:
     with pytest.raises(ConfigError, match="accum_steps"):
         load_config(CONFIGS / "smoke.yaml", ["train.batch_size=10", "train.accum_steps=3"])
+
+
+def test_unknown_keys_get_a_did_you_mean_and_blame_set_or_the_file(tmp_path: Path) -> None:
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(smoke, ["train.lrr=1e-3"])
+    assert str(e.value) == "--set train.lrr: unknown key; did you mean train.lr?"
+    with pytest.raises(ConfigError, match=r"^--set train\.ema\.decy: unknown key; did you mean train\.ema\.decay\?$"):
+        load_config(smoke, ["train.ema.decy=0.5"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(smoke.read_text().replace("  lr: 1.0e-3", "  lrr: 1.0e-3"))
+    with pytest.raises(ConfigError) as e:
+        load_config(bad, ["train.epochs=1"])  # an unrelated --set: the file is still to blame
+    assert str(e.value) == f"{bad}: train.lrr: unknown key; did you mean train.lr?"
+    with pytest.raises(ConfigError, match=r"--set train\.lr: Input should be greater than 0"):
+        load_config(smoke, ["train.lr=-1"])
+
+
+def test_paths_become_absolute_and_weights_file_implies_pretrained(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = validate_config({"data": {"labels_csv": "d/labels.csv", "images_root": "d/img",
+                                    "split_files": {"test": "d/test.txt"}},
+                           "model": {"pretrained": False, "weights_file": "w/model.safetensors"}})
+    assert cfg.data.labels_csv == tmp_path / "d" / "labels.csv" and cfg.data.images_root == tmp_path / "d" / "img"
+    assert cfg.data.split_files == {"test": tmp_path / "d" / "test.txt"}
+    assert cfg.model.weights_file == tmp_path / "w" / "model.safetensors" and cfg.model.pretrained is True

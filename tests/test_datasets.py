@@ -116,3 +116,21 @@ def test_dataset_augmentation_depends_on_seed_epoch_and_index_only(dev_labels, d
     assert np.array_equal(a[0][0].numpy(), b[0][0].numpy())
     b.set_epoch(1)
     assert not np.array_equal(a[0][0].numpy(), b[0][0].numpy())
+
+
+def test_a_misspelled_finding_column_is_a_did_you_mean_error(dev_images, tmp_path, capsys):
+    """`Efusion` used to be ignored silently: Effusion all unknown, and evaluate dropped the finding."""
+    from medvit.cli import main
+
+    names = sorted(p.name for p in dev_images.iterdir())[:3]
+    wide = {"Path": names, "Patient ID": ["p1", "p2", "p3"], "Sex": ["F", "M", "F"], "Age": [50, 60, 70],
+            "Efusion": [1, 0, 1], "Cardiomegaly": [0, 1, 0]}
+    pd.DataFrame(wide).to_csv(tmp_path / "w.csv", index=False)
+    with pytest.raises(DatasetError, match="column 'Efusion' is not a known finding; did you mean 'Effusion'"):
+        load_labels(tmp_path / "w.csv", dev_images, ["Effusion", "Cardiomegaly"])
+    assert main(["data", "check", "--labels", str(tmp_path / "w.csv"), "--images", str(dev_images)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "did you mean 'Effusion'" in err and "\n" not in err
+    pd.DataFrame(wide).rename(columns={"Efusion": "Effusion"}).to_csv(tmp_path / "ok.csv", index=False)
+    ok = load_labels(tmp_path / "ok.csv", dev_images, ["Effusion", "Cardiomegaly"])  # Sex / Age: not finding-like
+    assert ok["Effusion"].tolist() == [1, 0, 1]

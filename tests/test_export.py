@@ -125,3 +125,19 @@ def test_reference_images_fall_back_to_pydicom_data(tmp_path, cxr_dicom):
     config = {"data": {"labels_csv": str(tmp_path / "gone.csv"), "images_root": str(tmp_path)}}
     assert fp32check.reference_images(config) == [cxr_dicom]
     assert fp32check.reference_images(None) == [cxr_dicom]
+
+
+def test_exported_onnx_files_carry_findings_preprocessing_and_the_weights_hash(run):
+    import onnxruntime as ort
+
+    for fmt, extra in (("onnx", []), ("onnx", ["--int8"])):
+        assert main(["export", "--run", str(run), "--format", fmt, *extra]) == 0
+    config = json.loads((run / "config.json").read_text())
+    for name in ("model.onnx", "model.int8.onnx"):
+        props = {p.key: p.value for p in onnx.load(str(run / name)).metadata_props}
+        assert json.loads(props["medvit.findings"]) == config["findings"]
+        assert json.loads(props["medvit.preprocessing"]) == config["preprocessing"]
+        assert props["medvit.weights_sha256"] == sha256_file(run / "model.safetensors")
+        session = ort.InferenceSession(str(run / name), providers=["CPUExecutionProvider"])
+        assert session.get_modelmeta().custom_metadata_map["medvit.weights_sha256"] == props["medvit.weights_sha256"]
+        assert json.loads((run / "exports.json").read_text())[name]["sha256"] == sha256_file(run / name)

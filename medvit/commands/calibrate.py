@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--labels", type=Path, metavar="CSV", help="calibration labels (default: the run's own data)")
     parser.add_argument("--images", type=Path, metavar="DIR", help="image folder for --labels")
+    parser.add_argument("--data-root", type=Path, metavar="DIR",
+                        help="the folder that now holds the run's own training data, when it moved since training "
+                        "(default: $MEDVIT_DATA_ROOT, else the paths in the run's config.json)")
     parser.add_argument(
         "--split", help="split to calibrate on (default: calib if present, else val; with --labels: all rows)"
     )
@@ -58,12 +61,16 @@ def add_engine_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from medvit.rundir import check_data_root, check_run_dir
+
+    check_run_dir(args.run)  # before the heavy imports: a typo answers at once
+    check_data_root(args.data_root)
     from medvit.evaluate.pipeline import calibrate_run
 
     result = calibrate_run(
         args.run, labels_csv=args.labels, images_dir=args.images, split=args.split, method=args.method,
         threshold_rule=args.threshold, target_sensitivity=args.target_sensitivity, batch_size=args.batch_size,
-        n_boot=args.n_boot, notes=args.notes, engine=args.engine,
+        n_boot=args.n_boot, notes=args.notes, engine=args.engine, data_root=args.data_root,
     )
     print(json.dumps(result.summary(), indent=2))
     return 0

@@ -8,7 +8,8 @@ import json
 from pathlib import Path
 
 from medvit.commands.calibrate import add_engine_argument
-from medvit.errors import ConfigError
+from medvit.errors import ConfigError, DatasetError
+from medvit.rundir import check_run_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if (args.run is None) == (args.baseline is None):
         raise ConfigError("give either --run RUN_DIR or --baseline pixels")
+    if not args.labels.is_file():  # the arguments before the heavy imports: a typo answers at once
+        raise DatasetError(f"labels CSV not found: {args.labels}")
+    if not args.images.is_dir():
+        raise DatasetError(f"image folder not found: {args.images}")
+    if args.run is not None:
+        check_run_dir(args.run)
     if args.baseline is not None:
         from medvit.evaluate.baseline import BASELINE_JSON, evaluate_baseline
 

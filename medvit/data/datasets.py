@@ -18,7 +18,14 @@ import pandas as pd
 
 from medvit.data.dicom import read_image
 from medvit.errors import DatasetError
-from medvit.findings import DEFAULT_FINDINGS, align_labels, is_finding, numeric_labels, resolve_findings
+from medvit.findings import (
+    DEFAULT_FINDINGS,
+    align_labels,
+    close_finding,
+    is_finding,
+    numeric_labels,
+    resolve_findings,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -85,11 +92,21 @@ def _from_wide(df: pd.DataFrame, uncertainty: str) -> tuple[pd.DataFrame, pd.Dat
             raise DatasetError("wide-format CSV needs a 'Patient ID' column (or CheXpert-style 'patientNNNNN' paths)")
         patients = found
     view = next((df[c].astype(str) for c in ("View Position", "AP/PA", "Frontal/Lateral") if c in df.columns), None)
+    _refuse_misspelled_findings(df.columns)
     labels = pd.DataFrame({c: numeric_labels(df[c]) for c in df.columns if is_finding(c)}, index=df.index)
     policy = {"ignore": np.nan, "ones": 1.0, "zeros": 0.0}[uncertainty]
     labels = labels.mask(labels == -1, policy)
     frame = pd.DataFrame({"image_id": paths, "rel_path": paths, "patient_id": patients, "view": view})
     return frame, labels
+
+
+def _refuse_misspelled_findings(columns: Sequence[object]) -> None:
+    """A column that looks like a finding but is not one would be silently ignored (that finding all unknown)."""
+    for column in map(str, columns):
+        near = close_finding(column)
+        if near is not None:
+            raise DatasetError(f"column {column!r} is not a known finding; did you mean {near!r}? "
+                               "(rename the column; unknown columns are otherwise ignored)")
 
 
 def _read_split_list(path: str | os.PathLike) -> set[str]:

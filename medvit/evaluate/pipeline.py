@@ -87,7 +87,8 @@ def run_split_frame(info: RunInfo, split: str | None = None) -> tuple[pd.DataFra
     csv, root = Path(data["labels_csv"]), Path(data["images_root"])
     if not csv.is_file() or not root.is_dir():
         raise DatasetError(
-            f"the run's labels {csv} / images {root} are not found from {Path.cwd()}; pass --labels CSV --images DIR"
+            f"the run's labels {csv} / images {root} are not on this machine; pass --data-root DIR (the folder that "
+            "now holds them) or --labels CSV --images DIR"
         )
     if split is None and info.model_args.get("ensemble"):
         raise DatasetError(f"{info.run_dir} is a fold ensemble: every training image was seen by some member, so it "
@@ -177,12 +178,14 @@ def calibrate_run(
     n_boot: int = 1000,
     notes: str | os.PathLike | None = None,
     engine: str = AUTO,
+    data_root: str | os.PathLike | None = None,
 ) -> CalibrateResult:
     """Fit per-finding calibrators and thresholds, then write calibration.json, metrics.json (cross-validated on
     the calibration data), the timm backbone and the model card into the run folder.
 
     The data: `labels_csv` + `images_dir` (all rows, or `split`), else the run's own calib split (its val split
-    when it has none). `notes`: markdown kept in the run and shown in the card.
+    when it has none; `data_root`: the folder that now holds that data, see `medvit.rundir`). `notes`: markdown
+    kept in the run and shown in the card.
 
     Raises:
         ConfigError: inconsistent arguments. DatasetError: no usable labels. CheckpointError: unreadable run.
@@ -195,7 +198,7 @@ def calibrate_run(
         raise ConfigError(f"--target-sensitivity must be in (0, 1], got {target_sensitivity}")
     _check_engine(engine)
     run_dir = Path(run_dir)
-    model, info = load_run(run_dir)
+    model, info = load_run(run_dir, data_root=data_root)
     if labels_csv is not None and images_dir is not None:
         df, source = labelled_frame(labels_csv, images_dir, info.findings, split), Path(labels_csv).name
     else:

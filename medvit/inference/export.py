@@ -31,7 +31,7 @@ from medvit.errors import CheckpointError, MedvitError
 from medvit.inference import openvino
 from medvit.inference.engines import AUTO_TOLERANCE, Backend, OnnxBackend, TorchBackend, unavailable_reason
 from medvit.inference.fp32check import Verification, reference_inputs, verify
-from medvit.inference.graphs import OPSET, export_onnx, export_torchscript, int8_scheme
+from medvit.inference.graphs import OPSET, export_onnx, export_torchscript, int8_scheme, set_onnx_metadata
 from medvit.inference.openvino import ir_files
 from medvit.rundir import resolve_run_dir
 from medvit.runs import EXPORTS, RunInfo, load_run
@@ -103,8 +103,16 @@ def _record(folder: Path, result: ExportResult, weights_sha256: str) -> None:
     atomic_write_bytes(folder / f"{result.path.name}.sha256", f"{result.sha256}  {result.path.name}\n".encode())
 
 
+def onnx_metadata(info: RunInfo) -> dict[str, str]:
+    """What an exported ONNX file says about itself: findings (output order), preprocessing and the weights' hash,
+    so a graph copied out of its run folder can still be served and checked."""
+    return {"medvit.findings": json.dumps(list(info.findings)), "medvit.preprocessing": json.dumps(info.preprocessing),
+            "medvit.weights_sha256": info.weights_sha256, "medvit.model": info.model_name,
+            "medvit.output": "logits (sigmoid + the run's calibration.json give calibrated probabilities)"}
+
+
 def export_model(model: nn.Module, out_dir: Path, fmt: str, inputs: np.ndarray, *, weights_sha256: str,
-                 tolerance: float | None = None) -> ExportResult:
+                 tolerance: float | None = None, metadata: dict[str, str] | None = None) -> ExportResult:
     """Export, verify on `inputs`, and keep the file only when it matches torch.
 
     Args:
@@ -112,6 +120,7 @@ def export_model(model: nn.Module, out_dir: Path, fmt: str, inputs: np.ndarray, 
         inputs: real preprocessed images (N, C, H, W); the first 4 verify, all of them calibrate NNCF int8.
         weights_sha256: sha256 of the weights file, recorded so stale exports are detected.
         tolerance: max |delta p| allowed (default TOLERANCE[fmt]).
+        metadata: written into an ONNX file's metadata_props (`onnx_metadata`).
 
     Raises:
         CheckpointError: the exported graph disagrees with torch (nothing is written).
@@ -133,6 +142,8 @@ def export_model(model: nn.Module, out_dir: Path, fmt: str, inputs: np.ndarray, 
                 f"refusing to write {final.name}{how}: it disagrees with the torch model on real images "
                 f"(max |dp| {check.max_abs_dp:.3g} > tolerance {tolerance:.3g}, max |d logit| {check.max_abs_diff:.3g})"
             )
+        if metadata and staged.suffix == ".onnx":
+            set_onnx_metadata(staged, metadata)
         for src, dst in reversed(list(zip(_files(staged), _files(final), strict=True))):  # the .xml last
             os.replace(src, dst)
     result = ExportResult(final, _sha256(final), fmt, check)
@@ -150,7 +161,8 @@ def export_run(run_dir: str | os.PathLike | None, fmt: str, *, int8: bool = Fals
         raise MedvitError(f"cannot export {kind}: {reason}")
     model, info = load_run(resolve_run_dir(run_dir))
     inputs = _inputs(info, kind)
-    return export_model(model, info.run_dir, kind, inputs, weights_sha256=info.weights_sha256, tolerance=tolerance)
+    return export_model(model, info.run_dir, kind, inputs, weights_sha256=info.weights_sha256, tolerance=tolerance,
+                        metadata=onnx_metadata(info))
 
 
 def _inputs(info: RunInfo, kind: str) -> np.ndarray:
@@ -177,7 +189,7 @@ def verified_graph(model: nn.Module, info: RunInfo, kind: str, inputs: np.ndarra
     cache.mkdir(parents=True, exist_ok=True)
     if inputs is None or (kind == "openvino-int8" and len(inputs) < CALIBRATION_IMAGES):
         inputs = _inputs(info, kind)
-    return export_model(model, cache, kind, inputs, weights_sha256=weights_sha256).path
+    return export_model(model, cache, kind, inputs, weights_sha256=weights_sha256, metadata=onnx_metadata(info)).path
 
 
 def open_graph(kind: str, path: Path) -> Backend:

@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,7 +73,8 @@ def _run_images(config: dict[str, Any], n: int) -> list[str]:
         findings = data.get("findings") or DEFAULT_FINDINGS
         df = load_labels(data["labels_csv"], data["images_root"], findings, check_files=False)
     except (OSError, KeyError, TypeError, ValueError, MedvitError) as e:
-        _log.info("run data not available for verification (%s)", e)
+        _log.warning("the run's own images are not on this machine (%s): checking against fp32 on pydicom-data's "
+                     "RG1_UNCI.dcm alone; set $MEDVIT_DATA_ROOT to the folder holding the run's data to use them", e)
         return []
     if df["split"].notna().any():
         df = df.assign(_order=df["split"] != "val").sort_values("_order", kind="stable")
@@ -83,6 +85,8 @@ def reference_images(config: dict[str, Any] | None, n: int = 4) -> list[str]:
     """Real images to verify against: the run's data (`config.json` "config"), else pydicom-data's RG1_UNCI."""
     paths = _run_images(config, n) if config else []
     if paths:
+        _log.info("checking against fp32 on %d image(s) of the run's own data (%s)", len(paths),
+                  Path(paths[0]).parent)
         return paths
     fallback = get_testdata_file("RG1_UNCI.dcm")
     if fallback is None:

@@ -100,6 +100,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, input_size: Sequence[
     return path
 
 
+def set_onnx_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """Write `metadata` into the ONNX file's metadata_props (read back by any runtime: ORT's `get_modelmeta()`)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, **metadata})
+    onnx.save(model, str(path))
+
+
 def export_torchscript(model: nn.Module, path: str | os.PathLike, input_size: Sequence[int]) -> Path:
     """A traced TorchScript archive (for C++/mobile deployment, as the reference material uses)."""
     path = Path(path)

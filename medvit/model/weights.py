@@ -164,7 +164,7 @@ def load_file_strict(model: nn.Module, path: Path, name: str, source: str = "fil
 def _hub_file(model: nn.Module, name: str) -> tuple[Path, str]:
     """The pretrained weights of `name` from the Hugging Face cache or hub (no download when offline/unreachable)."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     from timm.models._hub import hf_split
 
     cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -180,13 +180,18 @@ def _hub_file(model: nn.Module, name: str) -> tuple[Path, str]:
         try:
             path = hf_hub_download(repo_id, filename, revision=revision, local_files_only=local_only)
             return Path(path), f"hub {repo_id}"
-        except EntryNotFoundError:
+        except LocalEntryNotFoundError:  # not cached (a subclass of EntryNotFoundError: caught first)
+            if local_only:
+                break
             continue
-        except (OSError, ValueError) as e:  # offline / not cached / network errors are OSError subclasses
-            reason = hub.unavailable_reason() if local_only else f"{type(e).__name__}"
-            raise WeightsNotFoundError(
-                f"pretrained weights for {name} are not in the local Hugging Face cache and {reason}: {hint}"
-            ) from None
+        except EntryNotFoundError:  # the repo has no such file: try the next name
+            continue
+        except (OSError, ValueError) as e:  # network errors are OSError subclasses
+            raise WeightsNotFoundError(f"pretrained weights for {name} could not be downloaded "
+                                       f"({type(e).__name__}): {hint}") from None
+    if local_only:
+        raise WeightsNotFoundError(f"pretrained weights for {name} are not in the local Hugging Face cache and "
+                                   f"{hub.unavailable_reason()}: {hint}")
     raise WeightsNotFoundError(f"the hub repo {repo_id} has no {' or '.join(names)}: {hint}")
 
 
@@ -210,7 +215,7 @@ def load_backbone(cfg: Any, kwargs: dict[str, Any]) -> nn.Module:
     elif cfg.pretrained:
         path, source = _hub_file(model, cfg.name)
         report = load_file_strict(model, path, cfg.name, source)
-    model.starting_weights = report
+    object.__setattr__(model, "starting_weights", report)  # a plain attribute, not a submodule or tensor
     return model
 
 
