@@ -75,8 +75,8 @@ def test_recalibration_lowers_ece_on_the_newest_reviews(site, tmp_path, capsys):
     assert [json.loads(line)["version"] for line in out.splitlines()] == ["v1", "v2"]
 
 
-def _tables(run: Path, images: list[Path]) -> tuple[str, list[pd.DataFrame]]:
-    predictor = Predictor.from_dir(run, backend="torch")
+def _tables(run: Path, images: list[Path], predictor: Predictor | None = None) -> tuple[str, list[pd.DataFrame]]:
+    predictor = predictor or Predictor.from_dir(run, backend="torch")
     preds = predictor.predict_many([read_image(p) for p in images])
     assert {p.calibration_version for p in preds} == {predictor.calibration_version}
     return predictor.calibration_version, [p.table for p in preds]
@@ -86,16 +86,21 @@ def test_rollback_restores_the_earlier_outputs_exactly(site, dev_images, tmp_pat
     frame, url = site
     run = copy_demo_run(tmp_path / "run")
     images = [dev_images / name for name in frame["Image Index"][:4]]
-    before = _tables(run, images)
+    serving = Predictor.from_dir(run, backend="torch")  # a long-running app or PACS watcher
+    before = _tables(run, images, serving)
     assert _calibrate(capsys, "--run", str(run), "--from-reviews", "--db", url)[0] == 0
     after = _tables(run, images)
     assert after[0] == "v2" and not np.allclose(after[1][0]["prob"], before[1][0]["prob"])
+    followed = _tables(run, images, serving)  # follows the activation without a restart
+    assert followed[0] == "v2"
+    for new, same in zip(after[1], followed[1], strict=True):
+        pd.testing.assert_frame_equal(new, same, check_exact=True)
 
     code, out, err = _calibrate(capsys, "--run", str(run), "--activate", "v1", "--db", url)
     assert code == 0, err
     assert json.loads(out) == {"active": "v1", "previous": "v2"}
     rolled_back = _tables(run, images)
-    assert rolled_back[0] == "v1"
+    assert rolled_back[0] == "v1" and _tables(run, images, serving)[0] == "v1"
     for old, new in zip(before[1], rolled_back[1], strict=True):
         pd.testing.assert_frame_equal(old, new, check_exact=True)
     assert _calibrate(capsys, "--run", str(run), "--activate", "v2", "--db", url)[0] == 0  # and forward again

@@ -21,7 +21,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from io import BytesIO
 
@@ -34,7 +34,7 @@ from medvit._io import sha256_file
 from medvit.data.dicom import XrayImage, read_image
 from medvit.errors import MedvitError, PacsError, PacsRequestError
 from medvit.evaluate.versions import version_path
-from medvit.inference.predictor import Predictor
+from medvit.inference.predictor import Prediction, Predictor
 from medvit.pacs.client import InstanceRef, PacsClient
 from medvit.pacs.queue import claim_next, enqueue
 from medvit.pacs.sc import build_sc, saliency_overlay
@@ -95,6 +95,12 @@ class Watcher:
             calibration_version=calibration_version(predictor), engine=predictor.backend.name,
         )
 
+    def _provenance(self, pred: Prediction) -> ResultProvenance:
+        """The provenance of `pred`: the predictor follows `medvit calibrate --activate`, so does what the SR names."""
+        if not self.provenance.calibration_version.startswith(f"{pred.calibration_version} "):
+            self.provenance = replace(self.provenance, calibration_version=calibration_version(self.predictor))
+        return self.provenance
+
     def run_pass(self) -> PassSummary:
         """Discover, then handle every claimable row once.
 
@@ -148,7 +154,7 @@ class Watcher:
                 _log.info("%s refused: %s", name, exc)
                 return
             source = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-            sr = build_sr(source, pred.table, self.provenance, pred.warnings)
+            sr = build_sr(source, pred.table, self._provenance(pred), pred.warnings)
             self.client.store(sr)
             if self.secondary_capture:
                 self._store_sc(source, image, name)
