@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -193,3 +194,21 @@ def test_evaluate_names_the_active_calibration_version(site, dev_labels, dev_ima
                           engine="torch")  # fmt: skip
     assert report["calibration_version"] == "v2"
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["calibration_version"] == "v2"
+
+
+def test_concurrent_writers_get_distinct_versions(tmp_path):
+    run = copy_demo_run(tmp_path / "run")
+    v1 = load_version(run, "v1")
+    cals = [Calibration(v1.findings, tuple(Temperature(1.0 + i) for _ in v1.findings), v1.thresholds, "temperature")
+            for i in range(6)]  # fmt: skip
+    names: list[str] = []
+    threads = [threading.Thread(target=lambda c=c: names.append(save_version(run, c, {"source": "test"})))
+               for c in cals]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(names, key=lambda n: int(n[1:])) == [f"v{i}" for i in range(2, 8)]
+    stored = {load_version(run, n).calibrators[0] for n in names}
+    assert stored == {Temperature(1.0 + i) for i in range(6)}  # each file holds what one writer wrote
+    assert load_version(run, "v1").to_json() == v1.to_json()
