@@ -45,9 +45,14 @@ class CalibrationVersion:
     active: bool
 
     def summary(self) -> dict[str, Any]:
-        """The JSON line `medvit calibrate --versions` prints for this version."""
-        keys = ("parent", "source", "created_at", "created_by", "reviews", "evaluation")
-        return {"version": self.name, "active": self.active, **{k: self.meta[k] for k in keys if k in self.meta}}
+        """The JSON line `medvit calibrate --versions` prints for this version (the full record is its meta file)."""
+        out = {"version": self.name, "active": self.active}
+        out |= {k: self.meta[k] for k in ("parent", "source", "created_at", "created_by") if k in self.meta}
+        if reviews := self.meta.get("reviews"):
+            out["reviews"] = {k: reviews.get(k) for k in ("n_labelled", "n_reviewers", "from", "to")}
+        if evaluation := self.meta.get("evaluation"):
+            out["newest_reviews_mean"] = evaluation.get("mean")
+        return out
 
 
 def _folder(run_dir: Path) -> Path:
