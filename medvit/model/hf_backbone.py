@@ -52,8 +52,6 @@ class HFBackbone(nn.Module):
         self._processor = processor
         embeddings = getattr(model, "embeddings", None)
         self.pool = "cls" if getattr(embeddings, "cls_token", None) is not None else "pooler"
-        if self.pool == "cls" and isinstance(getattr(model, "pooler", None), nn.Module):
-            model.pooler = None  # ViT's dense+tanh pooler: unused when the class token is read directly
         if isinstance(getattr(embeddings, "mask_token", None), nn.Parameter):
             embeddings.mask_token = None  # only for masked-image pretraining: never used here (DDP needs no unused)
         config = model.config
@@ -299,12 +297,22 @@ def create_hf_backbone(cfg: ModelConfig) -> HFBackbone:
 
 
 def _load_model(auto: Any, cfg: ModelConfig, source: str, config: Any, local: bool) -> nn.Module:
-    """Random init from the config, or the pretrained weights (safetensors only) with every key checked."""
+    """Random init from the config, or the pretrained weights (safetensors only) with every key checked.
+
+    Encoders that can leave out their pooler (ViT's dense+tanh, Swin's average pool) do: the class token is read
+    directly, and a pooler a checkpoint lacks (ViTForImageClassification has none) would count as missing.
+    """
+    from transformers import MODEL_MAPPING
+
+    model_class = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
+    init = inspect.signature(model_class.__init__).parameters if model_class is not None else {}
+    extra = {"add_pooling_layer": False} if "add_pooling_layer" in init else {}
     if not cfg.pretrained:
-        return auto.from_config(config)
+        return auto.from_config(config, **extra)
     try:
         model, info = auto.from_pretrained(
             source,
+            **extra,
             config=config,
             local_files_only=local,
             use_safetensors=True,
@@ -320,7 +328,7 @@ def _load_model(auto: Any, cfg: ModelConfig, source: str, config: Any, local: bo
         raise WeightsNotFoundError(_download_hint(cfg.name, e, local)) from None
     except RuntimeError as e:  # size mismatches after a model_kwargs override
         raise CheckpointError(f"{cfg.name} weights do not fit its config: {str(e).splitlines()[0][:200]}") from None
-    missing = [k for k in info.get("missing_keys", ()) if not k.startswith("pooler.")]
+    missing = list(info.get("missing_keys", ()))
     mismatched = list(info.get("mismatched_keys", ()))
     if missing or mismatched:
         raise CheckpointError(
