@@ -106,6 +106,7 @@ def test_review_queue_keys_edits_and_masking_in_a_real_browser(server, tmp_path,
             page.goto(url)
             expect(page.get_by_text("not a diagnostic device")).to_be_visible(timeout=RESULT_MS)
             uploader = page.locator('[data-testid="stFileUploader"] input[type="file"]')
+            expect(uploader).to_be_attached(timeout=RESULT_MS)  # drawn once the model is loaded
             uploader.set_input_files(dicom)
             expect(page.get_by_text("RG1_UNCI.dcm").first).to_be_visible(timeout=RESULT_MS)
             expect(page.get_by_role("heading", name="Findings")).to_be_visible(timeout=RESULT_MS)
