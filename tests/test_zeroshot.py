@@ -372,6 +372,16 @@ def test_offline_missing_transformers_weights(monkeypatch, tmp_path):
         load_clip(f"transformers:{tmp_path}", offline=True)
 
 
+def test_a_transformers_folder_without_its_processor_names_the_missing_files(tmp_path):
+    """A folder holding only CLIPModel.save_pretrained's output: downloading cannot help, so no `hf download` advice."""
+    folder = make_hf_dir(tmp_path / "hf")
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(WeightsNotFoundError, match=r"preprocessor_config\.json and the tokenizer files") as err:
+        load_clip(f"transformers:{folder}", offline=True)
+    assert "hf download" not in str(err.value)
+
+
 def _refuse_hub_downloads(monkeypatch) -> list:
     """Replace every hub download entry point; returns the list of attempted downloads (open_clip swallows errors)."""
     import huggingface_hub

@@ -266,7 +266,8 @@ class HFClipBackend(ClipBackend):
 
         self.spec, self.dtype = spec, dtype
         source = spec.name
-        if spec.name.startswith(("/", ".", "~")):  # a folder, not a hub id
+        folder = spec.name.startswith(("/", ".", "~"))  # a folder, not a hub id
+        if folder:
             source = str(Path(spec.name).expanduser())
             if not (Path(source) / "config.json").is_file():
                 raise WeightsNotFoundError(f"{source} is not a transformers CLIP folder (no config.json); write one "
@@ -275,6 +276,13 @@ class HFClipBackend(ClipBackend):
             self.model = CLIPModel.from_pretrained(source, local_files_only=offline)
             self.processor = CLIPProcessor.from_pretrained(source, local_files_only=offline)
         except OSError as e:
+            if folder:  # downloading cannot help: name the files the folder lacks
+                cause = (str(e).splitlines() or [""])[0].split(". ")[0]
+                raise WeightsNotFoundError(
+                    f"cannot load the transformers CLIP folder {source}: {cause}. It needs the model "
+                    "(CLIPModel.save_pretrained) and its processor: preprocessor_config.json and the tokenizer files "
+                    "(CLIPProcessor.save_pretrained into the same folder)"
+                ) from e
             raise WeightsNotFoundError(_download_hint(spec, e)) from e
         self.model = self.model.to(dtype).eval()
         crop = self.processor.image_processor.crop_size or {}
