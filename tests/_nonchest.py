@@ -26,8 +26,10 @@ CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 
 def _local_files() -> list[Path]:
     """pydicom's own test files and pydicom-data's, as installed (get_testdata_files would try to download)."""
-    roots = [Path(pydicom.data.__file__).parent / "test_files",
-             *(source.data_path for source in external_data_sources().values())]
+    roots = [
+        Path(pydicom.data.__file__).parent / "test_files",
+        *(source.data_path for source in external_data_sources().values()),
+    ]
     return sorted({p for root in roots if root.is_dir() for p in root.rglob("*.dcm")}, key=lambda p: p.name)
 
 
@@ -43,7 +45,7 @@ def _frames(ds: Dataset) -> list[np.ndarray]:
 
 def _thumbnail(frame: np.ndarray) -> np.ndarray:
     """32x32, zero-mean, unit-norm: the dot product of two is their correlation."""
-    t = np.asarray(Image.fromarray(frame.astype(np.float32)).resize((32, 32), Image.BILINEAR), dtype=np.float64)
+    t = np.asarray(Image.fromarray(frame.astype(np.float32)).resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
     t -= t.mean()
     return t.ravel() / max(float(np.linalg.norm(t)), 1e-12)
 

@@ -49,8 +49,11 @@ def test_ood_separates_dev_chests_from_nonchest_radiographs(tmp_path, dev_data):
     """Fitted here on the demo's training images (so a retrained demo is measured too), scored through read_image."""
     model, info = load_model(DEMO_RUN)
     df = load_labels(dev_data / "labels.csv", dev_data / "images", DEFAULT_FINDINGS)
-    train = XrayDataset(df[df["split"] == "train"].reset_index(drop=True), info.findings,
-                        build_transforms(info.preprocessing, train=False))
+    train = XrayDataset(
+        df[df["split"] == "train"].reset_index(drop=True),
+        info.findings,
+        build_transforms(info.preprocessing, train=False),
+    )
     stats = fit_ood(collect_features(model, train), info.weights_sha256)
     transform = build_transforms(info.preprocessing, train=False)
 
@@ -64,8 +67,10 @@ def test_ood_separates_dev_chests_from_nonchest_radiographs(tmp_path, dev_data):
     assert len(files) >= 30 and len(d_dev) == 51
     auroc = roc_auc_score(np.r_[np.zeros(len(d_dev)), np.ones(len(d_other))], np.r_[d_dev, d_other])
     passed, flagged = np.mean(d_dev <= stats.threshold), np.mean(d_other > stats.threshold)
-    print(f"OOD: AUROC {auroc:.3f}; dev val passing {passed:.3f}, non-chest flagged {flagged:.3f} "
-          f"({len(d_dev)} / {len(d_other)} images, threshold {stats.threshold:.1f})")
+    print(
+        f"OOD: AUROC {auroc:.3f}; dev val passing {passed:.3f}, non-chest flagged {flagged:.3f} "
+        f"({len(d_dev)} / {len(d_other)} images, threshold {stats.threshold:.1f})"
+    )
     assert auroc >= 0.95
     assert passed >= 0.9 and flagged >= 0.8
     assert all(d > stats.threshold for f, d in zip(files, d_other, strict=True) if "RG3" in f.name)  # the real hand
@@ -92,8 +97,24 @@ def test_predict_warns_on_an_untagged_nonchest_cr_on_every_engine(tmp_path, caps
     assert main(["predict", "--run", str(DEMO_RUN), "--backend", backend, dicom_path("RG3_UNCI.dcm")]) == 2
 
     csv = tmp_path / "preds.csv"
-    assert main(["predict", "--run", str(DEMO_RUN), "--backend", backend, "--workers", "0", "--out", str(csv),
-                 str(tmp_path / "hand.dcm"), chest]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(DEMO_RUN),
+                "--backend",
+                backend,
+                "--workers",
+                "0",
+                "--out",
+                str(csv),
+                str(tmp_path / "hand.dcm"),
+                chest,
+            ]
+        )
+        == 0
+    )
     rows = pd.read_csv(csv).fillna("")
     warned = rows.groupby("file")["warning"].first()
     assert warned[str(tmp_path / "hand.dcm")].startswith("out of distribution") and warned[chest] == ""

@@ -42,8 +42,19 @@ def test_watch_stores_the_saliency_secondary_capture_beside_the_sr(orthanc, tmp_
     for ds in (chest, hand):
         orthanc.upload(ds)
     db = f"sqlite:///{tmp_path / 'review.db'}"
-    argv = ["watch", "--dicomweb", orthanc.dicomweb, "--once", "--run", str(DEMO_RUN), "--backend", "torch",
-            "--db", db, "--secondary-capture"]
+    argv = [
+        "watch",
+        "--dicomweb",
+        orthanc.dicomweb,
+        "--once",
+        "--run",
+        str(DEMO_RUN),
+        "--backend",
+        "torch",
+        "--db",
+        db,
+        "--secondary-capture",
+    ]
     assert main(argv) == 0
 
     series = _result_series(orthanc)
@@ -59,8 +70,9 @@ def test_watch_stores_the_saliency_secondary_capture_beside_the_sr(orthanc, tmp_
         assert max(rgb.shape[:2]) == 1024 and rgb.std() > 5  # a picture, not a blank
         assert len(read_sr_findings(sr)) == 14
     # the chest is tagged CHEST: trusted, no warning; the untagged hand is out of distribution
-    assert WARNING_MEANING not in sr_texts(next(ds for ds in series[chest.SOPInstanceUID]
-                                                if ds.SOPClassUID == SR_STORAGE))
+    assert WARNING_MEANING not in sr_texts(
+        next(ds for ds in series[chest.SOPInstanceUID] if ds.SOPClassUID == SR_STORAGE)
+    )
     hand_sr = next(ds for ds in series[hand.SOPInstanceUID] if ds.SOPClassUID == SR_STORAGE)
     assert sr_texts(hand_sr)[WARNING_MEANING].startswith("out of distribution")
 

@@ -65,14 +65,21 @@ class OodStats:
         """The message a reader sees when `distance` is over the threshold, else None."""
         if distance <= self.threshold:
             return None
-        return (f"out of distribution: this image's features are far from the model's training chest radiographs "
-                f"(Mahalanobis distance {distance:.0f} > {self.threshold:.0f}, which {100 * self.quantile:.0f}% of "
-                "held-out training images stay under); check that it is a frontal chest radiograph")
+        return (
+            f"out of distribution: this image's features are far from the model's training chest radiographs "
+            f"(Mahalanobis distance {distance:.0f} > {self.threshold:.0f}, which {100 * self.quantile:.0f}% of "
+            "held-out training images stay under); check that it is a frontal chest radiograph"
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         tensors = {"mean": torch.from_numpy(self.mean), "precision": torch.from_numpy(self.precision)}
-        meta = {"threshold": repr(self.threshold), "quantile": repr(self.quantile), "n_images": str(self.n_images),
-                "weights_sha256": self.weights_sha256, "method": "mahalanobis-ledoit-wolf"}
+        meta = {
+            "threshold": repr(self.threshold),
+            "quantile": repr(self.quantile),
+            "n_images": str(self.n_images),
+            "weights_sha256": self.weights_sha256,
+            "method": "mahalanobis-ledoit-wolf",
+        }
         save_tensors(path, tensors, metadata=meta)
 
     @classmethod
@@ -81,15 +88,21 @@ class OodStats:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
             tensors = load_tensors(path)
-            return cls(mean=tensors["mean"].double().numpy(), precision=tensors["precision"].double().numpy(),
-                       threshold=float(meta["threshold"]), quantile=float(meta["quantile"]),
-                       n_images=int(meta["n_images"]), weights_sha256=meta["weights_sha256"])
+            return cls(
+                mean=tensors["mean"].double().numpy(),
+                precision=tensors["precision"].double().numpy(),
+                threshold=float(meta["threshold"]),
+                quantile=float(meta["quantile"]),
+                n_images=int(meta["n_images"]),
+                weights_sha256=meta["weights_sha256"],
+            )
         except (KeyError, ValueError, OSError, SafetensorError) as e:
             raise CheckpointError(f"{path}: not a medvit OOD statistics file ({e}); rerun `medvit calibrate`") from None
 
 
-def fit_ood(features: np.ndarray, weights_sha256: str, *, quantile: float = QUANTILE, folds: int = FOLDS,
-            seed: int = 0) -> OodStats:
+def fit_ood(
+    features: np.ndarray, weights_sha256: str, *, quantile: float = QUANTILE, folds: int = FOLDS, seed: int = 0
+) -> OodStats:
     """Fit the statistics on (N, D) training features; the threshold comes from out-of-fold distances."""
     x = np.asarray(features, dtype=np.float64)
     if len(x) < 2 * folds:
@@ -100,8 +113,14 @@ def fit_ood(features: np.ndarray, weights_sha256: str, *, quantile: float = QUAN
         d = x[test_idx] - lw.location_
         held_out[test_idx] = np.einsum("ij,jk,ik->i", d, lw.precision_, d)
     lw = LedoitWolf().fit(x)
-    return OodStats(mean=lw.location_, precision=lw.precision_, threshold=float(np.quantile(held_out, quantile)),
-                    quantile=quantile, n_images=len(x), weights_sha256=weights_sha256)
+    return OodStats(
+        mean=lw.location_,
+        precision=lw.precision_,
+        threshold=float(np.quantile(held_out, quantile)),
+        quantile=quantile,
+        n_images=len(x),
+        weights_sha256=weights_sha256,
+    )
 
 
 def has_features(model: nn.Module) -> bool:
@@ -123,8 +142,9 @@ def collect_features(model: nn.Module, dataset: Any, batch_size: int = 32) -> np
     return np.concatenate([model_features(model, images) for images, _ in loader])
 
 
-def fit_run_ood(model: nn.Module, info: RunInfo, train: pd.DataFrame, batch_size: int = 32,
-                max_images: int = MAX_FIT_IMAGES) -> OodStats:
+def fit_run_ood(
+    model: nn.Module, info: RunInfo, train: pd.DataFrame, batch_size: int = 32, max_images: int = MAX_FIT_IMAGES
+) -> OodStats:
     """Fit the statistics on a run's training rows (a seeded subset beyond `max_images`) and save them in the run.
 
     Raises:
@@ -137,8 +157,12 @@ def fit_run_ood(model: nn.Module, info: RunInfo, train: pd.DataFrame, batch_size
     dataset = XrayDataset(train.reset_index(drop=True), info.findings, build_transforms(info.preprocessing, False))
     stats = fit_ood(collect_features(model, dataset, batch_size), info.weights_sha256)
     stats.save(Path(info.run_dir) / OOD)
-    _log.info("out-of-distribution statistics from %d training images: threshold %.1f -> %s", stats.n_images,
-              stats.threshold, Path(info.run_dir) / OOD)
+    _log.info(
+        "out-of-distribution statistics from %d training images: threshold %.1f -> %s",
+        stats.n_images,
+        stats.threshold,
+        Path(info.run_dir) / OOD,
+    )
     return stats
 
 
@@ -158,14 +182,19 @@ def load_ood(info: RunInfo) -> OodStats | None:
         return None
     stats = OodStats.load(path)
     if stats.weights_sha256 != info.weights_sha256:
-        _log.warning("%s was fitted for other weights: no out-of-distribution check until `medvit calibrate "
-                     "--ood-only --run %s`", path, info.run_dir)
+        _log.warning(
+            "%s was fitted for other weights: no out-of-distribution check until `medvit calibrate "
+            "--ood-only --run %s`",
+            path,
+            info.run_dir,
+        )
         return None
     return stats
 
 
-def ood_warnings(stats: OodStats | None, model: nn.Module, x: np.ndarray | torch.Tensor,
-                 mask: Sequence[bool] | None = None) -> list[tuple[str, ...]]:
+def ood_warnings(
+    stats: OodStats | None, model: nn.Module, x: np.ndarray | torch.Tensor, mask: Sequence[bool] | None = None
+) -> list[tuple[str, ...]]:
     """Per image of the batch `x`, the out-of-distribution warning (empty where none, or where `mask` is False)."""
     out: list[tuple[str, ...]] = [() for _ in range(len(x))]
     idx = [i for i in range(len(x)) if mask is None or mask[i]]

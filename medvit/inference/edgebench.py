@@ -87,8 +87,10 @@ def parse_models(spec: str) -> list[str]:
                 names.append(n)
     unknown = [n for n in names if not timm.is_model(n)]
     if unknown or not names:
-        raise ConfigError(f"--model {spec}: unknown timm model(s) {', '.join(unknown) or '(none given)'}; e.g. "
-                          f"{','.join(EDGE_MODELS[:2])} or `edge` for {', '.join(EDGE_MODELS)}")
+        raise ConfigError(
+            f"--model {spec}: unknown timm model(s) {', '.join(unknown) or '(none given)'}; e.g. "
+            f"{','.join(EDGE_MODELS[:2])} or `edge` for {', '.join(EDGE_MODELS)}"
+        )
     return names
 
 
@@ -125,8 +127,12 @@ def _baseline(opts: EdgeOptions, paths: list[str]) -> dict[str, Any]:
     pre = resolve_preprocessing(model)
     x = real_inputs(paths, pre, max(opts.batch_sizes))
     backend = create_backend(BASELINE, model, input_size=pre["input_size"])
-    out = {"model": SIZES[opts.baseline_size].timm_name, "engine": LABELS[BASELINE],
-           "gflops": model_gflop(model, pre["input_size"]), "params_m": _params_m(model)}
+    out = {
+        "model": SIZES[opts.baseline_size].timm_name,
+        "engine": LABELS[BASELINE],
+        "gflops": model_gflop(model, pre["input_size"]),
+        "params_m": _params_m(model),
+    }
     for bs in opts.batch_sizes:
         out[f"batch{bs}_ms_per_image"] = _time(backend, x[:bs], opts)
     return out
@@ -141,8 +147,13 @@ def bench_model(name: str, opts: EdgeOptions, paths: list[str], baseline: dict[s
     model = build_edge_model(name)
     pre = resolve_preprocessing(model)
     x = real_inputs(paths, pre, max(opts.batch_sizes))
-    row: dict[str, Any] = {"params_m": _params_m(model), "gflops": model_gflop(model, pre["input_size"]),
-                           "input_size": list(pre["input_size"]), "engines": {}, "skipped": {}}
+    row: dict[str, Any] = {
+        "params_m": _params_m(model),
+        "gflops": model_gflop(model, pre["input_size"]),
+        "input_size": list(pre["input_size"]),
+        "engines": {},
+        "skipped": {},
+    }
     reference = create_backend(BASELINE, model, input_size=pre["input_size"], warmup=False)(x)
     for engine in opts.engines:
         if engine not in available_backends():
@@ -161,8 +172,14 @@ def bench_model(name: str, opts: EdgeOptions, paths: list[str], baseline: dict[s
                 ms = _time(backend, x[:bs], opts)
                 ratio = baseline[f"batch{bs}_ms_per_image"] / ms
                 result[f"batch{bs}"] = {"ms_per_image": ms, "ratio_to_baseline": ratio}
-                _log.info("%s %s batch %d: %.1f ms/image (%.1fx the baseline)", name, engine, bs, ms,
-                          result[f"batch{bs}"]["ratio_to_baseline"])
+                _log.info(
+                    "%s %s batch %d: %.1f ms/image (%.1fx the baseline)",
+                    name,
+                    engine,
+                    bs,
+                    ms,
+                    result[f"batch{bs}"]["ratio_to_baseline"],
+                )
             row["engines"][LABELS.get(engine, engine)] = result
             del backend
     return row
@@ -184,15 +201,23 @@ def format_table(report: dict[str, Any]) -> str:
     """The report as the text table `medvit bench --model` prints (and benchmarks/README.md keeps)."""
     b = report["baseline"]
     bs = sorted(int(k.removeprefix("batch").split("_")[0]) for k in b if k.startswith("batch"))
-    lines = [f"baseline {b['model']} {b['engine']}: " + ", ".join(
-        f"batch {n} {b[f'batch{n}_ms_per_image']:.1f} ms/image" for n in bs) + f" ({b['gflops']:.2f} GFLOP)",
+    lines = [
+        f"baseline {b['model']} {b['engine']}: "
+        + ", ".join(f"batch {n} {b[f'batch{n}_ms_per_image']:.1f} ms/image" for n in bs)
+        + f" ({b['gflops']:.2f} GFLOP)",
         f"{'model':<24} {'engine':<10} {'params M':>8} {'GFLOP':>6} {'MB':>6} "
-        + " ".join(f"{f'b{n} ms':>8} {f'b{n} x':>6}" for n in bs) + f" {'max|dp|':>8}"]
+        + " ".join(f"{f'b{n} ms':>8} {f'b{n} x':>6}" for n in bs)
+        + f" {'max|dp|':>8}",
+    ]
     for name, row in report["models"].items():
         for engine, r in row["engines"].items():
-            lines.append(f"{name:<24} {engine:<10} {row['params_m']:8.2f} {row['gflops']:6.2f} {r['size_mb']:6.1f} "
-                         + " ".join(f"{r[f'batch{n}']['ms_per_image']:8.2f} {r[f'batch{n}']['ratio_to_baseline']:6.1f}"
-                                    for n in bs) + f" {r['max_abs_dp']:8.2g}")
+            lines.append(
+                f"{name:<24} {engine:<10} {row['params_m']:8.2f} {row['gflops']:6.2f} {r['size_mb']:6.1f} "
+                + " ".join(
+                    f"{r[f'batch{n}']['ms_per_image']:8.2f} {r[f'batch{n}']['ratio_to_baseline']:6.1f}" for n in bs
+                )
+                + f" {r['max_abs_dp']:8.2g}"
+            )
         for engine, why in row["skipped"].items():
             lines.append(f"{name:<24} {engine:<10} skipped: {why}")
     return "\n".join(lines)

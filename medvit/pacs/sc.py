@@ -39,7 +39,7 @@ def saliency_overlay(predictor: Predictor, image: XrayImage) -> np.ndarray:
     scale = MAX_SIDE / max(pixels.shape)
     if scale < 1:
         size = (round(pixels.shape[1] * scale), round(pixels.shape[0] * scale))
-        pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.BILINEAR), dtype=np.float32)
+        pixels = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
     x = predictor.transform(image.pixels).unsqueeze(0)
     grid = attention_rollout(predictor.model, x)[0]
     _, h_in, w_in = predictor.info.preprocessing["input_size"]
@@ -55,10 +55,18 @@ def build_sc(source: Dataset, rgb: np.ndarray, weights_sha256: str) -> Dataset:
 
     series_uid, _ = sr_uids(source.SOPInstanceUID, weights_sha256)
     sc = SCImage.from_ref_dataset(
-        ref_dataset=source, pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
-        coordinate_system="PATIENT", series_instance_uid=series_uid, series_number=SERIES_NUMBER,
-        sop_instance_uid=sc_uid(source.SOPInstanceUID, weights_sha256), instance_number=INSTANCE_NUMBER,
-        manufacturer="medvit", patient_orientation=("L", "F"), series_description=SERIES_DESCRIPTION,
+        ref_dataset=source,
+        pixel_array=rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=series_uid,
+        series_number=SERIES_NUMBER,
+        sop_instance_uid=sc_uid(source.SOPInstanceUID, weights_sha256),
+        instance_number=INSTANCE_NUMBER,
+        manufacturer="medvit",
+        patient_orientation=("L", "F"),
+        series_description=SERIES_DESCRIPTION,
     )
     sc.ImageComments = COMMENT
     sc.BurnedInAnnotation = "NO"
