@@ -35,8 +35,13 @@ def _frame(n_patients: int = 60, seed: int = 0) -> pd.DataFrame:
     for p in range(n_patients):
         labels = rng.random(len(FINDINGS)) < [0.3, 0.2, 0.05]
         for j in range(int(rng.integers(1, 4))):
-            rows.append({"image_id": f"{p:05d}_{j:03d}.png", "patient_id": str(p),
-                         **{f: float(v) for f, v in zip(FINDINGS, labels, strict=True)}})
+            rows.append(
+                {
+                    "image_id": f"{p:05d}_{j:03d}.png",
+                    "patient_id": str(p),
+                    **{f: float(v) for f, v in zip(FINDINGS, labels, strict=True)},
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -89,20 +94,54 @@ def test_pixel_baseline_runs_on_a_tiny_set(dev_subset_csv: Path, dev_images: Pat
     cv = evaluate_baseline("pixels", dev_subset_csv, dev_images, tmp_path / "cv", folds=3)
     assert len(cv["fold_mean_auroc"]) == 3 and 0 <= cv["cv_mean_auroc"] <= 1 and cv["cv_sd_auroc"] >= 0
     assert json.loads((tmp_path / "cv" / "baseline.json").read_text())["n_images"] == 36
-    fitted = evaluate_baseline("pixels", dev_subset_csv, dev_images, tmp_path / "fit", fit_labels=dev_subset_csv,
-                               fit_images=dev_images)
+    fitted = evaluate_baseline(
+        "pixels", dev_subset_csv, dev_images, tmp_path / "fit", fit_labels=dev_subset_csv, fit_images=dev_images
+    )
     assert fitted["mean_auroc"] > 0.8  # scored on its own training images: the regression fits them
-    assert main(["evaluate", "--baseline", "pixels", "--run", "x", "--labels", str(dev_subset_csv),
-                 "--images", str(dev_images), "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--baseline",
+                "pixels",
+                "--run",
+                "x",
+                "--labels",
+                str(dev_subset_csv),
+                "--images",
+                str(dev_images),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.fixture(scope="module")
 def fold_ensemble(dev_subset_csv: Path, dev_images: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`medvit train --folds 2 --ensemble` on 36 real images with the tiny smoke model (1 epoch per fold)."""
     out = tmp_path_factory.mktemp("cv") / "ens"
-    code = main(["train", "-c", str(SMOKE), "--set", f"data.labels_csv={dev_subset_csv}",
-                 "--set", f"data.images_root={dev_images}", "--set", "train.epochs=1", "--set", "train.num_threads=1",
-                 "--folds", "2", "--ensemble", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "-c",
+            str(SMOKE),
+            "--set",
+            f"data.labels_csv={dev_subset_csv}",
+            "--set",
+            f"data.images_root={dev_images}",
+            "--set",
+            "train.epochs=1",
+            "--set",
+            "train.num_threads=1",
+            "--folds",
+            "2",
+            "--ensemble",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -117,20 +156,35 @@ def test_cv_writes_out_of_fold_logits_of_models_that_never_saw_them(fold_ensembl
         model, info = load_run(fold_ensemble / FOLD_DIR.format(i))
         mine = oof.frame["fold"].to_numpy() == i
         data = info.config["data"]
-        df = split_frame(fold_config(cfg.model_copy(update={"data": cfg.data.model_copy(update={
-            "labels_csv": Path(data["labels_csv"]), "images_root": Path(data["images_root"])})}), 2, i))
+        df = split_frame(
+            fold_config(
+                cfg.model_copy(
+                    update={
+                        "data": cfg.data.model_copy(
+                            update={"labels_csv": Path(data["labels_csv"]), "images_root": Path(data["images_root"])}
+                        )
+                    }
+                ),
+                2,
+                i,
+            )
+        )
         train_ids = set(df.loc[df["split"] == "train", "image_id"])
         assert not train_ids & set(oof.frame.loc[mine, "image_id"])  # no OOF image was in its model's training
         held = oof.frame.loc[mine, "image_id"].tolist()
-        ds = XrayDataset(df.set_index("image_id").loc[held].reset_index(), info.findings,
-                         build_transforms(info.preprocessing, train=False))
+        ds = XrayDataset(
+            df.set_index("image_id").loc[held].reset_index(),
+            info.findings,
+            build_transforms(info.preprocessing, train=False),
+        )
         with torch.inference_mode():  # and its logits are that fold model's
             logits = model(torch.stack([ds[j][0] for j in range(len(ds))])).numpy()
         assert np.allclose(logits, oof.logits[mine], atol=1e-4)
 
 
-def test_ensemble_run_loads_exports_and_predicts_like_a_single_model(fold_ensemble: Path, dev_images: Path,
-                                                                     tmp_path: Path) -> None:
+def test_ensemble_run_loads_exports_and_predicts_like_a_single_model(
+    fold_ensemble: Path, dev_images: Path, tmp_path: Path
+) -> None:
     model, info = load_run(fold_ensemble)
     assert isinstance(model, Ensemble) and len(model.members) == 2 and info.model_args["ensemble"] == 2
     members = [load_run(fold_ensemble / FOLD_DIR.format(i))[0] for i in range(2)]

@@ -60,8 +60,9 @@ def fit_predict_pixels(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndar
     return scores
 
 
-def cross_validate_pixels(df: pd.DataFrame, findings: Sequence[str], folds: np.ndarray,
-                          seed: int = 0) -> dict[str, Any]:
+def cross_validate_pixels(
+    df: pd.DataFrame, findings: Sequence[str], folds: np.ndarray, seed: int = 0
+) -> dict[str, Any]:
     """The baseline on the given patient-wise folds: out-of-fold scores, each fold's and the pooled mean AUROC."""
     x, y = thumbnails(df), label_matrix(df, findings)
     scores = np.zeros_like(y, dtype=np.float64)
@@ -70,8 +71,13 @@ def cross_validate_pixels(df: pd.DataFrame, findings: Sequence[str], folds: np.n
         scores[test] = fit_predict_pixels(x[~test], y[~test], x[test], seed)
     per_fold = [mean_auroc(y[folds == f], scores[folds == f], findings)[0] for f in np.unique(folds)]
     pooled, per_finding = mean_auroc(y, scores, findings)
-    _log.info("pixel baseline: CV mean AUROC %.3f +- %.3f over %d folds (pooled out-of-fold %.3f)",
-              np.mean(per_fold), np.std(per_fold, ddof=1), len(per_fold), pooled)
+    _log.info(
+        "pixel baseline: CV mean AUROC %.3f +- %.3f over %d folds (pooled out-of-fold %.3f)",
+        np.mean(per_fold),
+        np.std(per_fold, ddof=1),
+        len(per_fold),
+        pooled,
+    )
     return {"scores": scores, "fold_mean_auroc": per_fold, "pooled_mean_auroc": pooled, "per_finding": per_finding}
 
 
@@ -79,9 +85,16 @@ BASELINE_JSON = "baseline.json"
 
 
 def evaluate_baseline(
-    name: str, labels_csv: str | os.PathLike, images_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-    folds: int = 5, seed: int = 0, fit_labels: str | os.PathLike | None = None,
-    fit_images: str | os.PathLike | None = None, findings: Sequence[str] = DEFAULT_FINDINGS,
+    name: str,
+    labels_csv: str | os.PathLike,
+    images_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    fit_labels: str | os.PathLike | None = None,
+    fit_images: str | os.PathLike | None = None,
+    findings: Sequence[str] = DEFAULT_FINDINGS,
 ) -> dict[str, Any]:
     """`medvit evaluate --baseline pixels`: the baseline's mean AUROC on a labelled set, written to baseline.json.
 
@@ -98,9 +111,13 @@ def evaluate_baseline(
         raise ConfigError("--fit-labels and --fit-images go together")
     df = load_labels(labels_csv, images_dir, findings)
     y = label_matrix(df, findings)
-    out: dict[str, Any] = {"baseline": name, "method": f"PCA({COMPONENTS}) of {THUMBNAIL}x{THUMBNAIL} thumbnails + "
-                           "one logistic regression per finding", "labels": str(labels_csv), "n_images": len(df),
-                           "n_patients": int(df["patient_id"].nunique())}
+    out: dict[str, Any] = {
+        "baseline": name,
+        "method": f"PCA({COMPONENTS}) of {THUMBNAIL}x{THUMBNAIL} thumbnails + one logistic regression per finding",
+        "labels": str(labels_csv),
+        "n_images": len(df),
+        "n_patients": int(df["patient_id"].nunique()),
+    }
     if fit_labels is not None and fit_images is not None:
         fit_df = load_labels(fit_labels, fit_images, findings)
         scores = fit_predict_pixels(thumbnails(fit_df), label_matrix(fit_df, findings), thumbnails(df), seed)
@@ -109,10 +126,15 @@ def evaluate_baseline(
     else:
         fold = kfold_assign(df, findings, folds=folds, seed=seed)
         cv = cross_validate_pixels(df, findings, fold, seed)
-        out |= {"folds": folds, "seed": seed, "fold_mean_auroc": cv["fold_mean_auroc"],
-                "cv_mean_auroc": float(np.mean(cv["fold_mean_auroc"])),
-                "cv_sd_auroc": float(np.std(cv["fold_mean_auroc"], ddof=1)),
-                "pooled_oof_mean_auroc": cv["pooled_mean_auroc"], "auroc_per_finding": cv["per_finding"]}
+        out |= {
+            "folds": folds,
+            "seed": seed,
+            "fold_mean_auroc": cv["fold_mean_auroc"],
+            "cv_mean_auroc": float(np.mean(cv["fold_mean_auroc"])),
+            "cv_sd_auroc": float(np.std(cv["fold_mean_auroc"], ddof=1)),
+            "pooled_oof_mean_auroc": cv["pooled_mean_auroc"],
+            "auroc_per_finding": cv["per_finding"],
+        }
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(out_dir) / BASELINE_JSON, out)
     return out

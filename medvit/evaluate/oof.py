@@ -28,8 +28,9 @@ from medvit.runs import CALIBRATION, CARD_NOTES, METRICS, load_run
 _log = logging.getLogger(__name__)
 
 
-def fold_calibrated_probs(logits: np.ndarray, labels: np.ndarray, folds: np.ndarray,
-                          calibration: Calibration) -> np.ndarray:
+def fold_calibrated_probs(
+    logits: np.ndarray, labels: np.ndarray, folds: np.ndarray, calibration: Calibration
+) -> np.ndarray:
     """Calibrated probabilities where each image's calibrator was refitted without its own CV fold."""
     return cross_validated_probs(logits, labels, folds, calibration, n_folds=len(np.unique(folds)))
 
@@ -58,17 +59,35 @@ def calibrate_out_of_fold(
     model, info = load_run(run_dir)
     folds, groups = frame["fold"].to_numpy(), frame["patient_id"].to_numpy()
     n_folds = len(np.unique(folds))
-    cal = fit_calibration(logits, labels, info.findings, folds, method=method, threshold_rule=threshold_rule,
-                          target_sensitivity=target_sensitivity, n_folds=n_folds)
+    cal = fit_calibration(
+        logits,
+        labels,
+        info.findings,
+        folds,
+        method=method,
+        threshold_rule=threshold_rule,
+        target_sensitivity=target_sensitivity,
+        n_folds=n_folds,
+    )
     cal.info["fitted_on"].update({"labels": "out-of-fold logits", "split": None, "folds": n_folds})
     cal.save(run_dir / CALIBRATION)
-    report = build_report(logits, labels, info.findings, groups, cal, n_boot=n_boot,
-                          probs_calibrated=fold_calibrated_probs(logits, labels, folds, cal))
+    report = build_report(
+        logits,
+        labels,
+        info.findings,
+        groups,
+        cal,
+        n_boot=n_boot,
+        probs_calibrated=fold_calibrated_probs(logits, labels, folds, cal),
+    )
     report["evaluation"] = {
         "description": f"out-of-fold logits of {n_folds} patient-wise CV folds: each image scored by the fold model "
         "that never saw it; calibrated metrics use calibrators fitted on the other folds only, AUROC and thresholds "
         "are those of the out-of-fold logits",
-        "labels": "out-of-fold", "split": None, "calibration_in_sample": False, "cross_validated": True,
+        "labels": "out-of-fold",
+        "split": None,
+        "calibration_in_sample": False,
+        "cross_validated": True,
     }
     report["run"] = {"dir": str(run_dir), "model": info.model_name, "weights_sha256": info.weights_sha256}
     fp32 = model_logits(model, info, frame, batch_size)[0]
@@ -81,6 +100,11 @@ def calibrate_out_of_fold(
         atomic_write_bytes(run_dir / CARD_NOTES, Path(notes).read_bytes())
     refit_ood(model, info, batch_size)
     write_model_card(run_dir)
-    _log.info("out-of-fold calibration (%s): mean AUROC %.3f, mean ECE %.3f (uncalibrated %.3f)", cal.info["chosen"],
-              report["mean_auroc"], report["mean_ece"], report["mean_ece_uncalibrated"])
+    _log.info(
+        "out-of-fold calibration (%s): mean AUROC %.3f, mean ECE %.3f (uncalibrated %.3f)",
+        cal.info["chosen"],
+        report["mean_auroc"],
+        report["mean_ece"],
+        report["mean_ece_uncalibrated"],
+    )
     return report

@@ -65,14 +65,19 @@ class OutOfFold:
     def read_csv(cls, path: str | os.PathLike) -> OutOfFold:
         table = pd.read_csv(path, dtype={"image_id": str, "patient_id": str})
         findings = tuple(c.removeprefix(LOGIT) for c in table.columns if c.startswith(LOGIT))
-        return cls(table[["image_id", "patient_id", "fold"]], table[[LOGIT + f for f in findings]].to_numpy(),
-                   table[list(findings)].to_numpy(dtype=np.float64), findings)
+        return cls(
+            table[["image_id", "patient_id", "fold"]],
+            table[[LOGIT + f for f in findings]].to_numpy(),
+            table[list(findings)].to_numpy(dtype=np.float64),
+            findings,
+        )
 
 
 @torch.inference_mode()
 def _logits(model: torch.nn.Module, dataset: XrayDataset, batch_size: int) -> np.ndarray:
     model.eval()
-    return np.concatenate([model(x).float().numpy() for x, _ in DataLoader(dataset, batch_size=batch_size)])
+    loader: DataLoader = DataLoader(dataset, batch_size=batch_size)  # type: ignore[arg-type]
+    return np.concatenate([model(x).float().numpy() for x, _ in loader])
 
 
 def _train_fold(cfg: Config, run_dir: Path) -> None:
@@ -97,8 +102,9 @@ def out_of_fold(cfg: Config, cv_dir: str | os.PathLike, folds: int) -> OutOfFold
     frame = pd.concat([p[0] for p in parts], ignore_index=True)
     logits = np.concatenate([p[1] for p in parts])
     findings = tuple(cfg.data.findings)
-    return OutOfFold(frame[["image_id", "patient_id", "path", "fold", *findings]], logits,
-                     label_matrix(frame, findings), findings)
+    return OutOfFold(
+        frame[["image_id", "patient_id", "path", "fold", *findings]], logits, label_matrix(frame, findings), findings
+    )
 
 
 def summarize(oof: OutOfFold, baseline: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -107,15 +113,21 @@ def summarize(oof: OutOfFold, baseline: dict[str, Any] | None = None) -> dict[st
     per_fold = [mean_auroc(oof.labels[folds == f], oof.logits[folds == f], oof.findings)[0] for f in np.unique(folds)]
     pooled, per_finding = mean_auroc(oof.labels, oof.logits, oof.findings)
     out: dict[str, Any] = {
-        "folds": len(per_fold), "n_images": len(folds), "n_patients": int(oof.frame["patient_id"].nunique()),
-        "fold_mean_auroc": per_fold, "cv_mean_auroc": float(np.mean(per_fold)),
-        "cv_sd_auroc": float(np.std(per_fold, ddof=1)), "pooled_oof_mean_auroc": pooled,
+        "folds": len(per_fold),
+        "n_images": len(folds),
+        "n_patients": int(oof.frame["patient_id"].nunique()),
+        "fold_mean_auroc": per_fold,
+        "cv_mean_auroc": float(np.mean(per_fold)),
+        "cv_sd_auroc": float(np.std(per_fold, ddof=1)),
+        "pooled_oof_mean_auroc": pooled,
         "pooled_oof_auroc_per_finding": per_finding,
     }
     if baseline is not None:
         b = baseline["fold_mean_auroc"]
         out["baseline_pixels"] = {
-            "fold_mean_auroc": b, "cv_mean_auroc": float(np.mean(b)), "cv_sd_auroc": float(np.std(b, ddof=1)),
+            "fold_mean_auroc": b,
+            "cv_mean_auroc": float(np.mean(b)),
+            "cv_sd_auroc": float(np.std(b, ddof=1)),
             "pooled_oof_mean_auroc": baseline["pooled_mean_auroc"],
         }
         out["cv_mean_auroc_minus_baseline"] = out["cv_mean_auroc"] - out["baseline_pixels"]["cv_mean_auroc"]
@@ -152,9 +164,14 @@ def cross_validate(cfg: Config, cv_dir: str | os.PathLike, folds: int, *, baseli
     pixels = cross_validate_pixels(oof.frame, oof.findings, fold, cfg.seed) if baseline else None
     summary = {"config": cfg.model_dump(mode="json"), **summarize(oof, pixels)}
     write_json(cv_dir / CV_SUMMARY, summary)
-    _log.info("CV mean AUROC %.3f +- %.3f over %d folds (pooled out-of-fold %.3f)%s", summary["cv_mean_auroc"],
-              summary["cv_sd_auroc"], folds, summary["pooled_oof_mean_auroc"],
-              f"; pixel baseline {summary['baseline_pixels']['cv_mean_auroc']:.3f}" if pixels else "")
+    _log.info(
+        "CV mean AUROC %.3f +- %.3f over %d folds (pooled out-of-fold %.3f)%s",
+        summary["cv_mean_auroc"],
+        summary["cv_sd_auroc"],
+        folds,
+        summary["pooled_oof_mean_auroc"],
+        f"; pixel baseline {summary['baseline_pixels']['cv_mean_auroc']:.3f}" if pixels else "",
+    )
     return CrossValidation(summary, oof)
 
 
@@ -173,17 +190,30 @@ def build_fold_ensemble(cfg: Config, cv_dir: str | os.PathLike, folds: int) -> P
             raise ConfigError(f"{runs[i]} differs from {runs[0]} in findings, preprocessing or model")
     state = {f"members.{i}.{k}": v for i, r in enumerate(runs) for k, v in load_tensors(r / WEIGHTS).items()}
     save_tensors(cv_dir / WEIGHTS, state, metadata={"format": "pt"})
-    write_run_config(cv_dir, fold_config(cfg, folds, 0).model_dump(mode="json"), metas[0]["findings"],
-                     metas[0]["preprocessing"], {**metas[0]["model"], "ensemble": folds})
+    write_run_config(
+        cv_dir,
+        fold_config(cfg, folds, 0).model_dump(mode="json"),
+        metas[0]["findings"],
+        metas[0]["preprocessing"],
+        {**metas[0]["model"], "ensemble": folds},
+    )
     members = [read_json(r / SUMMARY) for r in runs]
     n = sum(m["val_images"] for m in members)
-    write_json(cv_dir / SUMMARY, {
-        **{k: members[0][k] for k in ("epochs_run", "select", "saved_epoch", "weights", "device", "precision",
-                                       "torch")},
-        "ensemble": folds, "train_images": n, "train_patients": sum(m["val_patients"] for m in members),
-        "val_images": n, "val_patients": sum(m["val_patients"] for m in members),
-        "train_seconds": round(sum(m["train_seconds"] for m in members), 1),
-        "members": [{"fold": i, **m} for i, m in enumerate(members)],
-    })
+    write_json(
+        cv_dir / SUMMARY,
+        {
+            **{
+                k: members[0][k]
+                for k in ("epochs_run", "select", "saved_epoch", "weights", "device", "precision", "torch")
+            },
+            "ensemble": folds,
+            "train_images": n,
+            "train_patients": sum(m["val_patients"] for m in members),
+            "val_images": n,
+            "val_patients": sum(m["val_patients"] for m in members),
+            "train_seconds": round(sum(m["train_seconds"] for m in members), 1),
+            "members": [{"fold": i, **m} for i, m in enumerate(members)],
+        },
+    )
     _log.info("fold ensemble of %d members -> %s", folds, cv_dir / WEIGHTS)
     return cv_dir
