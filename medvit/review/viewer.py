@@ -1,61 +1,132 @@
-"""The review app's image viewer: the windowed image with its saliency overlay, reader notes and metadata."""
+"""The review app's image viewer: full-resolution lossless pixels in a Cornerstone3D viewer, with the saliency map.
+
+The viewer itself is a Streamlit component built from npm (`viewer_frontend/`, Cornerstone3D's StackViewport with
+its Zoom, Pan and WindowLevel tools); its built bundle ships in the wheel, so running the app needs no npm.
+Windowing, zoom and pan happen in the browser and never rerun the page. The findings rows choose which finding's
+map is shown through `select_saliency_finding`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 import streamlit as st
+import streamlit.components.v1 as components
 
-from medvit.model.saliency import overlay
-from medvit.review.display import display_pixels, metadata_rows, window_defaults
+from medvit.data.dicom import XrayImage
+from medvit.review.display import (
+    PixelPayload,
+    Preset,
+    colour_scale,
+    encode_pixels,
+    heat_layer,
+    metadata_rows,
+    modality_values,
+    overlay_size,
+    window_presets,
+)
 from medvit.review.panels import _rows_height, reported
 from medvit.review.service import Analysis, ReviewService, SaliencyMethod
 
-SALIENCY: dict[str, SaliencyMethod | None] = {
-    "None": None,
-    "Attention rollout": "rollout",
-    "Grad-CAM (one finding)": "gradcam",
-}
+FRONTEND = Path(__file__).with_name("viewer_frontend") / "build"
+_viewer = components.declare_component("medvit_viewer", path=str(FRONTEND))
+
+SALIENCY_METHOD = "saliency_method"  # session_state keys: the overlay shown ...
+SALIENCY_FINDING = "saliency_finding"  # ... and the finding whose Grad-CAM map it is
+_SALIENCY_IMAGE = "_saliency_image"  # the image the finding was chosen for: a new image starts on its top finding
+OFF, GRADCAM, ROLLOUT = "Off", "Grad-CAM (one finding)", "Attention rollout (all findings)"
+SALIENCY: dict[str, SaliencyMethod | None] = {OFF: None, GRADCAM: "gradcam", ROLLOUT: "rollout"}
+_RESERVED_PX = 170  # page header and the saliency controls: the viewer takes the rest of the window's height
+_STICKY_CSS = """<style>
+.st-key-medvit-viewer { position: sticky; top: 3.75rem; z-index: 5; background: var(--background-color, #fff); }
+div[data-testid="stColumn"]:has(.st-key-medvit-viewer) > div { height: 100%; }
+</style>"""
+
+
+def select_saliency_finding(finding: str) -> None:
+    """Show `finding`'s Grad-CAM map: what clicking a finding's row does (call it from the row's callback)."""
+    st.session_state[SALIENCY_FINDING] = finding
+    st.session_state[SALIENCY_METHOD] = GRADCAM
+
+
+def top_finding(table: pd.DataFrame) -> str:
+    """The finding to explain first: the most probable flagged one, else the most probable reported one."""
+    reported_rows = table["reported"] if "reported" in table else pd.Series(True, index=table.index)
+    for rows in (table[table["flag"] & reported_rows], table[reported_rows], table):
+        if len(rows):
+            return str(rows.loc[rows["prob"].idxmax(), "finding"])
+    raise ValueError("the findings table is empty")
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _pixels(sha256: str, _image: XrayImage) -> tuple[PixelPayload, list[Preset]]:
+    """The lossless payload and presets of one image, built once per file (`sha256` is the cache key)."""
+    values = modality_values(_image)
+    return encode_pixels(values), window_presets(_image, values)
 
 
 def image_panel(service: ReviewService, analysis: Analysis) -> None:
-    """Windowed image with optional saliency overlay, reader notes, metadata and (masked) patient identifiers."""
-    key = analysis.sha256[:12]
-    image = service.display_image(analysis)
-    d = window_defaults(image)
-    step = 1.0 if d.high - d.low > 50 else 0.5
-    span = max(d.high - d.low, 2.0)
-    c1, c2, c3 = st.columns([3, 3, 1])
-    fmt = "%.0f" if step >= 1 else "%.1f"
-    center = c1.slider("Window centre", min(d.low, d.center), max(d.high, d.center), d.center, step, fmt,
-                       key=f"wc_{key}")  # fmt: skip
-    width = c2.slider("Window width", 1.0, max(2 * span, d.width), max(d.width, 1.0), step, fmt, key=f"ww_{key}")
-    invert = c3.toggle("Invert", key=f"inv_{key}")
-    pixels = display_pixels(image, center, width, invert, d)
-
-    s1, s2, s3 = st.columns([2, 2, 2])
-    method = SALIENCY[s1.selectbox("Saliency overlay", list(SALIENCY), key=f"sal_{key}")]
-    finding = None
-    if method == "gradcam":
-        finding = s2.selectbox("Finding", list(service.findings), key=f"salf_{key}")
-    alpha = s3.slider("Overlay opacity", 0.0, 1.0, 0.4, 0.05, key=f"alpha_{key}", disabled=method is None)
-    shown = pixels
-    if method is not None:
-        if analysis.prediction is None:
-            st.info("No saliency for an image the model did not score.")
-        else:
-            with reported("Saliency"), st.spinner("Computing saliency…"):
-                heat = service.saliency(analysis, method, finding, pixels.shape)
-                shown = overlay(pixels, heat, alpha)
-                if not heat.any():
-                    st.info(
-                        f"Blank map: no region raises the {finding} score (Grad-CAM shows positive evidence only)."
-                        if method == "gradcam" else "Blank map: the attention is spread evenly over the image."
-                    )  # fmt: skip
-    caption = f"{analysis.name} — window C {center:g} / W {width:g}" + (" (inverted)" if invert else "")
-    st.image(shown, caption=caption, clamp=True, width="stretch")
+    """The sticky viewer with its saliency controls, then reader notes and the image metadata."""
+    st.html(_STICKY_CSS)
+    with st.container(key="medvit-viewer"):
+        image = service.display_image(analysis)
+        payload, presets = _pixels(analysis.sha256, image)
+        overlay, legend = _saliency(service, analysis, (payload.rows, payload.columns))
+        meta = image.meta
+        _viewer(
+            pixels=payload.data, dtype=payload.dtype, rows=payload.rows, columns=payload.columns,
+            image_key=analysis.sha256[:16], spacing=list(meta.pixel_spacing) if meta.pixel_spacing else None,
+            invert=meta.inverted, modality=meta.modality or meta.source.upper(), lossy=meta.lossy,
+            presets=[dataclasses.asdict(p) for p in presets],
+            overlay=overlay, overlay_key=str(hash(overlay)) if overlay else "", legend=legend,
+            reserve=_RESERVED_PX, key="medvit_viewer", default=None,
+        )  # fmt: skip
+        first = presets[0]
+        st.caption(
+            f"{analysis.name} — window C {first.center:g} / W {first.width:g} ({first.label.lower()}) at "
+            f"{payload.columns} × {payload.rows} px, {payload.dtype} lossless; drag on the image to change it"
+        )
     for note in analysis.notes:
         st.caption(f"ℹ️ {note}")
-    with st.expander("Image metadata", expanded=True):
-        rows = metadata_rows(image.meta)
+    with st.expander("Image metadata", expanded=False):
+        rows = metadata_rows(meta)
         st.dataframe(pd.DataFrame({"field": list(rows), "value": list(rows.values())}), hide_index=True,
                      width="stretch", height=_rows_height(len(rows)))  # fmt: skip
+
+
+def _saliency(service: ReviewService, analysis: Analysis, shape: tuple[int, int]) -> tuple[bytes | None, dict | None]:
+    """The saliency controls, and the overlay PNG and legend they ask for (None, None when off)."""
+    prediction = analysis.prediction
+    if prediction is None:
+        return None, None
+    ranked = prediction.table.sort_values("prob", ascending=False, kind="stable")
+    if st.session_state.get(_SALIENCY_IMAGE) != analysis.sha256:
+        st.session_state[_SALIENCY_IMAGE] = analysis.sha256
+        st.session_state[SALIENCY_FINDING] = top_finding(prediction.table)
+    probs = dict(zip(ranked["finding"], ranked["prob"], strict=True))
+    c1, c2, c3, c4 = st.columns([3, 3, 2, 2])
+    method = SALIENCY[c1.selectbox("Saliency", list(SALIENCY), key=SALIENCY_METHOD)]
+    finding = c2.selectbox("Map for finding", list(ranked["finding"]), key=SALIENCY_FINDING,
+                           format_func=lambda f: f"{f} ({probs[f]:.2f})", disabled=method != "gradcam",
+                           help="A finding row's click shows its map; starts on the top-ranked one.")  # fmt: skip
+    cutoff = c3.slider("Show above", 0.0, 0.95, 0.5, 0.05, key="saliency_cutoff", disabled=method is None,
+                       help="Map values below this are transparent (the map is scaled to 0-1 per image).")  # fmt: skip
+    opacity = c4.slider("Opacity", 0.1, 1.0, 0.6, 0.05, key="saliency_opacity", disabled=method is None)
+    if method is None:
+        return None, None
+    heat = None
+    with reported("Saliency"), st.spinner("Computing saliency…"):
+        heat = service.saliency(analysis, method, finding, overlay_size(*shape))
+    if heat is None:
+        return None, None
+    if not np.any(heat >= max(cutoff, 1e-6)):
+        st.info(
+            f"Blank map: no region raises the {finding} score (Grad-CAM shows positive evidence only)."
+            if method == "gradcam" else "Blank map: the attention is spread evenly over the image."
+        )  # fmt: skip
+    title = f"Grad-CAM · {finding}" if method == "gradcam" else "Attention rollout · all findings"
+    legend = {"title": title, "low": f"{cutoff:.2f}", "high": "1.00 (strongest)", "colorbar": colour_scale()}
+    return heat_layer(heat, cutoff, opacity), legend
