@@ -3,6 +3,9 @@
 Fits per-finding calibrators and thresholds on the run's patient-disjoint calib split (its val split when it
 has none), writes calibration.json, metrics.json (cross-validated on that split, with the served inference engine
 beside fp32) and the README.md model card; see `medvit.evaluate.pipeline.calibrate_run`.
+
+`--from-reviews [--db URL] [--no-activate]` refits on the site's labelled reviews into a new calibration version,
+`--versions` lists the versions and `--activate VERSION` rolls back or forward (`medvit.review.recalibrate`).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 from pathlib import Path
 
 from medvit.evaluate.calibration import METHODS, THRESHOLD_RULES
+from medvit.evaluate.site import MIN_REVIEWS, PRIOR_STRENGTH
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +51,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples for CIs (0: none)")
     parser.add_argument("--notes", type=Path, metavar="MD", help="markdown added to the model card (kept in the run)")
     add_engine_argument(parser)
+    add_version_arguments(parser)
+
+
+def add_version_arguments(parser: argparse.ArgumentParser) -> None:
+    """Site recalibration from reviews and the run's calibration versions (medvit.review.recalibrate)."""
+    group = parser.add_argument_group("calibration versions and site recalibration")
+    action = group.add_mutually_exclusive_group()
+    action.add_argument("--from-reviews", action="store_true",
+                        help="refit on the review database's labelled reviews of this run's weights: a new version")
+    action.add_argument("--versions", action="store_true", help="list the run's calibration versions")
+    action.add_argument("--activate", metavar="VERSION", help="make VERSION (e.g. v1) the active calibration")
+    group.add_argument("--db", metavar="URL", help="review database (default: $MEDVIT_DB_URL, else the local SQLite)")
+    group.add_argument("--no-activate", action="store_true", help="with --from-reviews: write the version only")
+    group.add_argument("--finding", action="append", default=[], metavar="NAME",
+                       help="with --from-reviews: recalibrate only this finding (repeatable; default: every finding "
+                       "with enough reviews, the others keep their calibration)")
+    group.add_argument("--prior-strength", type=float, default=PRIOR_STRENGTH, metavar="K",
+                       help="pseudo-reviews of the current calibration the fit is shrunk toward (default: %(default)g)")
+    group.add_argument("--min-reviews", type=int, default=MIN_REVIEWS, metavar="M",
+                       help="labelled reviews a finding needs to be recalibrated (default: %(default)d)")
 
 
 def add_engine_argument(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +84,35 @@ def add_engine_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _run_versions(args: argparse.Namespace) -> int:
+    if args.versions:
+        from medvit.evaluate.versions import list_versions
+
+        for version in list_versions(args.run):
+            print(json.dumps(version.summary()))
+        return 0
+    from medvit.review.recalibrate import activate, cli_actor, recalibrate_from_reviews
+    from medvit.review.store import ReviewStore
+
+    store = ReviewStore(args.db)
+    try:
+        if args.activate:
+            previous = activate(args.run, args.activate, store, actor=cli_actor())
+            print(json.dumps({"active": args.activate, "previous": previous}))
+            return 0
+        result = recalibrate_from_reviews(
+            args.run, store, actor=cli_actor(), findings=args.finding, activate=not args.no_activate,
+            prior_strength=args.prior_strength, min_reviews=args.min_reviews,
+        )
+        print(json.dumps(result.summary(), indent=2))
+        return 0
+    finally:
+        store.close()
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.from_reviews or args.versions or args.activate:
+        return _run_versions(args)
     from medvit.rundir import check_data_root, check_run_dir
 
     check_run_dir(args.run)  # before the heavy imports: a typo answers at once

@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
         table = predictor.predict(read_image(paths[0], min_side=predictor.input_side)).table
         print(table.to_string(index=False, float_format="%.3f"))
+        print(f"calibration {predictor.calibration_version} on {predictor.backend.name}", file=sys.stderr)
         return 0
     if out is not None and args.overwrite:
         for part in stale_parts(out):
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
                 print(table.drop(columns=["file", "error"]).to_string(index=False, float_format="%.3f"))
     print(
         f"{summary.n_predicted} predicted, {summary.n_errors} error row(s), {summary.n_skipped} skipped (resume); "
-        f"{summary.images_per_s:.2f} images/s on {predictor.backend.name}" + (f" -> {out}" if out else ""),
+        f"{summary.images_per_s:.2f} images/s on {predictor.backend.name}, calibration {predictor.calibration_version}"
+        + (f" -> {out}" if out else ""),
         file=sys.stderr,
     )
     return 0

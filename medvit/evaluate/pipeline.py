@@ -30,6 +30,7 @@ from medvit.errors import ConfigError, DatasetError
 from medvit.evaluate.calibration import Calibration, cross_validated_probs, fit_calibration
 from medvit.evaluate.modelcard import write_model_card
 from medvit.evaluate.report import build_report, compare_engines, plot_curves, write_metrics
+from medvit.evaluate.versions import register_refit
 from medvit.inference import AUTO, BACKENDS
 from medvit.inference.engines import Backend
 from medvit.inference.predictor import BACKEND_ENV, Predictor, load_calibration
@@ -210,6 +211,7 @@ def calibrate_run(
                           target_sensitivity=target_sensitivity)
     cal.info["fitted_on"].update({"labels": source, "split": split})
     cal.save(run_dir / CALIBRATION)
+    version = register_refit(run_dir)  # a run with site versions keeps this fit as a new one
 
     report = build_report(logits, labels, info.findings, groups, cal, n_boot=n_boot,
                           probs_calibrated=cross_validated_probs(logits, labels, groups, cal))
@@ -223,6 +225,7 @@ def calibrate_run(
         "cross_validated": True,
     }
     report["run"] = {"dir": str(run_dir), "model": info.model_name, "weights_sha256": info.weights_sha256}
+    report["calibration_version"] = version
     report |= served_engines(info, df, logits, labels, cal, engine, batch_size)
     write_metrics(report, run_dir / METRICS)
     if notes is not None:
@@ -250,7 +253,7 @@ def evaluate_run(
     """
     _check_engine(engine)
     model, info = load_run(run_dir)
-    calibration = load_calibration(info)
+    calibration, version = load_calibration(info)
     df = labelled_frame(labels_csv, images_dir, info.findings, split)
     logits, labels = model_logits(model, info, df, batch_size)
     report = build_report(logits, labels, info.findings, df["patient_id"].to_numpy(), calibration, n_boot=n_boot)
@@ -265,6 +268,7 @@ def evaluate_run(
         "calibration_in_sample": in_sample,
     }
     report["run"] = {"dir": str(run_dir), "model": info.model_name, "weights_sha256": info.weights_sha256}
+    report["calibration_version"] = version
     report |= served_engines(info, df, logits, labels, calibration, engine, batch_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from medvit.errors import CheckpointError, ConfigError
 from medvit.evaluate.calibration import Calibration
 from medvit.evaluate.metrics import flagged
 from medvit.evaluate.reporting import read_card, unreported
+from medvit.evaluate.versions import UNCALIBRATED, active_name, load_active
 from medvit.inference import AUTO
 from medvit.inference.choice import SelfCheck, load_choice, save_choice, self_check
 from medvit.inference.engines import AUTO_TOLERANCE, Backend, available_backends, create_backend, sigmoid
@@ -45,16 +47,14 @@ def load_model(run_dir: str | os.PathLike | None = None) -> tuple[nn.Module, Run
     return load_run(resolve_run_dir(run_dir))
 
 
-def load_calibration(info: RunInfo) -> Calibration:
-    """The run's calibration, or an explicit identity (sigmoid, threshold 0.5) for a never-calibrated run."""
-    path = info.run_dir / CALIBRATION
-    if not path.is_file():
+def load_calibration(info: RunInfo) -> tuple[Calibration, str]:
+    """The run's active calibration version and its name (see `medvit.evaluate.versions`), or an explicit
+    identity (sigmoid, threshold 0.5) named "none" for a never-calibrated run."""
+    version, cal = load_active(info.run_dir, info.findings)
+    if version == UNCALIBRATED:
         _log.warning("%s has no %s: probabilities are uncalibrated, thresholds 0.5 (run `medvit calibrate`)",
                      info.run_dir, CALIBRATION)
-        return Calibration.identity(info.findings)
-    cal = Calibration.load(path)
-    cal.check_findings(info.findings)
-    return cal
+    return cal, version
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,7 @@ class Prediction:
     weights_sha256: str
     backend: str
     calibrated: bool
+    calibration_version: str = UNCALIBRATED  # the run's active calibration version ("v1", "v2", ...)
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
@@ -123,8 +124,10 @@ class Predictor:
     """Preprocess -> backend forward -> calibration -> table, for one run folder."""
 
     def __init__(self, model: nn.Module, info: RunInfo, calibration: Calibration, backend: Backend,
-                 check: SelfCheck | None = None) -> None:
+                 check: SelfCheck | None = None, calibration_version: str = UNCALIBRATED) -> None:
         self.model, self.info, self.calibration, self.backend = model, info, calibration, backend
+        self.calibration_version = calibration_version
+        self._calibration_lock = threading.Lock()
         self.self_check = check
         self.transform = build_transforms(info.preprocessing, train=False)
         self.calibrated = calibration.method != "none"
@@ -140,7 +143,7 @@ class Predictor:
             backend: one of medvit.inference.BACKENDS, or "auto" ($MEDVIT_BACKEND overrides "auto").
         """
         model, info = load_model(run_dir)
-        calibration = load_calibration(info)
+        calibration, version = load_calibration(info)
         if backend == AUTO:
             backend = os.environ.get(BACKEND_ENV) or AUTO
         check = None
@@ -151,8 +154,8 @@ class Predictor:
                                     graph_provider=_graph_provider(model, info))
             if engine.name != "torch":
                 _check_against_fp32(model, info, engine)
-        _log.info("predictor: %s on %s backend", info.model_name, engine.name)
-        return cls(model, info, calibration, engine, check)
+        _log.info("predictor: %s on %s backend, calibration %s", info.model_name, engine.name, version)
+        return cls(model, info, calibration, engine, check, version)
 
     @property
     def findings(self) -> tuple[str, ...]:
@@ -165,18 +168,28 @@ class Predictor:
 
     def predict_inputs(self, x: np.ndarray | torch.Tensor) -> list[Prediction]:
         """Predictions for a preprocessed batch (N, C, H, W); timings are per batch."""
+        cal, version, not_reported = self.follow_active_calibration()
         t0 = time.perf_counter()
         logits = self.backend(x)
         t1 = time.perf_counter()
-        probs = self.calibration.apply(logits)
-        out = [
-            make_table(self.findings, logits[i], probs[i], self.calibration.thresholds, self.not_reported)
-            for i in range(len(logits))
-        ]
+        probs = cal.apply(logits)
+        out = [make_table(self.findings, logits[i], probs[i], cal.thresholds, not_reported) for i in range(len(logits))]
         t2 = time.perf_counter()
         timings = {"forward": (t1 - t0) * 1e3, "calibrate": (t2 - t1) * 1e3}
-        return [Prediction(t, self.info.model_name, self.info.weights_sha256, self.backend.name, self.calibrated,
-                           dict(timings)) for t in out]
+        return [Prediction(t, self.info.model_name, self.info.weights_sha256, self.backend.name, cal.method != "none",
+                           version, dict(timings)) for t in out]
+
+    def follow_active_calibration(self) -> tuple[Calibration, str, dict[str, str]]:
+        """The active calibration version, its name and the findings it leaves unreported, reloaded when
+        `medvit calibrate --activate` or a new site version changed it since this predictor loaded: a long-running
+        app or PACS watcher follows it without a restart (one small file read per call)."""
+        with self._calibration_lock:
+            if active_name(self.info.run_dir) != self.calibration_version:
+                version, cal = load_active(self.info.run_dir, self.findings)
+                _log.info("calibration %s is now active (was %s)", version, self.calibration_version)
+                self.calibration, self.calibration_version, self.calibrated = cal, version, cal.method != "none"
+                self.not_reported = unreported(cal, self.card)
+            return self.calibration, self.calibration_version, self.not_reported
 
     @property
     def input_side(self) -> int:
