@@ -122,9 +122,15 @@ def test_pretrained_weights_load_strictly(hf_dirs):
     fresh = build_model(_cfg(hf_dirs["dinov2"], pretrained=False), K).backbone.model.state_dict()
     assert not torch.equal(fresh["encoder.layer.0.mlp.fc1.weight"], saved["encoder.layer.0.mlp.fc1.weight"])
 
-    with pytest.raises(CheckpointError, match=r"3 blocks|missing") as info:  # a config the weights do not fill
+    with pytest.raises(CheckpointError, match=r"do not fill the Dinov2Model: \d+ missing") as info:  # a 3rd block
         build_model(_cfg(hf_dirs["dinov2"], model_kwargs={"num_hidden_layers": 3}), K)
     assert "encoder.layer.2" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(
+        CheckpointError,
+        match=r"Dinov2Model: 6 of another shape \(first encoder.layer.0.mlp.fc1.bias: \[64\] stored, \[128\] here\)",
+    ) as info:  # wider MLPs
+        build_model(_cfg(hf_dirs["dinov2"], model_kwargs={"mlp_ratio": 4}), K)
+    assert "\n" not in str(info.value)
     with pytest.raises(ConfigError, match=r"\['embed_dim'\] are not in the dinov2 config"):
         build_model(_cfg(hf_dirs["dinov2"], model_kwargs={"embed_dim": 64}), K)
     with pytest.raises(ValueError, match="weights_file is for timm backbones"):

@@ -50,7 +50,7 @@ class HFBackbone(nn.Module):
         self.model: Any = model  # a transformers PreTrainedModel (ViTModel, Dinov2Model, SwinModel, ...)
         self.preprocessing = preprocessing
         self._processor = processor
-        embeddings = getattr(model, "embeddings", None)
+        embeddings: Any = getattr(model, "embeddings", None)
         self.pool = "cls" if getattr(embeddings, "cls_token", None) is not None else "pooler"
         if isinstance(getattr(embeddings, "mask_token", None), nn.Parameter):
             embeddings.mask_token = None  # only for masked-image pretraining: never used here (DDP needs no unused)
@@ -102,8 +102,9 @@ class HFBackbone(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if not getattr(self.model, "supports_gradient_checkpointing", False):
             _log.warning("%s does not support gradient checkpointing; training without it", type(self.model).__name__)
-        elif enable:
-            self.model.gradient_checkpointing_enable()
+        elif enable:  # transformers 5 renamed it; 4.x has only the old name
+            enable_checkpointing = getattr(self.model, "activation_checkpointing_enable", None)
+            (enable_checkpointing or self.model.gradient_checkpointing_enable)()
 
     @property
     def last_block(self) -> nn.Module:
@@ -304,21 +305,23 @@ def _load_model(auto: Any, cfg: ModelConfig, source: str, config: Any, local: bo
     """
     from transformers import MODEL_MAPPING
 
-    model_class = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
-    init = inspect.signature(model_class.__init__).parameters if model_class is not None else {}
+    model_class: Any = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
+    init = inspect.signature(model_class).parameters if model_class is not None else {}
     extra = {"add_pooling_layer": False} if "add_pooling_layer" in init else {}
     if not cfg.pretrained:
         return auto.from_config(config, **extra)
     try:
-        model, info = auto.from_pretrained(
-            source,
-            **extra,
-            config=config,
-            local_files_only=local,
-            use_safetensors=True,
-            dtype=torch.float32,
-            output_loading_info=True,
-        )
+        with _quiet_load():
+            model, info = auto.from_pretrained(
+                source,
+                **extra,
+                config=config,
+                local_files_only=local,
+                use_safetensors=True,
+                dtype=torch.float32,
+                ignore_mismatched_sizes=True,  # reported below, in one line, with the missing keys
+                output_loading_info=True,
+            )
     except OSError as e:
         if _is_path(cfg.name):
             raise CheckpointError(
@@ -326,18 +329,42 @@ def _load_model(auto: Any, cfg: ModelConfig, source: str, config: Any, local: bo
                 "or set model.pretrained: false to train from scratch"
             ) from None
         raise WeightsNotFoundError(_download_hint(cfg.name, e, local)) from None
-    except RuntimeError as e:  # size mismatches after a model_kwargs override
+    except RuntimeError as e:  # weights that cannot be converted to this architecture
         raise CheckpointError(f"{cfg.name} weights do not fit its config: {str(e).splitlines()[0][:200]}") from None
-    missing = list(info.get("missing_keys", ()))
-    mismatched = list(info.get("mismatched_keys", ()))
+    missing, mismatched = sorted(info.get("missing_keys", ())), sorted(info.get("mismatched_keys", ()))
     if missing or mismatched:
+        problems = [f"{len(missing)} missing (first {', '.join(missing[:3])})"] if missing else []
+        if mismatched:  # (key, shape in the checkpoint, shape in the model)
+            key, stored, wanted = mismatched[0]
+            problems.append(
+                f"{len(mismatched)} of another shape (first {key}: {list(stored)} stored, {list(wanted)} here)"
+            )
         raise CheckpointError(
-            f"{cfg.name} weights do not fill the {type(model).__name__}: {len(missing)} missing "
-            f"(first {missing[:3]}), {len(mismatched)} mismatched (first {mismatched[:2]})"
+            f"{cfg.name} weights do not fill the {type(model).__name__}: {'; '.join(problems)}; check "
+            "model.model_kwargs, or train from scratch with model.pretrained: false"
         )
+    unexpected = sorted(info.get("unexpected_keys", ()))
     _log.info(
-        "loaded %s weights: %d unexpected keys ignored (e.g. a classification head)",
+        "loaded %s weights: every encoder tensor filled; %d unused checkpoint keys ignored%s",
         cfg.name,
-        len(info.get("unexpected_keys", ())),
+        len(unexpected),
+        f" (e.g. {', '.join(unexpected[:3])})" if unexpected else "",
     )
     return model
+
+
+@contextmanager
+def _quiet_load() -> Iterator[None]:
+    """transformers' own load report and progress bar off: the outcome is checked and logged above, in one line."""
+    from transformers.utils import logging as hf_logging
+
+    library = logging.getLogger("transformers")
+    level, bar = library.level, hf_logging.is_progress_bar_enabled()
+    library.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        library.setLevel(level)
+        if bar:
+            hf_logging.enable_progress_bar()
