@@ -107,7 +107,7 @@ class ModelConfig(_Strict):
     name: str = Field(default=DEFAULT_BACKBONE, description="timm: any timm model name, pin the pretrained tag; "
                       "transformers: a hub id or a save_pretrained folder")
     source: Literal["timm", "transformers"] = Field(
-        default="timm", description="which library builds the backbone: timm, or a transformers AutoModel vision encoder"
+        default="timm", description="the backbone's library: timm, or a transformers AutoModel vision encoder"
     )
     pretrained: bool = Field(default=True, description="load pretrained weights (from weights_file, else the HF hub)")
     weights_file: Path | None = Field(
