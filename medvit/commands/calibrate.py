@@ -2,7 +2,8 @@
 
 Fits per-finding calibrators and thresholds on the run's patient-disjoint calib split (its val split when it
 has none), writes calibration.json, metrics.json (cross-validated on that split, with the served inference engine
-beside fp32) and the README.md model card; see `medvit.evaluate.pipeline.calibrate_run`.
+beside fp32) and the README.md model card; see `medvit.evaluate.pipeline.calibrate_run`. It also fits the
+out-of-distribution statistics on the run's training split (`--ood-only`: only those; `medvit.evaluate.ood`).
 
 `--from-reviews [--db URL] [--no-activate]` refits on the site's labelled reviews into a new calibration version,
 `--versions` lists the versions and `--activate VERSION` rolls back or forward (`medvit.review.recalibrate`).
@@ -50,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--n-boot", type=int, default=1000, help="patient bootstrap resamples for CIs (0: none)")
     parser.add_argument("--notes", type=Path, metavar="MD", help="markdown added to the model card (kept in the run)")
+    parser.add_argument("--ood-only", action="store_true",
+                        help="only (re)fit the out-of-distribution statistics on the run's training split (ood file)")
     add_engine_argument(parser)
     add_version_arguments(parser)
 
@@ -117,8 +120,18 @@ def run(args: argparse.Namespace) -> int:
 
     check_run_dir(args.run)  # before the heavy imports: a typo answers at once
     check_data_root(args.data_root)
-    from medvit.evaluate.pipeline import calibrate_run
+    from medvit.evaluate.pipeline import calibrate_run, refit_ood
 
+    if args.ood_only:
+        from medvit.errors import DatasetError
+        from medvit.runs import load_run
+
+        stats = refit_ood(*load_run(args.run, data_root=args.data_root), batch_size=args.batch_size)
+        if stats is None:
+            raise DatasetError(f"{args.run}: no out-of-distribution statistics could be fitted (see the warning)")
+        print(json.dumps({"ood_threshold": round(stats.threshold, 3), "quantile": stats.quantile,
+                          "n_images": stats.n_images}))
+        return 0
     result = calibrate_run(
         args.run, labels_csv=args.labels, images_dir=args.images, split=args.split, method=args.method,
         threshold_rule=args.threshold, target_sensitivity=args.target_sensitivity, batch_size=args.batch_size,

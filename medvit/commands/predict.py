@@ -64,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
     if out is None and len(paths) == 1:  # one image on screen: a bad file is the command's error (exit 2)
         from medvit.data.dicom import read_image
 
-        table = predictor.predict(read_image(paths[0], min_side=predictor.input_side)).table
-        print(table.to_string(index=False, float_format="%.3f"))
+        pred = predictor.predict(read_image(paths[0], min_side=predictor.input_side))
+        print(pred.table.to_string(index=False, float_format="%.3f"))
+        for warning in pred.warnings:
+            print(f"warning: {warning}")
         print(f"calibration {predictor.calibration_version} on {predictor.backend.name}", file=sys.stderr)
         return 0
     if out is not None and args.overwrite:
@@ -87,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
             if table["error"].fillna("").astype(bool).any():
                 print(f"error: {table['error'].iloc[0]}")
             else:
-                print(table.drop(columns=["file", "error"]).to_string(index=False, float_format="%.3f"))
+                print(table.drop(columns=["file", "error", "warning"]).to_string(index=False, float_format="%.3f"))
+                if table["warning"].fillna("").astype(bool).any():
+                    print(f"warning: {table['warning'].iloc[0]}")
     print(
         f"{summary.n_predicted} predicted, {summary.n_errors} error row(s), {summary.n_skipped} skipped (resume); "
         f"{summary.images_per_s:.2f} images/s on {predictor.backend.name}, calibration {predictor.calibration_version}"

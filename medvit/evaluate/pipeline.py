@@ -29,6 +29,7 @@ from medvit.data.transforms import build_transforms
 from medvit.errors import ConfigError, DatasetError
 from medvit.evaluate.calibration import Calibration, cross_validated_probs, fit_calibration
 from medvit.evaluate.modelcard import write_model_card
+from medvit.evaluate.ood import OodStats, fit_run_ood
 from medvit.evaluate.report import build_report, compare_engines, plot_curves, write_metrics
 from medvit.evaluate.versions import register_refit
 from medvit.inference import AUTO, BACKENDS
@@ -144,6 +145,17 @@ def _check_engine(engine: str) -> None:
         raise ConfigError(f"--engine {engine}: unknown engine; choose {AUTO} or one of {', '.join(BACKENDS)}")
 
 
+def refit_ood(model: nn.Module, info: RunInfo, batch_size: int = 32) -> OodStats | None:
+    """Fit the out-of-distribution statistics (`medvit.evaluate.ood`) on the run's training split; None, with a
+    warning, when the run's training data or pooled features are not available (the check is then off)."""
+    try:
+        df, _ = run_split_frame(info, Config.model_validate(info.config).data.split.train_name)
+        return fit_run_ood(model, info, df, batch_size)
+    except (DatasetError, ValueError) as e:
+        _log.warning("no out-of-distribution check for %s: %s", info.run_dir, e)
+        return None
+
+
 @dataclass(frozen=True)
 class CalibrateResult:
     """What `calibrate_run` wrote: the calibration and the metrics.json report."""
@@ -231,6 +243,7 @@ def calibrate_run(
     if notes is not None:
         atomic_write_bytes(run_dir / CARD_NOTES, Path(notes).read_bytes())
     save_timm_backbone(run_dir, model)  # the card says `library_name: timm`: this file makes that true
+    refit_ood(model, info, batch_size)
     write_model_card(run_dir)
     return CalibrateResult(run_dir / CALIBRATION, cal, report)
 

@@ -26,6 +26,7 @@ from medvit.data.transforms import build_transforms
 from medvit.errors import CheckpointError, ConfigError
 from medvit.evaluate.calibration import Calibration
 from medvit.evaluate.metrics import flagged
+from medvit.evaluate.ood import has_features, load_ood, needs_check, ood_warnings
 from medvit.evaluate.reporting import read_card, unreported
 from medvit.evaluate.versions import UNCALIBRATED, active_name, load_active
 from medvit.inference import AUTO
@@ -59,7 +60,11 @@ def load_calibration(info: RunInfo) -> tuple[Calibration, str]:
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's result. `timings_ms` splits the latency into preprocess / forward / calibrate."""
+    """One image's result. `timings_ms` splits the latency into preprocess / forward / calibrate (/ ood).
+
+    `warnings`: what a reader must see beside the table; today the out-of-distribution check's message for an
+    image without body-part tags whose features are far from the training chests (`medvit.evaluate.ood`).
+    """
 
     table: pd.DataFrame
     model_name: str
@@ -68,6 +73,7 @@ class Prediction:
     calibrated: bool
     calibration_version: str = UNCALIBRATED  # the run's active calibration version ("v1", "v2", ...)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
 
 
 def make_table(findings: Sequence[str], logits: np.ndarray, probs: np.ndarray, thresholds: np.ndarray,
@@ -133,6 +139,7 @@ class Predictor:
         self.calibrated = calibration.method != "none"
         self.card = read_card(info.run_dir)
         self.not_reported = unreported(calibration, self.card)  # finding -> why it is never flagged
+        self.ood = load_ood(info) if has_features(model) else None  # None: no out-of-distribution check
 
     @classmethod
     def from_dir(cls, run_dir: str | os.PathLike | None = None, backend: str = AUTO) -> Predictor:
@@ -166,8 +173,12 @@ class Predictor:
         check_chest_frontal(image.meta)
         return self.transform(image.pixels)
 
-    def predict_inputs(self, x: np.ndarray | torch.Tensor) -> list[Prediction]:
-        """Predictions for a preprocessed batch (N, C, H, W); timings are per batch."""
+    def predict_inputs(self, x: np.ndarray | torch.Tensor, ood_mask: Sequence[bool] | None = None
+                       ) -> list[Prediction]:
+        """Predictions for a preprocessed batch (N, C, H, W); timings are per batch.
+
+        `ood_mask`: which images get the out-of-distribution check (default all: preprocessed inputs carry no tags).
+        """
         cal, version, not_reported = self.follow_active_calibration()
         t0 = time.perf_counter()
         logits = self.backend(x)
@@ -176,8 +187,12 @@ class Predictor:
         out = [make_table(self.findings, logits[i], probs[i], cal.thresholds, not_reported) for i in range(len(logits))]
         t2 = time.perf_counter()
         timings = {"forward": (t1 - t0) * 1e3, "calibrate": (t2 - t1) * 1e3}
+        warnings = ood_warnings(self.ood, self.model, x, ood_mask)  # a torch feature pass on checked images only
+        if self.ood is not None:
+            timings["ood"] = (time.perf_counter() - t2) * 1e3
         return [Prediction(t, self.info.model_name, self.info.weights_sha256, self.backend.name, cal.method != "none",
-                           version, dict(timings)) for t in out]
+                           version, dict(timings), warnings=w)
+                for t, w in zip(out, warnings, strict=True)]
 
     def follow_active_calibration(self) -> tuple[Calibration, str, dict[str, str]]:
         """The active calibration version, its name and the findings it leaves unreported, reloaded when
@@ -205,7 +220,7 @@ class Predictor:
         t0 = time.perf_counter()
         x = self.preprocess(image).unsqueeze(0)
         pre_ms = (time.perf_counter() - t0) * 1e3
-        pred = self.predict_inputs(x)[0]
+        pred = self.predict_inputs(x, [needs_check(image.meta)])[0]
         pred.timings_ms["preprocess"] = pre_ms
         return pred
 
@@ -216,5 +231,6 @@ class Predictor:
         inputs = [self.preprocess(im) for im in images]
         out: list[Prediction] = []
         for i in range(0, len(inputs), batch_size):
-            out.extend(self.predict_inputs(torch.stack(inputs[i : i + batch_size])))
+            out.extend(self.predict_inputs(torch.stack(inputs[i : i + batch_size]),
+                                           [needs_check(im.meta) for im in images[i : i + batch_size]]))
         return out
