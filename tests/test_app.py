@@ -11,6 +11,7 @@ import pytest
 from _inference_run import make_tiny_run
 from conftest import stored_reviews
 from conftest import testdata as dicom_path
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from medvit._io import write_json
@@ -343,15 +344,57 @@ def test_worklist_is_a_queue_with_status_and_refusals(env, monkeypatch, tmp_path
     at.text_input(key="reviewer").input("Dr Queue")
     at = at.button(key=f"save_{key[4:]}").click().run()
     assert any("Saved review #1" in s.value for s in at.success)
+    assert _queue(at).set_index("file").loc["RG1_UNCI.dcm", "status"] == "✓ reviewed"  # at once, not next click
     at = at.button(key="next_folder").click().run()
     assert _queue(at).set_index("file").loc["RG1_UNCI.dcm", "status"] == "✓ reviewed"
     assert any("no DICOM header" in c.value for c in at.caption)  # the PNG
     # an upload shows the uploaded file and keeps the queue; the queue's buttons take the reader back to it
-    at.sidebar.file_uploader(key="upload").upload("up.dcm", Path(dicom_path("RG1_UNCI.dcm")).read_bytes()).run()
+    upload = tmp_path / "up.png"  # not a worklist file's bytes (those are cached under the worklist's names)
+    Image.open(png).rotate(180).save(upload)
+    at.sidebar.file_uploader(key="upload").upload("up.png", upload.read_bytes()).run()
     _no_crash(at)
-    assert _queue(at) is not None and any("up.dcm" in c.value for c in at.caption)
+    assert _queue(at) is not None and any("up.png" in c.value for c in at.caption)
     at = at.button(key="prev_folder").click().run()
-    assert _queue(at)[""].tolist()[1] == "▶" and not any("up.dcm" in c.value for c in at.caption)
+    assert _queue(at)[""].tolist()[1] == "▶" and not any("up.png" in c.value for c in at.caption)
+
+
+def test_first_table_comes_while_the_engine_self_check_still_runs(env, monkeypatch):
+    """Backend `auto`: eager torch serves the first table at once; the engine choice (held on an Event here) runs in
+    the background and its engine serves the next images once it is done."""
+    import threading
+
+    import streamlit as st
+
+    from medvit.inference.predictor import Predictor
+
+    real, release, checks = Predictor.from_dir.__func__, threading.Event(), []
+
+    def from_dir(cls, run_dir=None, backend="auto"):
+        if backend == "auto":  # the background check: wait, then "choose" a verified ONNX engine
+            checks.append(threading.current_thread())
+            assert release.wait(TIMEOUT)
+            backend = "onnx"
+        return real(cls, run_dir, backend)
+
+    monkeypatch.setattr(Predictor, "from_dir", classmethod(from_dir))
+    monkeypatch.delenv("MEDVIT_BACKEND")
+    st.cache_resource.clear()  # a fresh service, as at a cold start
+    try:
+        at = _app()
+        assert _rows(at) and not at.error, _errors(at)  # the table, while the check is still blocked
+        assert any("backend torch" in c.value for c in at.sidebar.caption)
+        assert any("engine: torch (checking the faster engines" in c.value for c in at.sidebar.caption)
+        assert len(checks) == 1 and checks[0].name == "medvit-engine-check" and checks[0].is_alive()
+        release.set()
+        checks[0].join(TIMEOUT)
+        at.sidebar.file_uploader(key="upload").upload("up.dcm", Path(dicom_path("RG1_UNCI.dcm")).read_bytes())
+        at.run()
+        _no_crash(at)
+        assert any("backend onnx" in c.value for c in at.sidebar.caption)
+        assert not any("checking" in c.value for c in at.sidebar.caption)
+    finally:
+        release.set()
+        st.cache_resource.clear()
 
 
 def test_review_command_binds_localhost_and_passes_settings(run_dir, tmp_path):
@@ -375,8 +418,13 @@ def test_app_settings_travel_through_the_environment_unchanged(tmp_path):
     from medvit.errors import MedvitError
     from medvit.review.settings import DEFAULT_MAX_UPLOAD_MB, AppSettings, app_environment
 
-    settings = AppSettings(run_dir=str(tmp_path / "run"), worklist=tmp_path, default_file=tmp_path / "a.dcm",
-                           max_upload_mb=7, db_url=f"sqlite:///{tmp_path / 'r.sqlite3'}")
+    settings = AppSettings(
+        run_dir=str(tmp_path / "run"),
+        worklist=tmp_path,
+        default_file=tmp_path / "a.dcm",
+        max_upload_mb=7,
+        db_url=f"sqlite:///{tmp_path / 'r.sqlite3'}",
+    )
     env = settings.to_env()
     assert AppSettings.from_env(env) == settings
     assert env["MEDVIT_RUN"] == str(tmp_path / "run") and env["MEDVIT_MAX_UPLOAD_MB"] == "7"

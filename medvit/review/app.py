@@ -19,6 +19,7 @@ from medvit.pacs.client import PacsClient
 from medvit.pacs.sr import ResultProvenance
 from medvit.review.accounts import can
 from medvit.review.findings import findings_list, review_form
+from medvit.review.keys import keyboard_shortcuts
 from medvit.review.monitor_page import monitoring_page
 from medvit.review.pacs_worklist import pacs_listing, retrieve, store_review_sr
 from medvit.review.panels import BANNER, history_panel, patient_panel, reported, zero_shot_panel
@@ -33,12 +34,9 @@ from medvit.review.worklist import list_worklist, patient_identifiers
 _log = logging.getLogger("medvit.app")
 
 
-@st.cache_resource(
-    show_spinner="Loading the model (on a machine's first start, medvit also checks which inference "
-    "engine is fastest and still matches fp32: allow a few minutes)…"
-)
+@st.cache_resource(show_spinner="Loading the model…")
 def get_service(run_dir: str | None) -> ReviewService:
-    return ReviewService.load(run_dir)
+    return ReviewService.load(run_dir)  # eager torch at once; the engine self-check runs in the background
 
 
 @st.cache_resource(show_spinner=False)
@@ -136,12 +134,28 @@ def model_notes(service: ReviewService) -> None:
         f"weights {info.weights_sha256[:12]} · {'calibrated' if service.predictor.calibrated else 'uncalibrated'}"
         + (f" · {auroc}" if auroc else "")
     )
+    check = service.engine_check
+    if check is not None and check.running:
+        with st.sidebar:
+            engine_progress(service)
+    elif check is not None and check.error:
+        st.sidebar.caption(f"Engine: {check.status()}")
     if service.is_demo:
         st.info(
             "**This is the demo model**, a small ViT trained on 286 NIH images to show how medvit works"
             + (f" ({auroc})" if auroc else "") + ". Its findings are illustrations, far from a clinical model.",
             icon="🧪",
         )  # fmt: skip
+
+
+@st.fragment(run_every=2)
+def engine_progress(service: ReviewService) -> None:
+    """The sidebar's line while the background engine self-check runs; when it ends, one page run shows the
+    engine it chose."""
+    check = service.engine_check
+    if check is None or not check.running:
+        st.rerun()
+    st.caption(f"⏳ engine: {service.predictor.backend.name} ({check.status()})")
 
 
 def pacs_sr_option(settings: AppSettings, store: ReviewStore, analysis: Analysis, data: bytes,
@@ -171,6 +185,7 @@ def main() -> None:
     st.set_page_config(page_title="medvit review", layout="wide")
     st.warning(BANNER, icon="⚠️")
     st.title("Chest X-ray review")
+    keyboard_shortcuts()  # drawn in the same place on every run, so the key listener stays
     settings = service = store = analysis = None
     with reported("Settings"):
         settings = AppSettings.from_env()

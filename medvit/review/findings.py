@@ -3,7 +3,8 @@
 Each row: the finding; its calibrated probability on a bar with the operating threshold marked; a coloured
 flag; the model card's AUROC (ECE in the tooltip); present / absent / uncertain. Flagged findings come first,
 "Show all findings" adds the rest. Findings the run must not report (`medvit.evaluate.reporting`) are greyed
-with the reason and never flagged. Keys: j / k move between rows, p / a / u set the verdict of the current row.
+with the reason and never flagged. Keys (`medvit.review.keys`): j / k move between rows, p / a / u set the
+verdict of the current row.
 Every number is shown at `PROB_DECIMALS`, the rounding the flags are decided at.
 """
 
@@ -26,49 +27,12 @@ from medvit.review.tables import NOTE_MAX, REVIEWER_MAX
 
 READINGS = ("present", "absent", "uncertain")  # what the reader says about the finding itself
 _LABELS = "_medvit_labels"  # st.session_state: {image key: {finding: reading}}, kept while rows are hidden
+_SAVED = "_medvit_saved"  # st.session_state: {image key: (review id, message)}, for the page run after a save
 MEANING = (
     "**present / absent** is your reading of the image, whatever the model says. For a finding below its "
     "threshold, *absent* agrees with the model and *present* records a miss; for a flagged finding, *present* "
     "agrees. *uncertain* is stored as no label. Keys: **j / k** move between rows, **p / a / u** set the verdict."
 )
-_KEYS = """
-<script>
-const doc = window.document;
-if (!doc.__medvitFindingKeys) {
-  doc.__medvitFindingKeys = true;
-  const win = window;
-  win.__medvitRow = 0;
-  const rows = () => Array.from(doc.querySelectorAll('[class*="st-key-frow_"]'));
-  const mark = () => rows().forEach((r, i) => {
-    r.style.outline = i === win.__medvitRow ? '2px solid #1c83e1' : '';
-    r.style.borderRadius = '6px';
-  });
-  doc.addEventListener('keydown', (e) => {
-    const t = e.target;
-    const typing = t && (t.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(t.tagName));
-    if (e.ctrlKey || e.metaKey || e.altKey || typing) return;
-    const all = rows();
-    if (!all.length) return;
-    const k = e.key.toLowerCase();
-    if (k === 'j' || k === 'k') {
-      win.__medvitRow = Math.max(0, Math.min(all.length - 1, win.__medvitRow + (k === 'j' ? 1 : -1)));
-      all[win.__medvitRow].scrollIntoView({block: 'nearest'});
-    } else if (['p', 'a', 'u'].includes(k)) {
-      const word = {p: 'present', a: 'absent', u: 'uncertain'}[k];
-      const row = all[Math.min(win.__medvitRow, all.length - 1)];
-      const button = Array.from(row.querySelectorAll('button')).find((b) => b.innerText.trim() === word);
-      if (button && !button.getAttribute('data-testid').includes('Active')) button.click();
-    } else if (k === 'n' || k === 'b') {
-      const label = k === 'n' ? 'Next' : 'Previous';
-      const button = Array.from(doc.querySelectorAll('button')).find((b) => b.innerText.includes(label));
-      if (button && !button.disabled) { win.__medvitRow = 0; button.click(); }
-    } else return;
-    mark();
-  });
-  setInterval(mark, 400);
-}
-</script>
-"""
 
 
 def _fmt(x: float) -> str:
@@ -142,7 +106,6 @@ def findings_list(analysis: Analysis, card: ModelCard | None, calibrated: bool) 
     if not show_all and hidden:
         st.caption(f"{hidden} finding(s) below their threshold or not reported are hidden: 'Show all findings'.")
     st.caption(MEANING)
-    st.html(_KEYS, unsafe_allow_javascript=True)  # our own constant script: the key listener, installed once
     return dict(readings)
 
 
@@ -153,7 +116,8 @@ def review_form(
     """Reviewer, note and "Save review": saving again edits this reader's review of this image (history kept).
     Signed in (site mode), the review is the account's; in local mode the reader types a name.
 
-    Returns the saved review's id (None when nothing was saved in this run).
+    A save reruns the page (so the worklist above shows the new status); the run after it shows the message and
+    returns the saved review's id (None in any other run).
     """
     pred = analysis.prediction
     if pred is None:
@@ -168,16 +132,20 @@ def review_form(
         st.caption(f"Reviewing as **{account.name}**")
     note = st.text_area("Note", max_chars=NOTE_MAX, key=f"note_{key}", height=68)
     st.caption(f"{len(chosen)} verdict(s) set.")
+    saved = st.session_state.setdefault(_SAVED, {}).pop(key, None)
+    if saved is not None:
+        st.success(saved[1])
     if not st.button("Save review", key=f"save_{key}", type="primary"):
-        return None
+        return saved[0] if saved is not None else None
     with reported("Review not saved"):
         review_id, edited = store.save_review(
             reviewer=reviewer, image_uid=analysis.image_uid, image_uid_kind=analysis.image_uid_kind,
             model_name=model_name, weights_sha256=pred.weights_sha256, shown=analysis.shown(), verdicts=chosen,
             note=note, user_id=account.id,
         )  # fmt: skip
-        st.success(f"{'Updated' if edited else 'Saved'} review #{review_id} ({len(chosen)} finding(s)).")
-        return review_id
+        message = f"{'Updated' if edited else 'Saved'} review #{review_id} ({len(chosen)} finding(s))."
+        st.session_state[_SAVED][key] = (review_id, message)
+        st.rerun()  # the worklist, drawn before this form, shows the image as reviewed at once
     return None
 
 

@@ -4,6 +4,10 @@ The Streamlit app (apps/review.py) only lays these results out; the benchmark (b
 times the same `ReviewService.analyze` call, so the number it reports is the app's upload -> table latency.
 One `ReviewService` is shared by all browser sessions (st.cache_resource), hence the locks: the model is
 not re-entrant while saliency hooks are attached to it.
+
+Cold start: with the `auto` backend the service answers at once with eager fp32 torch, while the Predictor's own
+`auto` choice (the fp32 self-check of `medvit.inference.choice`, or its cached result) runs in a background thread
+on a second copy of the run; its predictor replaces the first when it picks a faster engine.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
@@ -24,7 +29,8 @@ import torch
 
 from medvit.data.dicom import XrayImage, check_chest_frontal, read_image
 from medvit.errors import ImageReadError, ImageTooLargeError, MedvitError, UnsupportedImageError
-from medvit.inference.predictor import Prediction, Predictor
+from medvit.inference import AUTO
+from medvit.inference.predictor import BACKEND_ENV, Prediction, Predictor
 from medvit.model.saliency import attention_rollout, grad_cam, to_image
 from medvit.resources import DEMO_RUN
 from medvit.review.checks import is_dicom_uid
@@ -77,8 +83,9 @@ class Analysis:
         if self.prediction is None:
             return {}
         return {
-            r.finding: ShownFinding(prob=float(r.prob), threshold=float(r.threshold), prob_raw=float(r.prob_raw),
-                                    flag=bool(r.flag))
+            r.finding: ShownFinding(
+                prob=float(r.prob), threshold=float(r.threshold), prob_raw=float(r.prob_raw), flag=bool(r.flag)
+            )
             for r in self.prediction.table.itertuples()
         }
 
@@ -123,11 +130,22 @@ class ReviewService:
         self._analyses = _Lru(cache_size)
         self._saliency = _Lru(4 * cache_size)
         self._display = _Lru(4)  # full-resolution decodes are large: keep only the last few
+        self.engine_check: EngineCheck | None = None  # the background `auto` choice, when one was started
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str] | None = None) -> ReviewService:
-        """Load the run (`run_dir`, else $MEDVIT_RUN, else the demo model) once for the app's lifetime."""
-        return cls(Predictor.from_dir(resolve_run_dir(run_dir)))
+        """Load the run (`run_dir`, else $MEDVIT_RUN, else the demo model) once for the app's lifetime.
+
+        With backend `auto` ($MEDVIT_BACKEND unset or "auto") the first tables come from eager torch at once and
+        the engine choice runs in the background (`EngineCheck`); a named backend is built (and checked) first.
+        """
+        run = resolve_run_dir(run_dir)
+        requested = os.environ.get(BACKEND_ENV) or AUTO
+        if requested != AUTO:
+            return cls(Predictor.from_dir(run, backend=requested))
+        service = cls(Predictor.from_dir(run, backend="torch"))
+        service.engine_check = EngineCheck(service, run)
+        return service
 
     @property
     def findings(self) -> tuple[str, ...]:
@@ -202,6 +220,46 @@ class ReviewService:
         grid = self._saliency.get_or_compute(key, compute)
         _, h_in, w_in = self.predictor.info.preprocessing["input_size"]
         return to_image(grid, (int(h_in), int(w_in)), size)
+
+
+class EngineCheck:
+    """The `auto` engine choice for a running service, in a background thread: `Predictor.from_dir(run, "auto")`
+    (the one self-check, cached per weights and machine) on its own copy of the model, so it never races the
+    served model's saliency hooks. When it picks an engine other than torch, its predictor replaces the service's;
+    until then, or if it fails, the service keeps answering with eager torch."""
+
+    def __init__(self, service: ReviewService, run_dir: Path) -> None:
+        self.error: str | None = None
+        self._thread = threading.Thread(target=self._run, args=(service, run_dir), name="medvit-engine-check",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _run(self, service: ReviewService, run_dir: Path) -> None:
+        try:
+            chosen = Predictor.from_dir(run_dir, backend=AUTO)
+        except Exception as e:  # noqa: BLE001 - the service stays on eager torch, which is always right
+            _log.warning("engine self-check failed, staying on eager torch: %s", e, exc_info=True)
+            self.error = f"{type(e).__name__}: {e}"
+            return
+        if chosen.backend.name != service.predictor.backend.name:
+            with service._model_lock:
+                service.predictor = chosen
+        _log.info("engine check done: serving with %s", chosen.backend.name)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def status(self) -> str:
+        """One line for the sidebar: the backend serving now and what the check is doing."""
+        return (
+            "checking the faster engines against fp32…"
+            if self.running
+            else (f"self-check failed ({self.error}); staying on eager torch" if self.error else "self-check done")
+        )
 
 
 def load_zero_shot() -> ZeroShotScorer:
