@@ -39,10 +39,12 @@ SALIENCY_FINDING = "saliency_finding"  # ... and the finding whose Grad-CAM map 
 _SALIENCY_IMAGE = "_saliency_image"  # the image the finding was chosen for: a new image starts on its top finding
 OFF, GRADCAM, ROLLOUT = "Off", "Grad-CAM (one finding)", "Attention rollout (all findings)"
 SALIENCY: dict[str, SaliencyMethod | None] = {OFF: None, GRADCAM: "gradcam", ROLLOUT: "rollout"}
-_RESERVED_PX = 170  # page header and the saliency controls: the viewer takes the rest of the window's height
+_RESERVED_PX = 230  # page header, saliency controls and caption: the viewer takes the rest of the window's height
+# sticky on the viewer container's wrapper, whose parent (the column) is as tall as the findings beside it
 _STICKY_CSS = """<style>
-.st-key-medvit-viewer { position: sticky; top: 3.75rem; z-index: 5; background: var(--background-color, #fff); }
-div[data-testid="stColumn"]:has(.st-key-medvit-viewer) > div { height: 100%; }
+div[data-testid="stLayoutWrapper"]:has(> .st-key-medvit-viewer) {
+  position: sticky; top: 3.75rem; z-index: 5; background: var(--background-color, #fff);
+}
 </style>"""
 
 

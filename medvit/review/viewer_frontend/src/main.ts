@@ -111,12 +111,13 @@ async function showImage(args: RenderArgs): Promise<void> {
   const spacing = (args.spacing as [number, number] | null) ?? [1, 1];
   cache.purgeCache();
   imageId = `medvit:${args.image_key}`;
-  imageLoader.createAndCacheLocalImage(imageId, {
+  const image = imageLoader.createAndCacheLocalImage(imageId, {
     scalarData,
     dimensions: [columns, rows],
     spacing: [spacing[1], spacing[0]],
     frameOfReferenceUID: `medvit-${args.image_key}`,
   });
+  const first = presets[0]; // the header's window: Cornerstone's own initial VOI too
   const modules: Record<string, object> = {
     generalSeriesModule: { modality: String(args.modality || "OT") },
     modalityLutModule: { rescaleSlope: 1, rescaleIntercept: 0 }, // the payload holds modality values already
@@ -124,6 +125,7 @@ async function showImage(args: RenderArgs): Promise<void> {
   for (const [type, metadata] of Object.entries(modules)) {
     utilities.genericMetadataProvider.add(imageId, { type, metadata });
   }
+  if (first) Object.assign(image, { windowCenter: first.center, windowWidth: first.width });
   size = [rows, columns];
   await viewport().setStack([imageId]);
   reset();
@@ -134,17 +136,19 @@ function applyPreset(preset: Preset): void {
   const voiRange = utilities.windowLevel.toLowHighRange(preset.width, preset.center);
   viewport().setProperties({ voiRange });
   viewport().render();
+  markPreset(preset.key);
+}
+
+function markPreset(key: string | undefined): void {
   for (const button of document.querySelectorAll<HTMLButtonElement>("#presets button")) {
-    button.classList.toggle("active", button.dataset.key === preset.key);
+    button.classList.toggle("active", button.dataset.key === key);
   }
 }
 
 function reset(): void {
-  const vp = viewport();
-  vp.resetCamera();
-  vp.setProperties({ invert: baseInvert });
+  viewport().resetCamera();
   if (presets.length) applyPreset(presets[0]);
-  vp.render();
+  setInverted(baseInvert);
 }
 
 function zoomBy(factor: number): void {
@@ -153,10 +157,35 @@ function zoomBy(factor: number): void {
   vp.render();
 }
 
-function invert(): void {
+/** The lookup table actually in use (GPU rendering), whose direction is what the reader sees. */
+function lookupTable(): any {
+  const actor = viewport().getDefaultActor?.()?.actor as any;
+  return actor?.getProperty?.().getRGBTransferFunction?.(0);
+}
+
+function isInverted(): boolean {
+  const table = lookupTable();
+  if (!table) return Boolean(viewport().getProperties().invert);
+  const [low, high] = table.getRange();
+  const rgb: number[] = [];
+  table.getTable(low, high, 2, rgb);
+  return rgb[0] > rgb[3];
+}
+
+/** Show the image inverted or not. Cornerstone's own `invert` property flips relative to a flag that a new
+ * stack's lookup table does not always follow (MONOCHROME1 came up uninverted), so the table is checked. */
+function setInverted(inverted: boolean): void {
   const vp = viewport();
-  vp.setProperties({ invert: !vp.getProperties().invert });
+  const table = lookupTable();
+  if (!table) vp.setProperties({ invert: inverted }); // CPU rendering: the property is the display
+  else if (isInverted() !== inverted) utilities.invertRgbTransferFunction(table);
+  Object.assign(vp, { invert: inverted }); // keep the viewport's flag in step with the table
+  document.body.dataset.inverted = String(inverted);
   vp.render();
+}
+
+function invert(): void {
+  setInverted(!isInverted());
 }
 
 /** The readouts (window in the image's units, screen pixels per image pixel) and the overlay's placement. */
