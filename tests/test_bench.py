@@ -76,7 +76,9 @@ def test_bench_model_reports_each_model_and_engine_against_the_baseline(dev_data
     assert out["machine"]["cpu"] and "avx2" in out["machine"]["isa"]
     base = out["baseline"]
     assert base["model"] == "deit3_small_patch16_384" and base["engine"] == "torch-fp32"
-    assert base["batch1_ms_per_image"] > 0 and base["batch8_ms_per_image"] > 0
+    for bs in ("batch1", "batch8"):  # measured before and after the models; ratios use their geometric mean
+        start, end = base[f"{bs}_ms_per_image_start"], base[f"{bs}_ms_per_image_end"]
+        assert base[f"{bs}_ms_per_image"] == pytest.approx(math.sqrt(start * end))
     assert list(out["models"]) == ["test_vit", "test_efficientnet"]
     for name, row in out["models"].items():
         assert set(row) == {"params_m", "gflops", "input_size", "engines", "skipped"}, name

@@ -13,9 +13,10 @@ are benchmarked in their fused inference form, as they would be deployed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -121,8 +122,9 @@ def _time(backend: Backend, x: np.ndarray, opts: EdgeOptions) -> float:
     return Timing.of(partial(backend, x), opts.warmup, opts.repeats).median_ms / len(x)
 
 
-def _baseline(opts: EdgeOptions, paths: list[str]) -> dict[str, Any]:
-    """DeiT3-B/16-384 (or the tiny stand-in) eager fp32 at each batch size: the denominator of every ratio."""
+def _baseline(opts: EdgeOptions, paths: list[str]) -> tuple[dict[str, Any], Callable[[], dict[int, float]]]:
+    """DeiT3-B/16-384 (or the tiny stand-in) eager fp32: its description, and a function timing it at each batch
+    size (ms/image), called before and after the models so that load drift on a shared machine shows."""
     model = speed_model(opts.baseline_size)
     pre = resolve_preprocessing(model)
     x = real_inputs(paths, pre, max(opts.batch_sizes))
@@ -133,17 +135,15 @@ def _baseline(opts: EdgeOptions, paths: list[str]) -> dict[str, Any]:
         "gflops": model_gflop(model, pre["input_size"]),
         "params_m": _params_m(model),
     }
-    for bs in opts.batch_sizes:
-        out[f"batch{bs}_ms_per_image"] = _time(backend, x[:bs], opts)
-    return out
+    return out, lambda: {bs: _time(backend, x[:bs], opts) for bs in opts.batch_sizes}
 
 
 def _params_m(model: nn.Module) -> float:
     return sum(p.numel() for p in model.parameters()) / 1e6
 
 
-def bench_model(name: str, opts: EdgeOptions, paths: list[str], baseline: dict[str, Any]) -> dict[str, Any]:
-    """One model: size and cost, then every engine timed at each batch size against the baseline."""
+def bench_model(name: str, opts: EdgeOptions, paths: list[str]) -> dict[str, Any]:
+    """One model: size and cost, then every engine timed at each batch size (ratios are added afterwards)."""
     model = build_edge_model(name)
     pre = resolve_preprocessing(model)
     x = real_inputs(paths, pre, max(opts.batch_sizes))
@@ -169,30 +169,36 @@ def bench_model(name: str, opts: EdgeOptions, paths: list[str], baseline: dict[s
             dp = max_prob_diff(backend(x), reference)
             result: dict[str, Any] = {"size_mb": size_mb, "max_abs_dp": dp, "within_tolerance": dp <= AUTO_TOLERANCE}
             for bs in opts.batch_sizes:
-                ms = _time(backend, x[:bs], opts)
-                ratio = baseline[f"batch{bs}_ms_per_image"] / ms
-                result[f"batch{bs}"] = {"ms_per_image": ms, "ratio_to_baseline": ratio}
-                _log.info(
-                    "%s %s batch %d: %.1f ms/image (%.1fx the baseline)",
-                    name,
-                    engine,
-                    bs,
-                    ms,
-                    result[f"batch{bs}"]["ratio_to_baseline"],
-                )
+                result[f"batch{bs}"] = {"ms_per_image": _time(backend, x[:bs], opts)}
+                _log.info("%s %s batch %d: %.1f ms/image", name, engine, bs, result[f"batch{bs}"]["ms_per_image"])
             row["engines"][LABELS.get(engine, engine)] = result
             del backend
     return row
 
 
 def run_edge_bench(opts: EdgeOptions) -> dict[str, Any]:
-    """The baseline, then every model, in one process: each ratio compares numbers taken under the same load."""
+    """The baseline, every model, the baseline again, in one process.
+
+    Each ratio divides by the geometric mean of the two baseline timings; both are kept (`..._start`, `..._end`),
+    so a reader sees how much the load on a shared machine moved while the models ran.
+    """
     if opts.baseline_size not in SIZES:
         raise ConfigError(f"--model-size must be one of {', '.join(SIZES)}")
     report: dict[str, Any] = {"machine": machine_info()}
     paths, _ = dev_images(opts.data_dir)
-    report["baseline"] = _baseline(opts, paths)
-    report["models"] = {name: bench_model(name, opts, paths, report["baseline"]) for name in opts.models}
+    baseline, timed = _baseline(opts, paths)
+    start = timed()
+    report["models"] = {name: bench_model(name, opts, paths) for name in opts.models}
+    end = timed()
+    for bs in opts.batch_sizes:
+        baseline[f"batch{bs}_ms_per_image_start"], baseline[f"batch{bs}_ms_per_image_end"] = start[bs], end[bs]
+        baseline[f"batch{bs}_ms_per_image"] = math.sqrt(start[bs] * end[bs])
+    for row in report["models"].values():
+        for result in row["engines"].values():
+            for bs in opts.batch_sizes:
+                timing = result[f"batch{bs}"]
+                timing["ratio_to_baseline"] = baseline[f"batch{bs}_ms_per_image"] / timing["ms_per_image"]
+    report["baseline"] = baseline
     report["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     return report
 
@@ -200,10 +206,14 @@ def run_edge_bench(opts: EdgeOptions) -> dict[str, Any]:
 def format_table(report: dict[str, Any]) -> str:
     """The report as the text table `medvit bench --model` prints (and benchmarks/README.md keeps)."""
     b = report["baseline"]
-    bs = sorted(int(k.removeprefix("batch").split("_")[0]) for k in b if k.startswith("batch"))
+    bs = sorted({int(k.removeprefix("batch").split("_")[0]) for k in b if k.startswith("batch")})
     lines = [
         f"baseline {b['model']} {b['engine']}: "
-        + ", ".join(f"batch {n} {b[f'batch{n}_ms_per_image']:.1f} ms/image" for n in bs)
+        + ", ".join(
+            f"batch {n} {b[f'batch{n}_ms_per_image']:.1f} ms/image (before the models "
+            f"{b[f'batch{n}_ms_per_image_start']:.1f}, after {b[f'batch{n}_ms_per_image_end']:.1f})"
+            for n in bs
+        )
         + f" ({b['gflops']:.2f} GFLOP)",
         f"{'model':<24} {'engine':<10} {'params M':>8} {'GFLOP':>6} {'MB':>6} "
         + " ".join(f"{f'b{n} ms':>8} {f'b{n} x':>6}" for n in bs)
