@@ -1,6 +1,8 @@
-"""`medvit watch --dicomweb URL [--once] [--since YYYYMMDD] [--interval SECONDS] [--run RUN] [--db URL]`.
+"""`medvit watch --dicomweb URL [--once] [--since YYYYMMDD] [--interval SECONDS] [--run RUN] [--db URL]
+[--secondary-capture]`.
 
-Scores the PACS's new CR/DX instances and stores a DICOM SR for each back into it (see `medvit.pacs.watch`).
+Scores the PACS's new CR/DX instances and stores a DICOM SR for each back into it (see `medvit.pacs.watch`);
+with `--secondary-capture` also the saliency overlay as an image in the SR's series (`medvit.pacs.sc`).
 Credentials: $MEDVIT_DICOMWEB_USER / $MEDVIT_DICOMWEB_PASSWORD, or $MEDVIT_DICOMWEB_TOKEN (bearer).
 `--once` makes one pass: exit 0 when every instance is scored or refused, 1 when some failed (they are
 retried by the next run), 2 with one line when the PACS cannot be reached or refuses the credentials.
