@@ -127,6 +127,7 @@ async function showImage(args: RenderArgs): Promise<void> {
   }
   if (first) Object.assign(image, { windowCenter: first.center, windowWidth: first.width });
   size = [rows, columns];
+  getRenderingEngine(ENGINE)!.resize(true, false); // the stage's height is set: fit the image to it
   await viewport().setStack([imageId]);
   reset();
   status.textContent = "";
