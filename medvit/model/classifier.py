@@ -164,7 +164,9 @@ def build_model(cfg: ModelConfig, num_classes: int) -> Classifier:
     else:
         if not timm.is_model(cfg.name.split(".")[0]):
             raise CheckpointError(f"unknown timm model {cfg.name!r}; see timm.list_models()")
-        backbone = create_backbone(cfg, {"drop_path_rate": cfg.drop_path_rate, **cfg.model_kwargs, "num_classes": 0})
+        # drop_path_rate only when set: some timm models (efficientvit_m0) take no such argument
+        drop_path = {"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}
+        backbone = create_backbone(cfg, {**drop_path, **cfg.model_kwargs, "num_classes": 0})
     width = backbone.num_features
     if cfg.head == "mlp":
         head: nn.Module = MlpHead(width, cfg.head_hidden, num_classes, cfg.head_dropout)
