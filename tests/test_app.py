@@ -243,43 +243,41 @@ def test_feedback_without_reviewer_is_refused_with_one_message(env):
     assert stored_reviews(env) == []
 
 
-def _image_url(at: AppTest) -> str:
-    """The media URL of the displayed image; it is derived from the image's bytes, so it changes with them."""
-    return at.get("image")[0].proto.imgs[0].url
+def _viewer_args(at: AppTest) -> dict:
+    """The JSON arguments the page passed to the viewer component (pixels travel apart, as bytes)."""
+    import json
+
+    (viewer,) = [e for e in at.get("component_instance") if "medvit_viewer" in e.proto.component_name]
+    return json.loads(viewer.proto.json_args)
 
 
 def test_saliency_overlays_render(env):
+    from medvit.review.viewer import GRADCAM, ROLLOUT, SALIENCY_FINDING, SALIENCY_METHOD
+
     at = _app()
-    plain = _image_url(at)
-    sal = _image_key(at, "sal_")
-    at.selectbox(key=sal).set_value("Attention rollout").run()
+    assert _viewer_args(at)["legend"] is None  # off by default: the reader sees the image first
+    at.selectbox(key=SALIENCY_METHOD).set_value(ROLLOUT).run()
     _no_crash(at)
     assert not at.error, _errors(at)
-    rollout = _image_url(at)
-    at.selectbox(key=sal).set_value("Grad-CAM (one finding)").run()
-    urls = {}
+    assert _viewer_args(at)["legend"]["title"] == "Attention rollout · all findings"
+    keys = {_viewer_args(at)["overlay_key"]}
+    at.selectbox(key=SALIENCY_METHOD).set_value(GRADCAM).run()
     for finding in ("Effusion", "Cardiomegaly"):
-        at.selectbox(key=f"salf_{sal[4:]}").set_value(finding).run()
+        at.selectbox(key=SALIENCY_FINDING).set_value(finding).run()
         _no_crash(at)
         assert not at.error, _errors(at)
-        urls[finding] = _image_url(at)
-    assert len({plain, rollout, *urls.values()}) == 4, "each overlay must change the displayed image"
-    at.slider(key=f"alpha_{sal[4:]}").set_value(0.9).run()
-    assert _image_url(at) != urls["Cardiomegaly"]  # the opacity slider re-blends
+        assert _viewer_args(at)["legend"]["title"] == f"Grad-CAM · {finding}"
+        keys.add(_viewer_args(at)["overlay_key"])
+    assert len(keys) == 3, "each map must change the overlay"
 
 
-def test_window_sliders_default_to_the_dicom_voi(env):
+def test_viewer_starts_at_the_dicom_voi(env):
     at = _app()
-    wc = next(s for s in at.slider if s.label == "Window centre")
-    ww = next(s for s in at.slider if s.label == "Window width")
-    assert (wc.value, ww.value) == (15000.0, 30000.0)  # RG1_UNCI's WindowCenter / WindowWidth
-    default = _image_url(at)
-    wc.set_value(9000.0).run()
-    narrowed = _image_url(at)
-    at.toggle(key=_image_key(at, "inv_")).set_value(True).run()
-    _no_crash(at)
-    assert not at.error, _errors(at)
-    assert len({default, narrowed, _image_url(at)}) == 3
+    args = _viewer_args(at)
+    assert args["presets"][0] == {"key": "V", "label": "Header VOI", "center": 15000.0, "width": 30000.0}
+    assert [p["key"] for p in args["presets"]] == ["V", "L", "M"]
+    assert (args["rows"], args["columns"], args["dtype"], args["invert"]) == (1955, 1841, "uint16", True)
+    assert not any(s.label in ("Window centre", "Window width") for s in at.slider)  # windowing is in the viewer
 
 
 def test_zero_shot_without_clip_is_one_line(env, monkeypatch, tmp_path):
@@ -473,24 +471,6 @@ def test_reader_errors_name_the_file(service):
     with pytest.raises(ImageReadError, match=r"^cut\.dcm: ") as info:
         service.analyze(cut, "cut.dcm")
     assert "uploaded image" not in str(info.value)
-
-
-def test_windowing_defaults_reproduce_the_reader_and_rewindow_raw(service):
-    import numpy as np
-
-    from medvit.data.dicom import apply_window, read_image
-    from medvit.review.display import display_pixels, downscale, window_defaults
-
-    image = read_image(dicom_path("RG1_UNCI.dcm"))
-    d = window_defaults(image)
-    assert (d.center, d.width, d.base_invert) == (15000.0, 30000.0, True)
-    np.testing.assert_array_equal(display_pixels(image, d.center, d.width, False), downscale(image.pixels, 1024))
-    np.testing.assert_allclose(display_pixels(image, d.center, d.width, True), 1 - downscale(image.pixels, 1024),
-                               atol=1e-6)  # fmt: skip
-    narrow = display_pixels(image, 12000.0, 4000.0, False)
-    expected = downscale(apply_window(image.raw, 12000.0, 4000.0, invert=True), 1024)
-    np.testing.assert_allclose(narrow, expected, atol=1e-6)
-    assert max(narrow.shape) == 1024 and not np.allclose(narrow, display_pixels(image, d.center, d.width, False))
 
 
 def test_fresh_launch_uses_the_demo_model(env, monkeypatch):
