@@ -103,6 +103,11 @@ def test_wheel_installed_in_a_fresh_venv_predicts_and_finds_its_app(tmp_path: Pa
         assert (installed / "resources" / "demo" / name).is_file(), f"the wheel lacks the demo run's {name}"
         assert filecmp.cmp(installed / "resources" / "demo" / name, DEMO_RUN / name, shallow=False), name
 
+    for name in ("index.html", "viewer.js"):  # the review viewer's built bundle: the wheel needs no npm
+        bundle = Path("review") / "viewer_frontend" / "build" / name
+        assert filecmp.cmp(installed / bundle, DEMO_RUN.parents[1] / bundle, shallow=False), name
+    assert not list(installed.rglob("node_modules")), "the wheel carries the viewer's npm build folder"
+
     _run([str(python.parent / "medvit"), "predict", dicom, "--backend", "torch", "--out", "preds.csv"], work, env)
     rows = pd.read_csv(work / "preds.csv")
     assert rows["error"].isna().all(), rows["error"].dropna().tolist()
