@@ -66,6 +66,9 @@ def session_from_env(*, verify: bool | str | None = None) -> requests.Session:
     elif user:
         session.auth = (user, password or "")
     session.verify = verify if verify is not None else (os.environ.get(CA_BUNDLE_ENV) or True)
+    # No HTTP compression: a PACS that gzips a 7 MB radiograph on the fly (Orthanc does, by default) spends ~10x
+    # the transfer time on it (benchmarks/README.md, watch throughput), and compressed pixel data barely shrinks.
+    session.headers["Accept-Encoding"] = "identity"
     return session
 
 

@@ -1,0 +1,190 @@
+"""`medvit watch --once` throughput against `medvit predict` on the same images, in one run (issue 11).
+
+N copies of pydicom-data's RG1_UNCI chest CR (1955 x 1841, 16-bit, uncompressed), each with new study, series
+and instance UIDs, are written to a folder and uploaded to a real Orthanc (DICOMweb plugin, authentication on)
+that this script starts on 127.0.0.1 and stops by its PID. One Predictor (the demo model by default, the engine
+`auto` picks here) serves both sides, so model loading is left out of both:
+
+- **predict**: `medvit.inference.batch.predict_files` over the folder, as `medvit predict --out` runs it
+  (batch 8, parallel decoding workers);
+- **predict, one by one**: `read_image` + `Predictor.predict` per file, the serial path watch also takes;
+- **watch**: `Watcher.run_pass` against the PACS, as `medvit watch --once` runs it: QIDO, then per instance
+  WADO-RS retrieve, decode, score, SR build, STOW-RS and the database commit (fresh SQLite each round).
+
+The rounds alternate (predict, serial, watch) `--rounds` times; medians are reported. Inside watch, the time
+spent in retrieve and store is measured by wrapping the client's calls. Target: the PACS round trip costs at
+most 25 %, i.e. watch throughput >= 0.8 x predict's.
+
+    python benchmarks/watch_throughput.py [--images 20] [--rounds 3] [--run RUN_DIR] [--backend auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import requests
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+ORTHANC = Path("/usr/sbin/Orthanc")
+PLUGINS = Path("/usr/share/orthanc/plugins")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_orthanc(root: Path, user: str, password: str) -> tuple[subprocess.Popen, str]:
+    """A private Orthanc (temp storage, auth on, localhost only); returns (process, DICOMweb root)."""
+    port = _free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "orthanc.json"
+    config.write_text(json.dumps({
+        "Name": "medvit-bench", "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
+        "HttpPort": port, "DicomPort": _free_port(), "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
+        "RegisteredUsers": {user: password}, "Plugins": [str(PLUGINS / "libOrthancDicomWeb.so")],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }))  # fmt: skip
+    proc = subprocess.Popen([str(ORTHANC), str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/system", auth=(user, password), timeout=1).ok:
+                return proc, f"http://127.0.0.1:{port}/dicom-web"
+        except requests.ConnectionError:
+            time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit("Orthanc did not start within 60 s")
+
+
+def make_copies(folder: Path, n: int) -> list[Path]:
+    """n copies of RG1_UNCI, each its own study/series/instance."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"))
+    paths = []
+    for i in range(n):
+        ds = source.copy()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"cr{i:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _timed_calls(obj: Any, name: str, bucket: list[float]) -> None:
+    """Wrap obj.name so each call's seconds are appended to `bucket`."""
+    inner: Callable = getattr(obj, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            bucket.append(time.perf_counter() - t0)
+
+    setattr(obj, name, wrapper)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--run", default=None, help="run folder (default: the demo model)")
+    parser.add_argument("--backend", default="auto")
+    args = parser.parse_args(argv)
+    if not ORTHANC.is_file():
+        raise SystemExit(f"Orthanc not installed ({ORTHANC}): apt-get install orthanc orthanc-dicomweb")
+
+    from medvit._platform import cpu_model, isa_flags
+    from medvit.data.dicom import read_image
+    from medvit.inference.batch import predict_files
+    from medvit.inference.predictor import Predictor
+    from medvit.pacs.client import PASSWORD_ENV, USER_ENV, PacsClient
+    from medvit.pacs.watch import Watcher
+    from medvit.review.store import ReviewStore
+
+    user, password = "medvit", secrets.token_urlsafe(16)
+    os.environ[USER_ENV], os.environ[PASSWORD_ENV] = user, password
+    predictor = Predictor.from_dir(args.run, backend=args.backend)
+    with tempfile.TemporaryDirectory(prefix="medvit-watchbench-") as tmp:
+        root = Path(tmp)
+        paths = make_copies(root / "in", args.images)
+        proc, url = start_orthanc(root / "orthanc", user, password)
+        try:
+            for p in paths:
+                r = requests.post(
+                    url.removesuffix("/dicom-web") + "/instances",
+                    data=p.read_bytes(),
+                    auth=(user, password),
+                    timeout=60,
+                )
+                r.raise_for_status()
+            client = PacsClient(url)
+            retrieve_s: list[float] = []
+            store_s: list[float] = []
+            _timed_calls(client, "retrieve", retrieve_s)
+            _timed_calls(client, "store", store_s)
+            times: dict[str, list[float]] = {"predict": [], "serial": [], "watch": []}
+            for k in range(args.rounds):
+                t0 = time.perf_counter()
+                summary = predict_files(predictor, paths, lambda rows: None, batch_size=8, progress=False)
+                times["predict"].append(time.perf_counter() - t0)
+                assert summary.n_predicted == len(paths), summary
+                t0 = time.perf_counter()
+                for p in paths:
+                    predictor.predict(read_image(p, min_side=predictor.input_side))
+                times["serial"].append(time.perf_counter() - t0)
+                store = ReviewStore(f"sqlite:///{root / f'review{k}.db'}")
+                try:
+                    t0 = time.perf_counter()
+                    result = Watcher(client, predictor, store.engine).run_pass()
+                    times["watch"].append(time.perf_counter() - t0)
+                finally:
+                    store.close()
+                assert result.scored == len(paths), result
+                print(
+                    f"round {k + 1}: " + ", ".join(f"{name} {v[-1]:.2f} s" for name, v in times.items()),
+                    file=sys.stderr,
+                )
+        finally:
+            proc.terminate()  # this Orthanc only, by its PID
+            proc.wait(timeout=30)
+    med = {name: statistics.median(v) for name, v in times.items()}
+    n = len(paths)
+    per_round = args.rounds * n
+    report = {
+        "images": n,
+        "rounds": args.rounds,
+        "engine": predictor.backend.name,
+        "model": predictor.info.model_name,
+        "cpu": cpu_model(),
+        "isa": sorted(isa_flags() & {"avx2", "avx512f", "avx512_vnni", "amx_tile"}),
+        "load_avg_1m_end": os.getloadavg()[0],
+        "images_per_s": {name: n / s for name, s in med.items()},
+        "watch_vs_predict": med["predict"] / med["watch"],
+        "watch_vs_serial_predict": med["serial"] / med["watch"],
+        "pacs_round_trip_share_of_watch": (sum(retrieve_s) + sum(store_s)) / sum(times["watch"]),
+        "ms_per_instance": {"retrieve": 1e3 * sum(retrieve_s) / per_round, "store": 1e3 * sum(store_s) / per_round},
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
