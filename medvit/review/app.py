@@ -225,12 +225,12 @@ def main() -> None:
                 pacs_sr_option(settings, store, analysis, data, review_id)
         if store is not None:
             history_panel(store, analysis, None if can(account, "see_all_history") else account.name)
-    with left:
-        with reported("Image"):
-            image_panel(service, analysis)
+    with left:  # identifiers above the image: the viewer sticks to the top and would cover what follows it
         patient_panel(patient_identifiers(data), image_key=analysis.sha256[:12],
                       may_reveal=can(account, "reveal_identifiers"),
                       on_reveal=reveal_audit(store, account, analysis.image_uid))  # fmt: skip
+        with reported("Image"):
+            image_panel(service, analysis)
     zero_shot_panel(get_zero_shot, analysis, configured=bool(os.environ.get(CLIP_ENV)))
 
 

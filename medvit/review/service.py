@@ -131,6 +131,7 @@ class ReviewService:
         self._saliency = _Lru(4 * cache_size)
         self._display = _Lru(4)  # full-resolution decodes are large: keep only the last few
         self.engine_check: EngineCheck | None = None  # the background `auto` choice, when one was started
+        self.first_table = threading.Event()  # set once an image was analysed: the engine check waits for it
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str] | None = None) -> ReviewService:
@@ -187,6 +188,7 @@ class ReviewService:
         uid = meta.sop_instance_uid
         use_uid = meta.source == "dicom" and uid is not None and is_dicom_uid(uid)
         _log.info("analyzed %s in %.0f ms%s", name, timings["total"], f" (refused: {refusal})" if refusal else "")
+        self.first_table.set()
         return Analysis(
             name=name, sha256=digest, image=image, image_uid=uid if uid and use_uid else digest,
             image_uid_kind="sop_instance_uid" if use_uid else "sha256", prediction=prediction, refusal=refusal,
@@ -222,11 +224,14 @@ class ReviewService:
         return to_image(grid, (int(h_in), int(w_in)), size)
 
 
+FIRST_TABLE_WAIT_S = 60.0  # how long the engine check lets the first table go first when nobody opens an image
+
+
 class EngineCheck:
     """The `auto` engine choice for a running service, in a background thread: `Predictor.from_dir(run, "auto")`
     (the one self-check, cached per weights and machine) on its own copy of the model, so it never races the
-    served model's saliency hooks. When it picks an engine other than torch, its predictor replaces the service's;
-    until then, or if it fails, the service keeps answering with eager torch."""
+    served model's saliency hooks, and after the first table. When it picks an engine other than torch, its
+    predictor replaces the service's; until then, or if it fails, the service keeps answering with eager torch."""
 
     def __init__(self, service: ReviewService, run_dir: Path) -> None:
         self.error: str | None = None
@@ -235,6 +240,8 @@ class EngineCheck:
         self._thread.start()
 
     def _run(self, service: ReviewService, run_dir: Path) -> None:
+        # the first table gets the 2 cores of a small machine to itself; the check starts after it (or a minute)
+        service.first_table.wait(FIRST_TABLE_WAIT_S)
         try:
             chosen = Predictor.from_dir(run_dir, backend=AUTO)
         except Exception as e:  # noqa: BLE001 - the service stays on eager torch, which is always right
