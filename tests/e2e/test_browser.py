@@ -7,6 +7,7 @@ browser download cannot work offline. Screenshots go to $MEDVIT_ARTIFACT_DIR (de
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import subprocess
@@ -94,7 +95,7 @@ def test_review_queue_keys_edits_and_masking_in_a_real_browser(server, tmp_path,
     url, db, log = server
     artifacts = Path(os.environ.get("MEDVIT_ARTIFACT_DIR") or tmp_path / "artifacts")
     artifacts.mkdir(parents=True, exist_ok=True)
-    dicom = dicom_path("RG1_UNCI.dcm")
+    dicom = Path(dicom_path("RG1_UNCI.dcm"))
     blank = tmp_path / "blank.png"
     from PIL import Image
 
@@ -110,19 +111,24 @@ def test_review_queue_keys_edits_and_masking_in_a_real_browser(server, tmp_path,
             uploader.set_input_files(dicom)
             expect(page.get_by_text("RG1_UNCI.dcm").first).to_be_visible(timeout=RESULT_MS)
             expect(page.get_by_role("heading", name="Findings")).to_be_visible(timeout=RESULT_MS)
-            rows = page.locator('[class*="st-key-frow_"]')
+            # this image's rows (keyed frow_<i>_<sha256[:12]>): the first image's stay on screen while the page reruns
+            key = hashlib.sha256(dicom.read_bytes()).hexdigest()[:12]
+            rows = page.locator(f'[class*="st-key-frow_"][class*="_{key}"]')
             expect(rows.first).to_be_visible(timeout=RESULT_MS)
+            stale = page.locator(f'[class*="st-key-frow_"]:not([class*="_{key}"])')
+            expect(stale).to_have_count(0, timeout=RESULT_MS)  # removed when the page run ends
+            expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=RESULT_MS)
             n_flagged = rows.count()
             assert 0 < n_flagged < 14 and rows.filter(has_text="flagged").count() == n_flagged  # flagged first
-            page.get_by_text("Show all findings (").click()
+            page.locator(f'[class*="st-key-all_{key}"]').get_by_text("Show all findings (").click()
             expect(rows).to_have_count(14, timeout=RESULT_MS)
-            assert all("flagged" in rows.nth(i).inner_text() for i in range(n_flagged))
-            assert "flagged" not in rows.nth(n_flagged).inner_text()
+            texts = [rows.nth(i).text_content() or "" for i in range(14)]
+            assert all("flagged" in t for t in texts[:n_flagged]) and "flagged" not in texts[n_flagged], texts
             page.wait_for_timeout(1000)
             page.screenshot(path=str(artifacts / "review_findings.png"))
 
             first = rows.nth(0).locator('[data-testid="stMarkdownContainer"] p').first.inner_text().strip()
-            rows.nth(0).get_by_role("button", name="present", exact=True).click()  # inline verdict
+            rows.nth(0).locator("button").filter(has_text="present").click()  # inline verdict
             page.evaluate("document.activeElement && document.activeElement.blur()")  # keys go to the page
             page.keyboard.press("j")  # keys: the second row, set absent
             page.keyboard.press("a")
@@ -131,15 +137,15 @@ def test_review_queue_keys_edits_and_masking_in_a_real_browser(server, tmp_path,
             page.get_by_label("Note").fill("checked in Chromium")
             page.get_by_role("button", name="Save review").click()
             expect(page.get_by_text("Saved review #1")).to_be_visible(timeout=RESULT_MS)
-            rows.nth(0).get_by_role("button", name="uncertain", exact=True).click()  # edit the saved review
+            rows.nth(0).locator("button").filter(has_text="uncertain").click()  # edit the saved review
             expect(page.get_by_text("2 verdict(s) set.")).to_be_visible(timeout=RESULT_MS)
             page.get_by_role("button", name="Save review").click()
             expect(page.get_by_text("Updated review #1")).to_be_visible(timeout=RESULT_MS)
             page.screenshot(path=str(artifacts / "review_saved.png"))
 
-            page.get_by_text("Patient identifiers").click()  # reveal on this image...
+            page.get_by_text("Patient identifiers", exact=True).click()  # reveal on this image...
             page.get_by_text("Show patient identifiers").click()
-            expect(page.get_by_text("CompressedSamples^RG1")).to_be_visible(timeout=RESULT_MS)
+            expect(page.get_by_text("CompressedSamples^RG1")).to_be_attached(timeout=RESULT_MS)  # a data grid cell
             uploader.set_input_files(str(sorted(dev_images.glob("*.png"))[0]))  # ...and the next one is masked
             expect(page.get_by_text("no DICOM header")).to_be_visible(timeout=RESULT_MS)
             expect(page.get_by_text("CompressedSamples^RG1")).to_have_count(0)
