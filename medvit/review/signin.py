@@ -33,7 +33,7 @@ _NOTICE = "_medvit_signin_notice"
 def current_user(store: ReviewStore | None, settings: AppSettings) -> Account | None:
     """The account using this page, or None after drawing the sign-in form (the page must then stop).
 
-    Every call is activity: it restarts the idle clock of a signed-in session.
+    Every page run is activity: this call and `mark_active` at the end of the run restart the idle clock.
     """
     if settings.auth == "local":
         return LOCAL_ACCOUNT
@@ -64,6 +64,13 @@ def current_user(store: ReviewStore | None, settings: AppSettings) -> Account | 
     period = min(30.0, max(1.0, settings.idle_minutes * 60 / 4))
     st.fragment(_idle_watch, run_every=period)(settings.idle_minutes * 60)
     return account
+
+
+def mark_active() -> None:
+    """Restart a signed-in session's idle clock; the page calls it when a run ends, so that a long run (the first
+    model load) is not counted as idle time."""
+    if _ACCOUNT in st.session_state:
+        st.session_state[_LAST_ACTIVE] = time.time()
 
 
 def sign_out(notice: str) -> None:

@@ -33,6 +33,7 @@ PASSWORDS = {"rita": "rita-Canary-pw-1", "adam": "adam-Canary-pw-2", "lou": "lou
 WRONG = "not-the-Canary-pw"
 IDLE_MINUTES = 1
 PATIENT_NAME = "CompressedSamples^RG1"  # RG1_UNCI.dcm's PatientName
+IMAGE = '[data-testid="stImage"], [data-testid="stCustomComponentV1"]'  # st.image or the viewer component
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
@@ -105,9 +106,16 @@ def _sign_in(page, db: str, name: str, password: str) -> None:
         time.sleep(0.2)
 
 
+def _open_identifiers(page) -> None:
+    """Open the "Patient identifiers" expander from the keyboard: while the page scrolls, the sticky viewer may lie
+    over it, and a mouse click would land on the viewer."""
+    page.locator("summary", has_text="Patient identifiers").press("Enter")
+
+
 def _assert_nothing_shown(page) -> None:
-    """No image, data grid or finding on the page."""
-    assert page.get_by_test_id("stImage").count() == 0
+    """No image (st.image or the viewer component), data grid (a canvas) or finding on the page. The only frame
+    allowed is the keyboard-shortcut listener (`medvit.review.keys`, an st.iframe holding a constant script)."""
+    assert page.locator(f'{IMAGE}, img, canvas, iframe:not([data-testid="stIFrame"])').count() == 0
     assert page.get_by_test_id("stDataFrame").count() == 0
     assert page.get_by_role("heading", name="Findings").count() == 0
     assert PATIENT_NAME not in page.content()
@@ -148,10 +156,10 @@ def test_sign_in_roles_lockout_and_idle_expiry_in_a_real_browser(site_server, tm
 
             _sign_in(page, db, "rita", PASSWORDS["rita"])  # a reviewer: reviews, no monitoring, no identifiers
             expect(page.get_by_role("heading", name="Findings")).to_be_visible(timeout=RESULT_MS)
-            expect(page.get_by_test_id("stImage").first).to_be_visible(timeout=RESULT_MS)
+            expect(page.locator(IMAGE).first).to_be_visible(timeout=RESULT_MS)
             expect(page.get_by_text("Signed in as rita (reviewer)")).to_be_visible()
             assert page.get_by_text("Monitoring", exact=True).count() == 0
-            page.get_by_text("Patient identifiers", exact=True).click()
+            _open_identifiers(page)
             expect(page.get_by_text("Only an admin may reveal patient identifiers.")).to_be_visible()
             assert page.get_by_text("Show patient identifiers", exact=True).count() == 0
             assert PATIENT_NAME not in page.content()
@@ -163,8 +171,8 @@ def test_sign_in_roles_lockout_and_idle_expiry_in_a_real_browser(site_server, tm
             page = fresh_page()  # an admin: reveals identifiers (audited) and opens Monitoring
             _sign_in(page, db, "adam", PASSWORDS["adam"])
             expect(page.get_by_role("heading", name="Findings")).to_be_visible(timeout=RESULT_MS)
-            page.get_by_text("Patient identifiers", exact=True).click()
-            page.get_by_text("Show patient identifiers", exact=True).click()
+            _open_identifiers(page)
+            page.get_by_role("switch", name="Show patient identifiers").press("Space")
             page.wait_for_timeout(1500)  # the data grid draws on a canvas; read the audit row instead below
             page.screenshot(path=str(artifacts / "signin_admin_identifiers.png"))
             page.get_by_text("Monitoring", exact=True).click()
