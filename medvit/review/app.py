@@ -26,7 +26,7 @@ from medvit.review.panels import BANNER, history_panel, patient_panel, reported,
 from medvit.review.queue import SOURCE, queue_panel
 from medvit.review.service import Analysis, ReviewService, load_zero_shot
 from medvit.review.settings import CLIP_ENV, AppSettings
-from medvit.review.signin import current_user, reveal_audit
+from medvit.review.signin import current_user, mark_active, reveal_audit
 from medvit.review.store import ReviewStore
 from medvit.review.viewer import image_panel
 from medvit.review.worklist import list_worklist, patient_identifiers
@@ -238,6 +238,7 @@ def run() -> None:
     """The page, with any failure shown as one line (apps/review.py and `medvit review` both call this)."""
     with reported("medvit review"):
         main()
+    mark_active()  # the idle clock restarts when a page run ends, however long the run took
 
 
 if __name__ == "__main__":
