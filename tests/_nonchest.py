@@ -45,7 +45,8 @@ def _frames(ds: Dataset) -> list[np.ndarray]:
 
 def _thumbnail(frame: np.ndarray) -> np.ndarray:
     """32x32, zero-mean, unit-norm: the dot product of two is their correlation."""
-    t = np.asarray(Image.fromarray(frame.astype(np.float32)).resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float64)
+    small = Image.fromarray(frame.astype(np.float32)).resize((32, 32), Image.Resampling.BILINEAR)
+    t = np.asarray(small, dtype=np.float64)
     t -= t.mean()
     return t.ravel() / max(float(np.linalg.norm(t)), 1e-12)
 
