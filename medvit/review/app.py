@@ -142,7 +142,7 @@ def model_notes(service: ReviewService) -> None:
         st.sidebar.caption(f"Engine: {check.status()}")
     if service.is_demo:
         st.info(
-            "**This is the demo model**, a small ViT trained on 286 NIH images to show how medvit works"
+            "**This is the demo model**, three tiny ViTs trained from scratch on 337 NIH images to show medvit at work"
             + (f" ({auroc})" if auroc else "") + ". Its findings are illustrations, far from a clinical model.",
             icon="🧪",
         )  # fmt: skip
