@@ -166,4 +166,5 @@ def test_shipped_demo_run_loads_and_is_small() -> None:
         out = model(torch.zeros(1, *size))
     assert out.shape == (1, len(info.findings)) == (1, 14) and torch.isfinite(out).all()
     summary = read_json(demo / "train_summary.json")
-    assert summary["train_images"] == 286 and summary["val_images"] == 51 and summary["select"] == "last"
+    # the fold-ensemble demo (issue 15): each of 337 dev images held out by exactly one of 3 members
+    assert summary["ensemble"] == 3 and summary["val_images"] == 337 and summary["select"] == "last"
