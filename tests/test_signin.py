@@ -1,6 +1,6 @@
 """The sign-in gate and roles in the real review page (Streamlit's AppTest), with a tiny real run and a temp
 SQLite database: nothing before sign-in, idle expiry, disabling, sign-out, the signed-in user on every review,
-and what a reviewer and an admin may see. The same in a real browser: tests/e2e/test_signin.py.
+and what a reviewer and an admin may see. The same in a real browser: tests/e2e/test_signin_browser.py.
 """
 
 from __future__ import annotations
