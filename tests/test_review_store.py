@@ -286,10 +286,11 @@ def test_saving_again_edits_the_same_review_and_keeps_every_edit(store):
     first, edited = _save(store)
     assert not edited
     second, edited = _save(store, verdicts={"Effusion": "disagree", "Cardiomegaly": "uncertain"}, note="second look")
-    third, _ = _save(store, verdicts={"Pneumothorax": "agree"}, note="third look")
+    third, _ = _save(store, verdicts={"Pneumothorax": "agree"}, note="third look", calibration_version="v2")
     assert first == second == third and edited
     [review] = store.history(limit=None)
     assert review.verdicts == {"Pneumothorax": "agree"} and review.note == "third look"
+    assert review.calibration_version == "v2"  # the calibration in force at the last save
     assert review.updated_at is not None and review.updated_at >= review.created_at
     assert [(e.verdicts, e.note) for e in review.edits] == [
         ({"Effusion": "agree"}, "first look"),

@@ -141,7 +141,7 @@ def review_form(
         review_id, edited = store.save_review(
             reviewer=reviewer, image_uid=analysis.image_uid, image_uid_kind=analysis.image_uid_kind,
             model_name=model_name, weights_sha256=pred.weights_sha256, shown=analysis.shown(), verdicts=chosen,
-            note=note, user_id=account.id,
+            note=note, user_id=account.id, calibration_version=pred.calibration_version,
         )  # fmt: skip
         message = f"{'Updated' if edited else 'Saved'} review #{review_id} ({len(chosen)} finding(s))."
         st.session_state[_SAVED][key] = (review_id, message)

@@ -92,6 +92,7 @@ class Review:
     updated_at: datetime | None = None  # the last edit (None: never edited)
     edits: tuple[ReviewEdit, ...] = ()  # oldest first
     labels: dict[str, str | None] = field(default_factory=dict)  # verdicts as present / absent (None: uncertain)
+    calibration_version: str | None = None  # the calibration in force when the reader saw the numbers
 
 
 def default_db_url() -> str:
@@ -212,8 +213,10 @@ class ReviewStore:
         verdicts: Mapping[str, Verdict],
         note: str = "",
         user_id: int | None = None,
+        calibration_version: str | None = None,
     ) -> int:
-        """Store one review in a single transaction and return its id (`user_id`: the signed-in account).
+        """Store one review in a single transaction and return its id (`user_id`: the signed-in account;
+        `calibration_version`: the calibration that produced the probabilities shown).
 
         Raises:
             MedvitError: a field is missing, too long or malformed (the message names it).
@@ -221,7 +224,7 @@ class ReviewStore:
         row = _review_row(reviewer=reviewer, image_uid=image_uid, image_uid_kind=image_uid_kind,
                           model_name=model_name, weights_sha256=weights_sha256, shown=shown, verdicts=verdicts,
                           note=note)  # fmt: skip
-        row.user_id = user_id
+        row.user_id, row.calibration_version = user_id, calibration_version
         try:
             with Session(self.engine) as session, session.begin():
                 session.add(row)
@@ -248,6 +251,7 @@ class ReviewStore:
         verdicts: Mapping[str, Verdict],
         note: str = "",
         user_id: int | None = None,
+        calibration_version: str | None = None,
     ) -> tuple[int, bool]:
         """The app's save: one review per image, reader and weights. Saving again edits that review, and the state
         before the edit is kept in `review_edits` (plus a `review_edit` audit event). Returns (id, edited).
@@ -274,7 +278,7 @@ class ReviewStore:
                     new = _review_row(reviewer=reviewer, image_uid=uid, image_uid_kind=image_uid_kind,
                                       model_name=model_name, weights_sha256=weights, shown=shown, verdicts=checked,
                                       note=note)  # fmt: skip
-                    new.user_id = user_id
+                    new.user_id, new.calibration_version = user_id, calibration_version
                     session.add(new)
                     session.flush()
                     _log.info("stored review %d on %s (%d verdicts)", new.id, uid, len(checked))
@@ -284,6 +288,7 @@ class ReviewStore:
                 row.edits.append(ReviewEditRow(edited_at=now, editor=reviewer, verdicts=before, note=row.note))
                 row.verdicts = _verdict_rows(checked, shown)
                 row.note, row.shown, row.updated_at, row.reviewer = note, stored_shown, now, reviewer
+                row.calibration_version = calibration_version
                 record(session, reviewer, "review_edit", target=uid,
                        detail={"review_id": row.id, "before": before, "after": dict(checked)})  # fmt: skip
                 session.flush()
@@ -363,7 +368,7 @@ def _to_review(r: ReviewRow) -> Review:
         image_uid=r.image_uid, image_uid_kind=r.image_uid_kind, model_name=r.model_name,
         weights_sha256=r.weights_sha256, shown={f: ShownFinding(**v) for f, v in r.shown.items()},
         verdicts={v.finding: v.verdict for v in r.verdicts}, updated_at=_utc(r.updated_at), edits=edits,
-        labels={v.finding: v.label for v in r.verdicts},
+        labels={v.finding: v.label for v in r.verdicts}, calibration_version=r.calibration_version,
     )  # fmt: skip
 
 
