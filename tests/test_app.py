@@ -57,6 +57,15 @@ def _frame(at: AppTest, column: str) -> pd.DataFrame | None:
     return next((d.value for d in at.dataframe if column in d.value.columns), None)
 
 
+def _metadata(at: AppTest) -> pd.Series:
+    """The image metadata table (the patient-identifier table also has a "field" column, and comes first)."""
+    from medvit.review.worklist import PATIENT_TAGS
+
+    meta = next(d.value for d in at.dataframe
+                if "field" in d.value.columns and not set(PATIENT_TAGS) & set(d.value["field"]))  # fmt: skip
+    return meta.set_index("field")["value"]
+
+
 def _rows(at: AppTest) -> list[str]:
     """The findings rows on screen, top to bottom (each row's inline verdict control is keyed by its finding)."""
     return [b.key.split("_", 2)[2] for b in at.button_group if b.key and b.key.startswith("lab_")]
@@ -107,7 +116,7 @@ def test_default_launch_shows_flagged_findings_first_and_greys_what_it_cannot_re
     assert f"{row['prob']:.3f} · threshold {row['threshold']:.3f}" in bars[0]  # one rounding: 3 decimals
     assert any("below its threshold" in c.value for c in at.caption)  # what a verdict means below threshold
     assert not any("Demo model" in c.value for c in at.sidebar.caption)
-    meta = _frame(at, "field").set_index("field")["value"]
+    meta = _metadata(at)
     assert meta["Modality"] == "CR" and meta["View position"] == "PA" and meta["Body part"] == "CHEST"
 
 
@@ -138,7 +147,7 @@ def test_uploaded_png_is_scored_and_keyed_by_hash(env, dev_images):
     assert not at.error, _errors(at)
     assert len(_findings(at)) == len(DEFAULT_FINDINGS)
     assert any("no DICOM header" in c.value for c in at.caption)
-    assert _frame(at, "field").set_index("field")["value"]["Format"] == "PNG"
+    assert _metadata(at)["Format"] == "PNG"
 
 
 def test_injected_file_path(env, monkeypatch):
@@ -146,7 +155,7 @@ def test_injected_file_path(env, monkeypatch):
     at = _app()
     assert not at.error, _errors(at)
     assert len(_findings(at)) == len(DEFAULT_FINDINGS)
-    assert "JPEG 2000" in _frame(at, "field").set_index("field")["value"]["Transfer syntax"]
+    assert "JPEG 2000" in _metadata(at)["Transfer syntax"]
 
 
 @pytest.mark.parametrize(

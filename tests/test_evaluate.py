@@ -276,7 +276,7 @@ def test_run_split_frame_rebuilds_the_runs_held_out_split(dev_labels, dev_images
         dev_labels = tmp_path / "labels.csv"
     split = {"policy": policy, "val": 0.15, "calib": 0.2, "seed": 3, "train_name": "train", "val_name": "val"}
     data = {"labels_csv": str(dev_labels), "images_root": str(dev_images), "split": split}
-    info = SimpleNamespace(config={"data": data}, findings=NIH_FINDINGS, run_dir=Path("run"))
+    info = SimpleNamespace(config={"data": data}, findings=NIH_FINDINGS, run_dir=Path("run"), model_args={})
     df, name = pipeline.run_split_frame(info)
     assert name == expected and set(df["split"]) == {expected}
     if policy == "column":
@@ -290,7 +290,7 @@ def test_run_split_frame_rebuilds_the_runs_held_out_split(dev_labels, dev_images
     info.config["data"]["labels_csv"] = "/nonexistent/labels.csv"
     from medvit.errors import DatasetError
 
-    with pytest.raises(DatasetError, match="pass --labels CSV --images DIR"):
+    with pytest.raises(DatasetError, match="--data-root DIR .* or --labels CSV --images DIR"):
         pipeline.run_split_frame(info)
 
 
