@@ -57,4 +57,4 @@ _SCRIPT = """
 
 def keyboard_shortcuts() -> None:
     """Install the page's key listener (call once per page run, in the same place, so the iframe persists)."""
-    st.iframe(_SCRIPT, height="content")  # our own constant script, not user content
+    st.iframe(_SCRIPT, height=1)  # our own constant script, not user content; 1 px: it draws nothing
