@@ -201,6 +201,11 @@ class ReviewStore:
     def close(self) -> None:
         self.engine.dispose()
 
+    def _refused(self, e: SQLAlchemyError) -> MedvitError:
+        """The one-line error for a write the database refused (nothing was stored: the transaction rolled back)."""
+        return MedvitError(f"review not saved: the database {self.display_url} refused the write "
+                           f"({e.__class__.__name__}); nothing was stored, try again")  # fmt: skip
+
     def add_review(
         self,
         *,
@@ -223,8 +228,7 @@ class ReviewStore:
         """
         row = _review_row(reviewer=reviewer, image_uid=image_uid, image_uid_kind=image_uid_kind,
                           model_name=model_name, weights_sha256=weights_sha256, shown=shown, verdicts=verdicts,
-                          note=note)  # fmt: skip
-        row.user_id, row.calibration_version = user_id, calibration_version
+                          note=note, user_id=user_id, calibration_version=calibration_version)  # fmt: skip
         try:
             with Session(self.engine) as session, session.begin():
                 session.add(row)
@@ -232,10 +236,7 @@ class ReviewStore:
                 review_id = row.id
         except SQLAlchemyError as e:
             _log.exception("review write failed")
-            raise MedvitError(
-                f"review not saved: the database {self.display_url} refused the write ({e.__class__.__name__}); "
-                "nothing was stored, try again"
-            ) from e
+            raise self._refused(e) from e
         _log.info("stored review %d on %s (%d verdicts)", review_id, image_uid, len(verdicts))
         return review_id
 
@@ -277,8 +278,8 @@ class ReviewStore:
                 if row is None:
                     new = _review_row(reviewer=reviewer, image_uid=uid, image_uid_kind=image_uid_kind,
                                       model_name=model_name, weights_sha256=weights, shown=shown, verdicts=checked,
-                                      note=note)  # fmt: skip
-                    new.user_id, new.calibration_version = user_id, calibration_version
+                                      note=note, user_id=user_id,
+                                      calibration_version=calibration_version)  # fmt: skip
                     session.add(new)
                     session.flush()
                     _log.info("stored review %d on %s (%d verdicts)", new.id, uid, len(checked))
@@ -295,10 +296,7 @@ class ReviewStore:
                 review_id = row.id
         except SQLAlchemyError as e:
             _log.exception("review edit failed")
-            raise MedvitError(
-                f"review not saved: the database {self.display_url} refused the write ({e.__class__.__name__}); "
-                "nothing was stored, try again"
-            ) from e
+            raise self._refused(e) from e
         _log.info("edited review %d on %s (%d verdicts)", review_id, uid, len(checked))
         return review_id, True
 
@@ -373,7 +371,8 @@ def _to_review(r: ReviewRow) -> Review:
 
 
 def _review_row(*, reviewer: str, image_uid: str, image_uid_kind: str, model_name: str, weights_sha256: str,
-                shown: Mapping[str, ShownFinding], verdicts: Mapping[str, str], note: str) -> ReviewRow:
+                shown: Mapping[str, ShownFinding], verdicts: Mapping[str, str], note: str, user_id: int | None,
+                calibration_version: str | None) -> ReviewRow:
     """A new, checked review row with its verdicts (not yet added to a session)."""
     return ReviewRow(
         created_at=datetime.now(UTC),
@@ -386,6 +385,8 @@ def _review_row(*, reviewer: str, image_uid: str, image_uid_kind: str, model_nam
         shown=shown_json(shown),
         verdicts=_verdict_rows(check_verdicts(verdicts, shown), shown),
         source="app",
+        user_id=user_id,
+        calibration_version=calibration_version,
     )
 
 
