@@ -406,6 +406,63 @@ def test_first_table_comes_while_the_engine_self_check_still_runs(env, monkeypat
         st.cache_resource.clear()
 
 
+def test_the_server_warm_up_loads_the_service_the_first_page_run_uses(env, monkeypatch):
+    """`medvit.review.launch.warm_up` (the server's thread, before any session) fills the page's own resource cache:
+    the first page run (the packaged page script) draws the table with that service and loads no second one."""
+    import streamlit as st
+
+    from medvit.review.launch import warm_up
+    from medvit.review.service import ReviewService
+
+    real, loads = ReviewService.load.__func__, []
+    monkeypatch.setattr(ReviewService, "load", classmethod(lambda cls, run=None: loads.append(run) or real(cls, run)))
+    st.cache_resource.clear()  # a fresh server
+    try:
+        warm_up()
+        assert loads == [os.environ["MEDVIT_RUN"]]
+        at = AppTest.from_file(str(APP_SCRIPT), default_timeout=TIMEOUT).run()
+        _no_crash(at)
+        assert _rows(at) and not at.error, _errors(at)
+        assert loads == [os.environ["MEDVIT_RUN"]], "the page loaded the model again"
+    finally:
+        st.cache_resource.clear()
+
+
+def test_medvit_review_loads_the_model_in_the_server_before_any_session(run_dir, tmp_path):
+    """The real `medvit review` process: its log says the model is loaded while no browser has connected (only the
+    health endpoint is polled, which opens no session)."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "server.log"
+    env = dict(os.environ, MEDVIT_BACKEND="torch", MEDVIT_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "medvit", "review", "--run", str(run_dir), "--port", str(port), "--db",
+           f"sqlite:///{tmp_path / 'reviews.sqlite3'}"]  # fmt: skip
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline, healthy = time.monotonic() + TIMEOUT, False
+        while "warm-up: model" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        try:
+            with urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=5) as r:
+                healthy = r.status == 200
+        except OSError:
+            pass
+        text = log.read_text()
+        assert "warm-up: model deit3_small_patch16_384 loaded in the server process" in text, text[-3000:]
+        assert healthy and proc.poll() is None, text[-3000:]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_review_command_binds_localhost_and_passes_settings(run_dir, tmp_path):
     from medvit.cli import build_parser, main
     from medvit.commands.review import build_command
@@ -413,7 +470,7 @@ def test_review_command_binds_localhost_and_passes_settings(run_dir, tmp_path):
     args = build_parser("review").parse_args(["review", "--run", str(run_dir), "--worklist", str(tmp_path)])
     cmd, env = build_command(args)
     flags = dict(zip(cmd[5::2], cmd[6::2], strict=True))
-    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4] == str(APP_SCRIPT)
+    assert cmd[1:4] == ["-m", "medvit.review.launch", "run"] and cmd[4] == str(APP_SCRIPT)
     assert flags["--server.address"] == "localhost" and flags["--server.maxUploadSize"] == "64"
     assert flags["--client.showErrorDetails"] == "none"
     assert env["MEDVIT_RUN"] == str(run_dir.resolve()) and env["MEDVIT_WORKLIST"] == str(tmp_path.resolve())

@@ -82,6 +82,26 @@ def test_nothing_is_shown_before_sign_in_and_a_wrong_password_is_refused(site):
     assert not _shows_patient_data(at)
 
 
+def test_a_model_loaded_by_the_server_warm_up_still_waits_for_sign_in(site):
+    """`medvit review` loads the model in the server before any session (`medvit.review.launch`); site mode still
+    shows nothing of it, or of a patient, before sign-in."""
+    import streamlit as st
+
+    from medvit.resources import APP_SCRIPT
+    from medvit.review.launch import warm_up
+
+    st.cache_resource.clear()
+    try:
+        warm_up()
+        at = AppTest.from_file(str(APP_SCRIPT), default_timeout=TIMEOUT).run()
+        _no_crash(at)
+        assert [s.value for s in at.subheader] == ["Sign in"] and not _shows_patient_data(at)
+        assert not any("Model" in c.value for c in at.sidebar.caption)
+        assert _shows_patient_data(_sign_in(at, "rita", PASSWORD))
+    finally:
+        st.cache_resource.clear()
+
+
 def test_a_reviewer_reviews_as_themself_and_cannot_reveal_or_monitor(site):
     at = _sign_in(_opened(), "rita", PASSWORD)
     assert not at.error, [e.value for e in at.error]

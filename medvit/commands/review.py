@@ -1,9 +1,10 @@
-"""`medvit review`: start the Streamlit review app (apps/review.py) on this machine.
+"""`medvit review`: start the Streamlit review app (`medvit.review.app`) on this machine.
 
 Settings reach the app through environment variables (`medvit.review.settings`: written by `AppSettings.to_env`,
 read by `AppSettings.from_env`), so `streamlit run apps/review.py` and the AppTest harness see exactly the same
 configuration. The server binds to localhost unless --host says otherwise: the app shows patient images, so any
-other address needs site mode (sign-in) and TLS, or the command refuses to start.
+other address needs site mode (sign-in) and TLS, or the command refuses to start. The server runs through
+`medvit.review.launch`, which loads the model in the server process while Streamlit starts (cold start, issue 13).
 """
 
 from __future__ import annotations
@@ -105,7 +106,8 @@ def _check_exposure(host: str, auth: str, tls: list[str]) -> None:
 
 
 def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    """The streamlit command line and the environment for the app; validated, not yet run."""
+    """The server's command line (Streamlit's `run`, through the warm-up launcher) and the environment for the app;
+    validated, not yet run."""
     from medvit.review.settings import AppSettings, app_environment, auth_mode, idle_minutes
 
     script = app_path()
@@ -124,7 +126,7 @@ def build_command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
                            db_url=args.db or None, auth=auth, idle_minutes=idle_minutes())  # fmt: skip
     env = app_environment(settings)
     cmd = [
-        sys.executable, "-m", "streamlit", "run", str(script),
+        sys.executable, "-m", "medvit.review.launch", "run", str(script),
         "--server.address", args.host,
         "--server.port", str(args.port),
         "--server.maxUploadSize", str(args.max_upload_mb),

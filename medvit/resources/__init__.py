@@ -18,4 +18,4 @@ def resource_path(package: str, name: str) -> Path:
 
 DEMO_RUN = resource_path(__name__, "demo")
 DEFAULT_PROMPTS = resource_path(__name__, "prompts.yaml")
-APP_SCRIPT = resource_path("medvit.review", "app.py")  # the Streamlit page `medvit review` runs
+APP_SCRIPT = resource_path("medvit.review", "page.py")  # the Streamlit page script `medvit review` runs

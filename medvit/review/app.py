@@ -1,9 +1,10 @@
 """medvit review: a clinician opens a chest X-ray and sees calibrated findings, saliency and zero-shot probes,
 and records agreement. UI only — decoding, prediction, saliency and storage live in medvit.
 
-This module is the page script `medvit review` runs (it ships in the wheel); `apps/review.py` is the same page
-for `streamlit run` in a source checkout. Start with `medvit review` (settings arrive as MEDVIT_* environment
-variables; see docs/app.md).
+`medvit review` runs it through the page script `medvit/review/page.py` (it ships in the wheel; `apps/review.py` is
+the same for `streamlit run` in a source checkout), so this is an imported module whose cached resources the server's
+warm-up thread (`medvit.review.launch`) fills before the first session. Settings arrive as MEDVIT_* environment
+variables; see docs/app.md.
 """
 
 from __future__ import annotations
@@ -11,17 +12,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import streamlit as st
 
-from medvit.pacs.client import PacsClient
-from medvit.pacs.sr import ResultProvenance
 from medvit.review.accounts import can
 from medvit.review.findings import findings_list, review_form
 from medvit.review.keys import keyboard_shortcuts
-from medvit.review.monitor_page import monitoring_page
-from medvit.review.pacs_worklist import pacs_listing, retrieve, store_review_sr
 from medvit.review.panels import BANNER, history_panel, patient_panel, reported, zero_shot_panel
 from medvit.review.queue import SOURCE, queue_panel
 from medvit.review.service import Analysis, ReviewService, load_zero_shot
@@ -30,6 +28,11 @@ from medvit.review.signin import current_user, mark_active, reveal_audit
 from medvit.review.store import ReviewStore
 from medvit.review.viewer import image_panel
 from medvit.review.worklist import list_worklist, patient_identifiers
+
+if TYPE_CHECKING:  # imported where used: the PACS (highdicom) and Monitoring (matplotlib) modules would slow the
+    # cold start of every server, and most never open them
+    from medvit.pacs.client import PacsClient
+    from medvit.pacs.sr import ResultProvenance
 
 _log = logging.getLogger("medvit.app")
 
@@ -60,12 +63,16 @@ def worklist_listing(folder: str, mtime_ns: int) -> pd.DataFrame:
 
 @st.cache_resource(show_spinner=False)
 def get_pacs(url: str) -> PacsClient:
+    from medvit.pacs.client import PacsClient
+
     return PacsClient(url, timeout=10.0)
 
 
 @st.cache_data(show_spinner="Reading the PACS worklist…", ttl=30, max_entries=4)
 def pacs_rows(url: str, db_url: str | None, weights_sha256: str, refresh: int) -> pd.DataFrame:
     """The PACS worklist, read at most every 30 s (or on "Refresh"), not on every rerun."""
+    from medvit.review.pacs_worklist import pacs_listing
+
     return pacs_listing(get_pacs(url), get_store(db_url).engine, weights_sha256)
 
 
@@ -106,6 +113,8 @@ def choose_file(
     if upload is not None and (row is None or st.session_state.get(SOURCE) == "upload"):
         return upload.getvalue(), upload.name, None
     if row is not None and kind == "pacs" and settings.dicomweb_url:
+        from medvit.review.pacs_worklist import retrieve
+
         with reported("PACS"), st.spinner("Retrieving the image from the PACS…"):
             return retrieve(get_pacs(settings.dicomweb_url), row), f"PACS instance {row['uid']}", row
         return None
@@ -164,6 +173,8 @@ def pacs_sr_option(settings: AppSettings, store: ReviewStore, analysis: Analysis
     send = st.checkbox("Also store my verdicts in the PACS as a DICOM SR", key="pacs_sr", value=False)
     if review_id is None or not send or analysis.prediction is None or not settings.dicomweb_url:
         return
+    from medvit.review.pacs_worklist import store_review_sr
+
     with reported("Verdicts not stored in the PACS"):
         [review] = [r for r in store.history(image_uid=analysis.image_uid, limit=None) if r.id == review_id]
         uid = store_review_sr(
@@ -177,6 +188,8 @@ def provenance(analysis: Analysis) -> ResultProvenance:
     """What produced the numbers the reader judged, for the SR that carries their verdicts."""
     pred = analysis.prediction
     assert pred is not None  # only scored images are reviewed
+    from medvit.pacs.sr import ResultProvenance
+
     return ResultProvenance(model_name=pred.model_name, weights_sha256=pred.weights_sha256,
                             calibration_version=pred.calibration_version, engine=pred.backend)  # fmt: skip
 
@@ -203,6 +216,8 @@ def main() -> None:
     if can(account, "see_monitoring") and store is not None:
         page = st.sidebar.radio("Page", ["Review", "Monitoring"], horizontal=True, key="page")
         if page == "Monitoring":
+            from medvit.review.monitor_page import monitoring_page
+
             monitoring_page(store, service.run_dir)
             return
     info = service.predictor.info
@@ -239,7 +254,3 @@ def run() -> None:
     with reported("medvit review"):
         main()
     mark_active()  # the idle clock restarts when a page run ends, however long the run took
-
-
-if __name__ == "__main__":
-    run()

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from medvit.errors import MedvitError
-from medvit.review.store import DB_URL_ENV
 from medvit.rundir import RUN_ENV
 
 _log = logging.getLogger(__name__)
 
+# This module imports nothing heavy: `medvit review` reads it before it starts the server (cold start, issue 13).
+DB_URL_ENV = "MEDVIT_DB_URL"  # the review database's SQLAlchemy URL (medvit.review.store reads it too)
 WORKLIST_ENV = "MEDVIT_WORKLIST"  # folder of images listed in the sidebar
 FILE_ENV = "MEDVIT_FILE"  # image opened at start
 MAX_UPLOAD_ENV = "MEDVIT_MAX_UPLOAD_MB"  # largest upload accepted, in MB

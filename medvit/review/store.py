@@ -50,12 +50,12 @@ from medvit.review.checks import (
     shown_json,
 )
 from medvit.review.labels import verdict_label
+from medvit.review.settings import DB_URL_ENV
 from medvit.review.tables import NOTE_MAX, REVIEWER_MAX, AuditRow, ReviewEditRow, ReviewRow, UserRow, VerdictRow  # noqa: F401 - registers all tables
 
 _log = logging.getLogger(__name__)
 
 
-DB_URL_ENV = "MEDVIT_DB_URL"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 CSV_COLUMNS = (
     "review_id", "created_at", "reviewer", "image_uid", "image_uid_kind", "model_name", "weights_sha256",
