@@ -1,27 +1,22 @@
 """PACS in, results back: `medvit watch` against a real Orthanc (DICOMweb plugin), and the PACS input checks.
 
-Each test starts its own Orthanc on 127.0.0.1 (temporary storage, HTTP authentication on, remote access off)
-and stops it by its PID; the tests skip, with the reason, when the Orthanc binary is not installed.
+Each test starts its own Orthanc on 127.0.0.1 (`tests/_orthanc.py`: temporary storage, HTTP authentication on,
+remote access off) and stops it by its PID; the tests skip, with the reason, when Orthanc is not installed.
 The PostgreSQL test needs ``MEDVIT_TEST_PG_URL`` (``eval "$(.ci/postgres.sh)"``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import secrets
-import socket
-import subprocess
 import threading
 import time
 import uuid
-from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-import requests
+from _orthanc import ORTHANC, PLUGINS, USER, Orthanc, running_orthanc  # noqa: F401 - test_app.py imports these from here
 from conftest import PG_URL
 from conftest import testdata as dicom_path
 from PIL import Image
@@ -34,96 +29,16 @@ from medvit.data.dicom import read_image
 from medvit.errors import ImageReadError, PacsError, UnsupportedImageError
 from medvit.findings import display_name
 from medvit.inference.predictor import Predictor
-from medvit.pacs.client import PASSWORD_ENV, TOKEN_ENV, USER_ENV, PacsClient
+from medvit.pacs.client import PASSWORD_ENV, PacsClient
 from medvit.pacs.sr import DISCLAIMER, LOCAL_SCHEME, read_sr_findings, sr_texts
 from medvit.pacs.watch import Watcher
 from medvit.review.scoring import PacsInstanceRow
 from medvit.review.store import ReviewStore
 
-ORTHANC = Path("/usr/sbin/Orthanc")
-PLUGINS = Path("/usr/share/orthanc/plugins")
-USER = "medvit"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Orthanc:
-    """One Orthanc process over a storage folder that outlives it (so a restart finds the same instances)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.password = root, secrets.token_urlsafe(16)
-        root.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.dicom_port = _free_port(), _free_port()
-        self.config = root / "orthanc.json"
-        self.config.write_text(json.dumps({
-            "Name": "medvit-test", "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
-            "HttpPort": self.http_port, "DicomPort": self.dicom_port, "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": True, "RegisteredUsers": {USER: self.password},
-            "Plugins": [str(PLUGINS / "libOrthancDicomWeb.so"), str(PLUGINS / "libOrthancGdcm.so")],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-        }))  # fmt: skip
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def dicomweb(self) -> str:
-        return f"{self.base}/dicom-web"
-
-    def start(self) -> None:
-        log = (self.root / "orthanc.log").open("ab")
-        self.proc = subprocess.Popen([str(ORTHANC), str(self.config)], stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"Orthanc exited with {self.proc.returncode}: {(self.root / 'orthanc.log').read_text()}")
-            try:
-                if requests.get(f"{self.base}/system", auth=(USER, self.password), timeout=1).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.1)
-        pytest.fail("Orthanc did not answer /system within 30 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # this process only, by its PID
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    def upload(self, ds: pydicom.Dataset) -> None:
-        buf = BytesIO()
-        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-        r = requests.post(f"{self.base}/instances", data=buf.getvalue(), auth=(USER, self.password), timeout=30)
-        assert r.ok, r.text
-
-    def count(self, modality: str | None = None) -> int:
-        r = requests.post(f"{self.base}/tools/find", auth=(USER, self.password), timeout=30,
-                          json={"Level": "Instance", "Query": {"Modality": modality} if modality else {}})
-        return len(r.json())
-
 
 @pytest.fixture
 def orthanc(tmp_path, monkeypatch):
-    if not ORTHANC.is_file() or not (PLUGINS / "libOrthancDicomWeb.so").is_file():
-        pytest.skip(f"Orthanc not installed ({ORTHANC}, DICOMweb plugin): apt-get install orthanc orthanc-dicomweb")
-    server = Orthanc(tmp_path / "orthanc")
-    server.start()
-    monkeypatch.setenv(USER_ENV, USER)
-    monkeypatch.setenv(PASSWORD_ENV, server.password)
-    monkeypatch.delenv(TOKEN_ENV, raising=False)
-    yield server
-    server.stop()
+    yield from running_orthanc(tmp_path / "orthanc", monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +119,13 @@ def test_watch_once_scores_frontal_crs_refuses_the_rest_and_is_idempotent(orthan
         assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.SeriesInstanceUID != source.SeriesInstanceUID
         [evidence] = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
         assert evidence.ReferencedSOPInstanceUID == source.SOPInstanceUID
-        expected = predictor.predict(read_image(dicom_path(
-            "RG1_UNCI.dcm" if source is unci else "RG1_J2KR.dcm"))).table.set_index("finding")
+        expected = predictor.predict(read_image(dicom_path(  # as `medvit predict` reads it (J2K at a reduced level)
+            "RG1_UNCI.dcm" if source is unci else "RG1_J2KR.dcm"), min_side=predictor.input_side)).table.set_index(
+            "finding")
         got = read_sr_findings(sr)
         assert set(got) == set(expected.index)
-        for finding, values in got.items():  # DS holds 16 characters: equal to ~1e-14
-            assert values["prob"] == pytest.approx(expected.loc[finding, "prob"], abs=1e-12)
+        for finding, values in got.items():  # a batch of 4 vs a batch of 1 differ in float32 rounding (~1e-8)
+            assert values["prob"] == pytest.approx(expected.loc[finding, "prob"], abs=1e-6)
             assert values["threshold"] == pytest.approx(expected.loc[finding, "threshold"], abs=1e-12)
             assert values["flag"] == bool(expected.loc[finding, "flag"])
         names = {i.ConceptNameCodeSequence[0].CodeMeaning for i in sr.ContentSequence if i.ValueType == "NUM"}
@@ -233,7 +149,7 @@ def test_watch_once_scores_frontal_crs_refuses_the_rest_and_is_idempotent(orthan
 
 
 def test_outage_mid_run_loses_nothing_and_duplicates_nothing(orthanc, predictor, tmp_path, caplog):
-    sources = [pydicom.dcmread(dicom_path("RG1_UNCI.dcm"))] + [_copy("RG1_UNCI.dcm") for _ in range(3)]
+    sources = [pydicom.dcmread(dicom_path("RG1_UNCI.dcm"))] + [_copy("RG1_UNCI.dcm") for _ in range(4)]
     for ds in sources:
         orthanc.upload(ds)
     store = ReviewStore(f"sqlite:///{tmp_path / 'reviews.sqlite3'}")
@@ -243,11 +159,11 @@ def test_outage_mid_run_loses_nothing_and_duplicates_nothing(orthanc, predictor,
             orthanc.stop()
 
     watcher = Watcher(PacsClient(orthanc.dicomweb, timeout=5), predictor, store.engine,
-                      after_instance=kill_after_first)
+                      after_instance=kill_after_first, batch_size=2)
     with pytest.raises(PacsError, match="cannot be reached"):
         watcher.run_pass()
     statuses = [r.status for r in _rows(store.url).values()]
-    assert sorted(statuses) == ["pending", "pending", "pending", "scored"]  # the in-flight row rolled back
+    assert sorted(statuses) == ["pending"] * 3 + ["scored"] * 2  # the first batch committed, the next rolled back
 
     # The service keeps polling through the outage (backing off), and finishes once the PACS is back.
     watcher.after_instance = None
@@ -289,6 +205,86 @@ def test_unreachable_pacs_and_refused_credentials_exit_2_with_one_line(orthanc, 
     assert err.count("\n") == 0 and "cannot be reached" in err
 
 
+# Orthanc fails to store any SR of one study. (A filter that returns false is no test: Orthanc 1.10 then reports
+# the object as stored.) In a multi-object STOW this error makes Orthanc 1.10 acknowledge none of the objects.
+_REJECT_SR_OF_STUDY = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  if dicom.Modality == 'SR' and dicom.StudyInstanceUID == '{study}' then error('this test PACS refuses the SR') end
+  return true
+end
+"""
+
+
+def test_one_batch_gives_each_row_its_own_outcome(tmp_path, monkeypatch, predictor):
+    """One batch: a scored CR, a refused lateral and a CR whose SR the PACS rejects; then a retry pass."""
+    scored, lateral = _copy("RG1_UNCI.dcm"), _copy("RG1_UNCI.dcm", ViewPosition="LL")
+    rejected = _copy("RG1_UNCI.dcm", StudyInstanceUID=generate_uid())
+    server_gen = running_orthanc(tmp_path / "orthanc", monkeypatch,
+                                 lua=_REJECT_SR_OF_STUDY.format(study=rejected.StudyInstanceUID))
+    server = next(server_gen)
+    try:
+        for ds in (scored, lateral, rejected):
+            server.upload(ds)
+        store = ReviewStore(f"sqlite:///{tmp_path / 'reviews.sqlite3'}")
+        committed: list[list[str]] = []
+        watcher = Watcher(PacsClient(server.dicomweb), predictor, store.engine, batch_size=8,
+                          after_instance=lambda row: committed.append([row.sop_instance_uid, row.status]))
+        summary = watcher.run_pass()
+        assert (summary.scored, summary.refused, summary.failed) == (1, 1, 1)
+        assert sorted(committed) == sorted([[scored.SOPInstanceUID, "scored"], [lateral.SOPInstanceUID, "refused"],
+                                            [rejected.SOPInstanceUID, "failed"]])
+        rows = _rows(store.url)
+        assert rows[rejected.SOPInstanceUID].attempts == 1
+        assert rows[rejected.SOPInstanceUID].reason.startswith(f"PACS {server.dicomweb}")  # why the STOW failed
+        assert "lateral" in rows[lateral.SOPInstanceUID].reason and rows[lateral.SOPInstanceUID].attempts == 0
+        [sr] = _srs(server)
+        assert sr.SOPInstanceUID == rows[scored.SOPInstanceUID].sr_sop_instance_uid
+        assert sr.StudyInstanceUID == scored.StudyInstanceUID
+
+        summary = watcher.run_pass()  # the failed row is retried (and rejected again); the others are final
+        assert (summary.scored, summary.refused, summary.failed) == (0, 0, 1)
+        rows = _rows(store.url)
+        assert rows[rejected.SOPInstanceUID].attempts == 2 and rows[rejected.SOPInstanceUID].status == "failed"
+        assert server.count("SR") == 1
+        store.close()
+    finally:
+        server_gen.close()
+
+
+class _Crash(BaseException):
+    """The watcher process dying (not an error it handles)."""
+
+
+def test_crash_between_stow_and_commit_leaves_the_batch_pending_and_stores_no_second_sr(orthanc, predictor,
+                                                                                          tmp_path):
+    sources = [_copy("RG1_UNCI.dcm") for _ in range(3)]
+    for ds in sources:
+        orthanc.upload(ds)
+    store = ReviewStore(f"sqlite:///{tmp_path / 'reviews.sqlite3'}")
+    client = PacsClient(orthanc.dicomweb)
+    store_many = client.store_many
+
+    def stow_then_die(datasets):
+        assert store_many(datasets) == {}  # the SRs reach the PACS...
+        orthanc.stop()  # ...and the PACS goes away with the watcher, before the database commit
+        raise _Crash
+
+    client.store_many = stow_then_die  # type: ignore[method-assign]
+    with pytest.raises(_Crash):
+        Watcher(client, predictor, store.engine, batch_size=8).run_pass()
+    assert {r.status for r in _rows(store.url).values()} == {"pending"}  # the whole batch rolled back
+    orthanc.start()
+    assert orthanc.count("SR") == len(sources)  # stored before the crash
+
+    summary = Watcher(PacsClient(orthanc.dicomweb), predictor, store.engine, batch_size=8).run_pass()
+    assert summary.scored == len(sources)
+    rows = _rows(store.url)
+    srs = _srs(orthanc)
+    assert len(srs) == orthanc.count("SR") == len(sources)  # stored again under the same UIDs: no duplicate
+    assert sorted(sr.SOPInstanceUID for sr in srs) == sorted(r.sr_sop_instance_uid for r in rows.values())
+    store.close()
+
+
 @pytest.mark.postgres
 def test_two_watchers_on_postgres_split_the_work_exactly_once(orthanc, run_dir):
     if not PG_URL:
@@ -307,7 +303,8 @@ def test_two_watchers_on_postgres_split_the_work_exactly_once(orthanc, run_dir):
     try:
         handled: dict[str, list[str]] = {"w0": [], "w1": []}  # every row each watcher committed, in order
         watchers = [Watcher(PacsClient(orthanc.dicomweb), Predictor.from_dir(run_dir, backend="torch"), s.engine,
-                            worker=w, after_instance=lambda row, w=w: handled[w].append(row.sop_instance_uid))
+                            worker=w, after_instance=lambda row, w=w: handled[w].append(row.sop_instance_uid),
+                            batch_size=2)  # batches of 2: the 8 rows are not all claimed by whoever comes first
                     for w, s in zip(handled, stores, strict=True)]
         barrier = threading.Barrier(2)
         errors: list[BaseException] = []

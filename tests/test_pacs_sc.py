@@ -1,16 +1,17 @@
 """`medvit watch --secondary-capture` against a real Orthanc: the saliency overlay is stored as a Secondary
 Capture in the SR's series, and an untagged non-chest CR's SR carries the out-of-distribution warning.
 
-Uses test_pacs's Orthanc fixture (skips when Orthanc is not installed) and the shipped demo model.
+Uses tests/_orthanc.py's Orthanc (skips when Orthanc is not installed) and the shipped demo model.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pydicom
+import pytest
 from _nonchest import nonchest_crs
+from _orthanc import Orthanc, running_orthanc
 from conftest import testdata as dicom_path
-from test_pacs import Orthanc, orthanc  # noqa: F401 - the fixture
 
 from medvit.cli import main
 from medvit.pacs.client import PacsClient
@@ -20,6 +21,11 @@ from medvit.resources import DEMO_RUN
 
 SC_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
 SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.33"
+
+
+@pytest.fixture
+def orthanc(tmp_path, monkeypatch):
+    yield from running_orthanc(tmp_path / "orthanc", monkeypatch)
 
 
 def _result_series(server: Orthanc) -> dict[str, list[pydicom.Dataset]]:
@@ -35,7 +41,7 @@ def _result_series(server: Orthanc) -> dict[str, list[pydicom.Dataset]]:
     return out
 
 
-def test_watch_stores_the_saliency_secondary_capture_beside_the_sr(orthanc, tmp_path, monkeypatch):  # noqa: F811
+def test_watch_stores_the_saliency_secondary_capture_beside_the_sr(orthanc, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDVIT_CACHE", str(tmp_path / "cache"))
     chest = pydicom.dcmread(dicom_path("RG1_UNCI.dcm"))
     hand = next(ds for name, ds in nonchest_crs() if name.startswith("RG3"))  # untagged extremity CR

@@ -1,5 +1,5 @@
 """`medvit watch --dicomweb URL [--once] [--since YYYYMMDD] [--interval SECONDS] [--run RUN] [--db URL]
-[--secondary-capture]`.
+[--batch-size N] [--secondary-capture]`.
 
 Scores the PACS's new CR/DX instances and stores a DICOM SR for each back into it (see `medvit.pacs.watch`);
 with `--secondary-capture` also the saliency overlay as an image in the SR's series (`medvit.pacs.sc`).
@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=AUTO, choices=[AUTO, *BACKENDS], help="inference engine (default auto)")
     parser.add_argument("--db", default=None, help="review database URL (default: $MEDVIT_DB_URL, else SQLite)")
     parser.add_argument("--max-attempts", type=int, default=5, help="retries of a failed instance (default 5)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="instances claimed, retrieved concurrently, scored and stored together (default 8)")
     parser.add_argument("--secondary-capture", action="store_true",
                         help="also store the saliency overlay as a Secondary Capture in the SR's series")
 
@@ -53,14 +55,15 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.dicomweb:
         raise MedvitError(f"no PACS given: pass --dicomweb URL or set ${URL_ENV}")
-    if args.interval <= 0 or args.max_attempts < 1:
-        raise MedvitError("--interval must be > 0 and --max-attempts >= 1")
+    if args.interval <= 0 or args.max_attempts < 1 or args.batch_size < 1:
+        raise MedvitError("--interval must be > 0, --max-attempts and --batch-size >= 1")
     client = PacsClient(args.dicomweb)
     client.ping()  # an unreachable PACS or refused credentials: one line, before loading the model
     store = ReviewStore(args.db)
     try:
         watcher = Watcher(client, Predictor.from_dir(args.run, backend=args.backend), store.engine,
-                          since=args.since, max_attempts=args.max_attempts, secondary_capture=args.secondary_capture)
+                          since=args.since, max_attempts=args.max_attempts, secondary_capture=args.secondary_capture,
+                          batch_size=args.batch_size)
         if not args.once:
             watcher.serve(args.interval)
             return 0

@@ -1,17 +1,17 @@
 """A thin wrapper over `dicomweb_client.DICOMwebClient`: the three DICOMweb calls medvit needs, typed errors.
 
-QIDO-RS finds CR/DX instances, WADO-RS retrieves one as DICOM bytes (in its stored transfer syntax, so
-`read_image` sees exactly what the modality sent), STOW-RS stores a result. Multipart encoding and decoding
-are dicomweb-client's; this module only adds credentials from the environment and turns transport failures
-into `PacsError` (the server is down or refuses us: back off) or `PacsRequestError` (one request failed:
-only that instance fails). Credentials and patient attributes are never logged.
+QIDO-RS finds CR/DX instances, WADO-RS retrieves one (in its stored transfer syntax, so `read_image` sees
+exactly what the modality sent), STOW-RS stores results, several in one request. Multipart encoding and
+decoding are dicomweb-client's; this module only adds credentials from the environment and turns transport
+failures into `PacsError` (the server is down or refuses us: back off) or `PacsRequestError` (one request
+failed: only its instances fail). Credentials and patient attributes are never logged.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
@@ -34,6 +34,9 @@ RADIOGRAPH_MODALITIES = ("CR", "DX")
 _FIELDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Modality", "StudyDate", "ViewPosition",
            "BodyPartExamined")
 _AUTH_STATUS = (401, 403)
+# Busy, or a gateway that cannot reach the PACS: back off. Any other error status (500 included: the server
+# answered, and failed this one request, e.g. one object it cannot store) fails only that request's instances.
+_OUTAGE_STATUS = (408, 429, 502, 503, 504)
 _T = TypeVar("_T")
 
 
@@ -100,23 +103,40 @@ class PacsClient:
         _log.debug("QIDO: %d CR/DX instance(s)", len(out))
         return out
 
-    def retrieve(self, ref: InstanceRef) -> bytes:
-        """The instance as DICOM file bytes, in the transfer syntax the PACS stored it in."""
-        ds = self._call(
+    def retrieve_dataset(self, ref: InstanceRef) -> Dataset:
+        """The instance as dicomweb-client parsed it, in the transfer syntax the PACS stored it in."""
+        return self._call(
             "retrieve", lambda: self._client.retrieve_instance(
                 ref.study_uid, ref.series_uid, ref.sop_uid, media_types=(("application/dicom", "*"),))
         )
-        buf = BytesIO()
-        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-        return buf.getvalue()
+
+    def retrieve(self, ref: InstanceRef) -> bytes:
+        """The instance as DICOM file bytes, in the transfer syntax the PACS stored it in."""
+        return file_bytes(self.retrieve_dataset(ref))
 
     def store(self, dataset: Dataset) -> None:
         """STOW one instance; a per-instance rejection in the response raises `PacsRequestError`."""
-        response = self._call("store", lambda: self._client.store_instances([dataset]))
-        failed = response.get("FailedSOPSequence") if response is not None else None
-        if failed:
-            reason = failed[0].get("FailureReason", "unknown")
-            raise PacsRequestError(f"PACS {self.url} rejected the stored object (failure reason {reason})")
+        for reason in self.store_many([dataset]).values():
+            raise PacsRequestError(reason or f"PACS {self.url} did not acknowledge the stored object")
+
+    def store_many(self, datasets: Sequence[Dataset]) -> dict[str, str | None]:
+        """STOW several instances in one request (one multipart message, one round trip).
+
+        Returns the instances the PACS did not acknowledge, by SOP Instance UID: the failure reason its response
+        gives (PS3.18 FailedSOPSequence), or None when the response does not mention the instance (Orthanc 1.10
+        answers 200 with neither list when one object breaks its multipart parsing). Acknowledged
+        (ReferencedSOPSequence) instances were stored. A failure of the whole request raises `PacsRequestError`
+        (or `PacsError` for an outage).
+        """
+        if not datasets:
+            return {}
+        response = self._call("store", lambda: self._client.store_instances(list(datasets)))
+        response = response if response is not None else Dataset()
+        stored = {str(item.get("ReferencedSOPInstanceUID", "")) for item in response.get("ReferencedSOPSequence", [])}
+        failed = {str(item.get("ReferencedSOPInstanceUID", "")): f"PACS {self.url} rejected the stored object "
+                  f"(failure reason {item.get('FailureReason', 'unknown')})"
+                  for item in response.get("FailedSOPSequence", [])}
+        return {uid: failed.get(uid) for uid in (str(ds.SOPInstanceUID) for ds in datasets) if uid not in stored}
 
     def ping(self) -> None:
         """Fail fast (`PacsError`) when the server is down or refuses the credentials."""
@@ -138,7 +158,7 @@ def _pacs_errors(url: str, what: str) -> Iterator[None]:
             raise PacsError(
                 f"PACS {url} refused the credentials (HTTP {status}): set {USER_ENV}/{PASSWORD_ENV} or {TOKEN_ENV}"
             ) from exc
-        if status >= 500 or status in (408, 429):
+        if status in _OUTAGE_STATUS:
             raise PacsError(f"PACS {url} is not answering {what} requests (HTTP {status}): try again later") from exc
         raise PacsRequestError(f"PACS {url}: {what} failed with HTTP {status}") from exc
     except requests.exceptions.SSLError as exc:
@@ -147,6 +167,13 @@ def _pacs_errors(url: str, what: str) -> Iterator[None]:
         ) from exc
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise PacsError(f"PACS {url} cannot be reached ({type(exc).__name__}): is the server running?") from exc
+
+
+def file_bytes(ds: Dataset) -> bytes:
+    """A dataset as DICOM file bytes (what `medvit.data.dicom.read_image` reads)."""
+    buf = BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def _ref(item: dict) -> InstanceRef | None:

@@ -1,9 +1,9 @@
 """The PACS scoring queue: the `pacs_instances` rows (`medvit.review.scoring`) as work for `medvit watch`.
 
-Rows are the work queue and the audit trail at once. A watcher claims a pending (or failed, retryable) row
-with ``SELECT ... FOR UPDATE SKIP LOCKED`` inside the transaction that scores it, so several watchers on one
-PostgreSQL database never take the same row and a crash rolls the claim back: nothing is lost. SQLite has
-no row locks; there each transaction takes the database write lock (BEGIN IMMEDIATE), i.e. one writer.
+Rows are the work queue and the audit trail at once. A watcher claims a small batch of pending (or failed,
+retryable) rows with ``SELECT ... FOR UPDATE SKIP LOCKED`` inside the transaction that scores them, so several
+watchers on one PostgreSQL database never take the same row and a crash rolls the claim back: nothing is lost.
+SQLite has no row locks; there each transaction takes the database write lock (BEGIN IMMEDIATE), i.e. one writer.
 Only UIDs are stored, never patient attributes.
 """
 
@@ -36,8 +36,9 @@ def enqueue(session: Session, refs: list[InstanceRef]) -> int:
     return int(session.execute(stmt).rowcount or 0)  # type: ignore[attr-defined]
 
 
-def claim_next(session: Session, max_attempts: int, skip: set[int]) -> PacsInstanceRow | None:
-    """Lock the next pending or retryable failed row for this transaction; rows other watchers hold are skipped.
+def claim_batch(session: Session, max_attempts: int, skip: set[int], limit: int) -> list[PacsInstanceRow]:
+    """Lock up to `limit` pending or retryable failed rows for this transaction, oldest first; rows other
+    watchers hold are skipped.
 
     `skip`: rows this watcher already tried in the current pass (a failure is retried on a later pass).
     """
@@ -46,12 +47,12 @@ def claim_next(session: Session, max_attempts: int, skip: set[int]) -> PacsInsta
         .where((PacsInstanceRow.status == "pending")
                | ((PacsInstanceRow.status == "failed") & (PacsInstanceRow.attempts < max_attempts)))
         .order_by(PacsInstanceRow.id)
-        .limit(1)
+        .limit(limit)
         .with_for_update(skip_locked=True)
     )
     if skip:
         query = query.where(PacsInstanceRow.id.not_in(skip))
-    return session.scalars(query).first()
+    return list(session.scalars(query))
 
 
 def status_counts(session: Session) -> dict[str, int]:

@@ -1,15 +1,16 @@
 """The scoring service: new CR/DX instances in the PACS -> Predictor -> a DICOM SR stored back, each exactly once.
 
 One pass: QIDO-find CR/DX instances and enqueue the unseen ones (`medvit.pacs.queue`); then, one transaction
-per instance, claim a row (FOR UPDATE SKIP LOCKED), WADO-retrieve it, score it and STOW the SR, and record
-the outcome in the same transaction:
+per batch, claim up to `batch_size` rows (FOR UPDATE SKIP LOCKED), retrieve them concurrently, score them in
+one forward and STOW their SRs in one request (`medvit.pacs.batch`), and record each row's outcome in the same
+transaction:
 
 - **scored**, with the SR's SOP Instance UID;
 - **refused**, with the reason (lateral, non-chest, uniform, corrupt...): no SR, never retried;
 - **failed**, with the attempt count (the PACS rejected one request, or a bug): retried on later passes.
 
 An outage (PACS unreachable or refusing the credentials) raises `PacsError` out of the pass: the claim
-transaction rolls back, so the instance stays pending and nothing is lost; `serve` backs off and goes on.
+transaction rolls back, so the whole batch stays pending and nothing is lost; `serve` backs off and goes on.
 The SR's UIDs are derived from the source instance and the weights, so even a crash between STOW and the
 commit cannot put a second SR in the PACS.
 """
@@ -21,9 +22,9 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from io import BytesIO
 
 import pydicom
 from sqlalchemy import Engine
@@ -31,20 +32,22 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from medvit._io import sha256_file
-from medvit.data.dicom import XrayImage, read_image
-from medvit.errors import MedvitError, PacsError, PacsRequestError
+from medvit.data.dicom import XrayImage
+from medvit.errors import ConfigError, PacsError, PacsRequestError
 from medvit.evaluate.versions import version_path
 from medvit.inference.predictor import Prediction, Predictor
-from medvit.pacs.client import InstanceRef, PacsClient
-from medvit.pacs.queue import claim_next, enqueue
+from medvit.pacs.batch import Result, score_batch
+from medvit.pacs.client import PacsClient
+from medvit.pacs.queue import claim_batch, enqueue
 from medvit.pacs.sc import build_sc, saliency_overlay
-from medvit.pacs.sr import ResultProvenance, build_sr
+from medvit.pacs.sr import ResultProvenance
 from medvit.review.scoring import REASON_MAX, PacsInstanceRow
 
 _log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5
 MAX_BACKOFF_S = 300.0
+BATCH_SIZE = 8  # rows per claim, forward and STOW (medvit predict's default batch)
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Watcher:
         self, client: PacsClient, predictor: Predictor, engine: Engine, *, since: str | None = None,
         max_attempts: int = MAX_ATTEMPTS, worker: str | None = None,
         after_instance: Callable[[PacsInstanceRow], None] | None = None, secondary_capture: bool = False,
+        batch_size: int = BATCH_SIZE,
     ) -> None:
         """
         Args:
@@ -82,14 +86,17 @@ class Watcher:
             since: only studies on or after this date (YYYYMMDD).
             max_attempts: a failed instance is retried until it has failed this often.
             worker: the name recorded on the rows this watcher handles (default host:pid).
-            after_instance: called after each committed row (tests use it to stop the PACS mid-run).
+            after_instance: called for each row once its batch is committed (tests stop the PACS mid-run with it).
             secondary_capture: also store the saliency overlay as a Secondary Capture in the SR's series.
+            batch_size: rows claimed, retrieved concurrently, scored and stored together in one transaction.
         """
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.client, self.predictor, self.engine = client, predictor, engine
         self.since, self.max_attempts = since, max_attempts
         self.worker = (worker or f"{socket.gethostname()}:{os.getpid()}")[:120]
         self.after_instance = after_instance
-        self.secondary_capture = secondary_capture
+        self.secondary_capture, self.batch_size = secondary_capture, batch_size
         self.provenance = ResultProvenance(
             model_name=predictor.info.model_name, weights_sha256=predictor.info.weights_sha256,
             calibration_version=calibration_version(predictor), engine=predictor.backend.name,
@@ -102,26 +109,30 @@ class Watcher:
         return self.provenance
 
     def run_pass(self) -> PassSummary:
-        """Discover, then handle every claimable row once.
+        """Discover, then handle every claimable row once, a batch per transaction.
 
         Raises:
-            PacsError: the PACS went away or refuses the credentials (the current row stays pending).
+            PacsError: the PACS went away or refuses the credentials (the current batch stays pending).
         """
         summary = PassSummary()
         refs = self.client.search_radiographs(self.since)
         with Session(self.engine) as session, session.begin():
             summary.discovered = enqueue(session, refs)
         tried: set[int] = set()
-        while True:
-            with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                row = claim_next(session, self.max_attempts, tried)
-                if row is None:
-                    break
-                tried.add(row.id)
-                self._handle(row)
-                setattr(summary, row.status, getattr(summary, row.status) + 1)
-            if self.after_instance is not None:
-                self.after_instance(row)
+        with ThreadPoolExecutor(max_workers=min(self.batch_size, 4), thread_name_prefix="medvit-wado") as pool:
+            while True:
+                with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                    rows = claim_batch(session, self.max_attempts, tried, self.batch_size)
+                    if not rows:
+                        break
+                    tried.update(row.id for row in rows)
+                    for result in score_batch(rows, self.client, self.predictor, self._provenance, pool,
+                                              full_resolution=self.secondary_capture):
+                        self._record(result)
+                        setattr(summary, result.row.status, getattr(summary, result.row.status) + 1)
+                if self.after_instance is not None:
+                    for row in rows:
+                        self.after_instance(row)
         _log.info("pass: %d new instance(s); %d scored, %d refused, %d failed",
                   summary.discovered, summary.scored, summary.refused, summary.failed)
         return summary
@@ -140,37 +151,28 @@ class Watcher:
                 wait, backoff = backoff, min(backoff * 2, max(MAX_BACKOFF_S, interval))
             stop.wait(wait)
 
-    def _handle(self, row: PacsInstanceRow) -> None:
-        """Retrieve, score and store one claimed row, setting its outcome (PacsError propagates: outage)."""
-        ref = InstanceRef(row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid, row.modality)
-        name = f"instance {row.sop_instance_uid}"
-        try:
-            data = self.client.retrieve(ref)
+    def _record(self, result: Result) -> None:
+        """Set the row's outcome (storing the Secondary Capture first when asked; PacsError propagates: outage)."""
+        row, name = result.row, result.name
+        if result.status == "scored" and self.secondary_capture and result.source is not None \
+                and result.image is not None:
             try:
-                image = read_image(data, name=name)
-                pred = self.predictor.predict(image)
-            except MedvitError as exc:  # unreadable or unsuitable: refused for good, no SR
-                _finish(row, "refused", str(exc), self.worker)
-                _log.info("%s refused: %s", name, exc)
-                return
-            source = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
-            sr = build_sr(source, pred.table, self._provenance(pred), pred.warnings)
-            self.client.store(sr)
-            if self.secondary_capture:
-                self._store_sc(source, image, name)
-        except PacsRequestError as exc:
-            _fail(row, str(exc), self.worker)
-            return
-        except PacsError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a bug on one instance must not stop the service
-            _log.exception("%s failed", name)
-            _fail(row, f"{type(exc).__name__}: {exc}", self.worker)
-            return
-        row.sr_sop_instance_uid = str(sr.SOPInstanceUID)
-        _finish(row, "scored", None, self.worker)
-        _log.info("%s scored: SR %s", name, row.sr_sop_instance_uid)
-
+                self._store_sc(result.source, result.image, name)
+            except PacsRequestError as exc:
+                result.fail(str(exc))
+            except PacsError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug on one instance must not stop the service
+                _log.exception("%s failed", name)
+                result.fail(f"{type(exc).__name__}: {exc}")
+        if result.status == "failed":
+            _fail(row, result.reason or "unknown", self.worker)
+        elif result.status == "refused":
+            _finish(row, "refused", result.reason, self.worker)
+        else:
+            row.sr_sop_instance_uid = str(result.sr.SOPInstanceUID) if result.sr is not None else None
+            _finish(row, "scored", None, self.worker)
+            _log.info("%s scored: SR %s", name, row.sr_sop_instance_uid)
 
     def _store_sc(self, source: pydicom.Dataset, image: XrayImage, name: str) -> None:
         """STOW the saliency overlay beside the SR (a model without attention gets the SR alone, logged)."""
