@@ -8,9 +8,9 @@ The threshold is a high quantile (0.99) of *out-of-fold* training distances (fit
 measured on the rest): in-sample distances are biased low and would flag ordinary held-out chests.
 
 The statistics are a run-folder file (`runs.OOD`, safetensors + metadata, bound to the weights' SHA-256),
-written by `medvit calibrate`. Features always come from an eager fp32 pass of the run's own model, whatever
-engine serves the logits, so the threshold means the same on every engine; that pass costs one backbone
-forward per checked image (see docs/pacs.md). A hit is a warning on the prediction, never a refusal.
+written by `medvit calibrate` from eager fp32 features, so the threshold means the same on every engine: the
+features come from the served pass itself when they stay within `FEATURE_DRIFT` of eager fp32's, else from a second
+fp32 pass (`medvit.inference.features`). A hit is a warning on the prediction, never a refusal.
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ from medvit.runs import OOD, RunInfo
 _log = logging.getLogger(__name__)
 
 QUANTILE = 0.99  # share of held-out training images that must pass
+# Max |distance - eager fp32 distance| / threshold for an engine's own features to feed the check: only an image
+# that close to the threshold can flip (`medvit.inference.features`; fp32 graphs measure ~1e-6).
+FEATURE_DRIFT = 0.05
 FOLDS = 5
 MAX_FIT_IMAGES = 4000  # a random subset of larger training sets: the covariance needs hundreds, not millions
 
@@ -193,14 +196,19 @@ def load_ood(info: RunInfo) -> OodStats | None:
 
 
 def ood_warnings(
-    stats: OodStats | None, model: nn.Module, x: np.ndarray | torch.Tensor, mask: Sequence[bool] | None = None
+    stats: OodStats | None, model: nn.Module, x: np.ndarray | torch.Tensor, mask: Sequence[bool] | None = None,
+    features: np.ndarray | None = None,
 ) -> list[tuple[str, ...]]:
-    """Per image of the batch `x`, the out-of-distribution warning (empty where none, or where `mask` is False)."""
+    """Per image of the batch `x`, the out-of-distribution warning (empty where none, or where `mask` is False).
+
+    `features`: the pooled features of `x` from the pass that served the logits, when the engine gives them and
+    they were checked against eager fp32 (`medvit.inference.fp32check.feature_drift`); else an eager pass here.
+    """
     out: list[tuple[str, ...]] = [() for _ in range(len(x))]
     idx = [i for i in range(len(x)) if mask is None or mask[i]]
     if stats is None or not idx:
         return out
-    distances = stats.distance(model_features(model, x[idx]))
+    distances = stats.distance(model_features(model, x[idx]) if features is None else features[idx])
     for i, d in zip(idx, distances, strict=True):
         message = stats.warning(float(d))
         if message:

@@ -27,7 +27,7 @@ from torch import nn
 from medvit._platform import bf16_supported, cache_root
 from medvit.errors import ConfigError
 from medvit.inference import AUTO, BACKENDS
-from medvit.inference.graphs import export_onnx
+from medvit.inference.graphs import FEATURES_NAME, export_onnx
 
 _log = logging.getLogger(__name__)
 
@@ -74,8 +74,12 @@ class Backend:
 
     name: str = "base"
 
-    def __call__(self, x: ArrayLike) -> np.ndarray:
+    def run(self, x: ArrayLike) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, pooled features) of one pass; features None where this engine's graph has none."""
         raise NotImplementedError
+
+    def __call__(self, x: ArrayLike) -> np.ndarray:
+        return self.run(x)[0]
 
 
 class TorchBackend(Backend):
@@ -96,11 +100,16 @@ class TorchBackend(Backend):
                 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
             self.model = torch.compile(module)  # static first; a 2nd batch size recompiles once with a dynamic batch
 
-    def __call__(self, x: ArrayLike) -> np.ndarray:
+    def run(self, x: ArrayLike) -> tuple[np.ndarray, np.ndarray | None]:
+        """Eager fp32 gives the features of the same pass; compiled and bf16 modules give logits only."""
         t = torch.as_tensor(x, dtype=torch.float32)
+        both = getattr(self.model, "forward_with_features", None) if self.name == "torch" else None
         with torch.inference_mode():
+            if both is not None:
+                logits, features = both(t)
+                return logits.float().numpy(), features.float().numpy()
             out = self.model(t.to(self.dtype))
-        return out.float().numpy()
+        return out.float().numpy(), None
 
 
 class OnnxBackend(Backend):
@@ -116,11 +125,13 @@ class OnnxBackend(Backend):
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self._input = self.session.get_inputs()[0].name
+        names = [o.name for o in self.session.get_outputs()]
+        self._outputs = [names[0], *([FEATURES_NAME] if FEATURES_NAME in names else [])]
 
-    def __call__(self, x: ArrayLike) -> np.ndarray:
+    def run(self, x: ArrayLike) -> tuple[np.ndarray, np.ndarray | None]:
         arr = x.numpy() if isinstance(x, torch.Tensor) else x
-        out = self.session.run(None, {self._input: np.ascontiguousarray(arr, dtype=np.float32)})[0]
-        return np.asarray(out, dtype=np.float32)
+        out = self.session.run(self._outputs, {self._input: np.ascontiguousarray(arr, dtype=np.float32)})
+        return np.asarray(out[0], dtype=np.float32), (np.asarray(out[1], dtype=np.float32) if len(out) > 1 else None)
 
 
 def create_backend(name: str, model: nn.Module, *, input_size: Sequence[int],

@@ -31,7 +31,15 @@ from medvit.errors import CheckpointError, MedvitError
 from medvit.inference import openvino
 from medvit.inference.engines import AUTO_TOLERANCE, Backend, OnnxBackend, TorchBackend, unavailable_reason
 from medvit.inference.fp32check import Verification, reference_inputs, verify
-from medvit.inference.graphs import OPSET, export_onnx, export_torchscript, int8_scheme, set_onnx_metadata
+from medvit.inference.graphs import (
+    OPSET,
+    OUTPUT_NAME,
+    export_onnx,
+    export_torchscript,
+    graph_outputs,
+    int8_scheme,
+    set_onnx_metadata,
+)
 from medvit.inference.openvino import ir_files
 from medvit.rundir import resolve_run_dir
 from medvit.runs import EXPORTS, RunInfo, load_run
@@ -92,10 +100,16 @@ def _load_exports(folder: Path) -> dict[str, Any]:
         return {}
 
 
-def _record(folder: Path, result: ExportResult, weights_sha256: str) -> None:
+def _outputs(model: nn.Module, fmt: str) -> list[str]:
+    """The outputs export `fmt` of `model` has (a TorchScript archive keeps the plain logits forward)."""
+    return [OUTPUT_NAME] if fmt == "torchscript" else graph_outputs(model)
+
+
+def _record(folder: Path, result: ExportResult, weights_sha256: str, outputs: list[str]) -> None:
     exports = _load_exports(folder)
     exports[result.path.name] = {
         "format": result.format, "sha256": result.sha256, "weights_sha256": weights_sha256, "opset": OPSET,
+        "outputs": outputs,
         **({"int8_scheme": int8_scheme().name} if result.format.endswith("int8") else {}),
         **asdict(result.verification), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -108,7 +122,8 @@ def onnx_metadata(info: RunInfo) -> dict[str, str]:
     so a graph copied out of its run folder can still be served and checked."""
     return {"medvit.findings": json.dumps(list(info.findings)), "medvit.preprocessing": json.dumps(info.preprocessing),
             "medvit.weights_sha256": info.weights_sha256, "medvit.model": info.model_name,
-            "medvit.output": "logits (sigmoid + the run's calibration.json give calibrated probabilities)"}
+            "medvit.output": "logits (sigmoid + the run's calibration.json give calibrated probabilities); features "
+                             "(if present): the pooled features the out-of-distribution check reads"}
 
 
 def export_model(model: nn.Module, out_dir: Path, fmt: str, inputs: np.ndarray, *, weights_sha256: str,
@@ -147,7 +162,7 @@ def export_model(model: nn.Module, out_dir: Path, fmt: str, inputs: np.ndarray, 
         for src, dst in reversed(list(zip(_files(staged), _files(final), strict=True))):  # the .xml last
             os.replace(src, dst)
     result = ExportResult(final, _sha256(final), fmt, check)
-    _record(out_dir, result, weights_sha256)
+    _record(out_dir, result, weights_sha256, _outputs(model, fmt))
     return result
 
 
@@ -175,7 +190,8 @@ def verified_graph(model: nn.Module, info: RunInfo, kind: str, inputs: np.ndarra
     """A verified graph file (`kind` in GRAPH_ENGINES) of exactly these weights: the run's own export if current,
     else one exported (verified on `inputs`, default the run's real images) into the user cache, which also
     serves read-only run folders such as the packaged demo. int8 files made for another CPU's int8 scheme
-    are redone."""
+    are redone, and so are graphs without the outputs this model's graphs have now (features for the
+    out-of-distribution check)."""
     name = FILENAMES[kind]
     weights_sha256 = info.weights_sha256
     cache = cache_root() / "graphs" / weights_sha256[:16]
@@ -183,7 +199,9 @@ def verified_graph(model: nn.Module, info: RunInfo, kind: str, inputs: np.ndarra
         rec = _load_exports(folder).get(name) or {}
         path = folder / name
         scheme_ok = not kind.endswith("int8") or rec.get("int8_scheme") == int8_scheme().name
-        if (rec.get("weights_sha256") == weights_sha256 and scheme_ok and all(p.is_file() for p in _files(path))
+        outputs_ok = rec.get("outputs", [OUTPUT_NAME]) == _outputs(model, kind)
+        if (rec.get("weights_sha256") == weights_sha256 and scheme_ok and outputs_ok
+                and all(p.is_file() for p in _files(path))
                 and _sha256(path) == rec["sha256"]):
             return path
     cache.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from medvit.data.datasets import load_labels
 from medvit.data.dicom import read_image
 from medvit.data.transforms import build_transforms
 from medvit.errors import CheckpointError, MedvitError
+from medvit.evaluate.ood import OodStats
 from medvit.findings import DEFAULT_FINDINGS
 from medvit.inference.engines import Backend, TorchBackend, max_prob_diff
 
@@ -64,6 +65,19 @@ def verify(candidate: Backend, model: nn.Module, inputs: np.ndarray, tolerance: 
     if out.shape != ref2.shape:
         return Verification(float("inf"), float("inf"), len(inputs), tolerance)
     return Verification(float(np.max(np.abs(out - ref2))), max_prob_diff(out, ref2), len(inputs), tolerance)
+
+
+def feature_drift(candidate: Backend, model: nn.Module, inputs: np.ndarray, stats: OodStats) -> float | None:
+    """How far `candidate`'s out-of-distribution distances on `inputs` stray from eager fp32's, as a share of the
+    threshold (max |d - d_fp32| / threshold): a flag can only flip for an image that close to it. None when the
+    candidate's graph has no features output."""
+    features = candidate.run(inputs)[1]
+    if features is None:
+        return None
+    reference = TorchBackend(model).run(inputs)[1]
+    if reference is None:
+        return None
+    return float(np.max(np.abs(stats.distance(features) - stats.distance(reference))) / stats.threshold)
 
 
 def _run_images(config: dict[str, Any], n: int) -> list[str]:

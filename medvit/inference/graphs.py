@@ -24,19 +24,38 @@ from medvit._platform import int8_dot_product
 _log = logging.getLogger(__name__)
 
 OPSET = 17
-INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
+INPUT_NAME, OUTPUT_NAME, FEATURES_NAME = "pixel_values", "logits", "features"
+
+
+class _WithFeatures(nn.Module):
+    """A model's `forward_with_features` as its forward, so a graph has both outputs of one pass."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_features(x)  # type: ignore[operator]
+
+
+def graph_outputs(model: nn.Module) -> list[str]:
+    """The outputs a graph of `model` has: the logits, and the pooled features where the model exposes them
+    (`forward_with_features`), which the out-of-distribution check reads instead of a second, eager pass."""
+    return [OUTPUT_NAME, FEATURES_NAME] if callable(getattr(model, "forward_with_features", None)) else [OUTPUT_NAME]
 
 
 def _to_onnx(model: nn.Module, path: Path, input_size: Sequence[int], opset: int = OPSET) -> None:
     """fp32 ONNX with a dynamic batch axis. The TorchScript-based exporter (dynamo=False) is used because it
     handles timm ViTs on CPU in seconds; the dynamo exporter is far slower here for the same graph."""
     x = torch.zeros(1, *input_size)
+    outputs = graph_outputs(model)
+    module = _WithFeatures(model) if FEATURES_NAME in outputs else model
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about python control flow that is constant for ViTs
         torch.onnx.export(
-            model.eval(), (x,), str(path), opset_version=opset, dynamo=False,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            module.eval(), (x,), str(path), opset_version=opset, dynamo=False,
+            input_names=[INPUT_NAME], output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *outputs)},
         )
 
 

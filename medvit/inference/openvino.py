@@ -17,6 +17,7 @@ import torch
 
 from medvit._platform import int8_dot_product
 from medvit.inference.engines import ArrayLike, Backend
+from medvit.inference.graphs import FEATURES_NAME
 
 _log = logging.getLogger(__name__)
 
@@ -87,8 +88,10 @@ class OpenVinoBackend(Backend):
         self.compiled = core.compile_model(str(xml_path), "CPU", config)
         self._request = self.compiled.create_infer_request()
         self._output = self.compiled.output(0)
+        self._features = next((o for o in self.compiled.outputs if FEATURES_NAME in o.get_names()), None)
 
-    def __call__(self, x: ArrayLike) -> np.ndarray:
+    def run(self, x: ArrayLike) -> tuple[np.ndarray, np.ndarray | None]:
         arr = x.numpy() if isinstance(x, torch.Tensor) else x
         out = self._request.infer({0: np.ascontiguousarray(arr, dtype=np.float32)})
-        return np.array(out[self._output], dtype=np.float32)
+        features = None if self._features is None else np.array(out[self._features], dtype=np.float32)
+        return np.array(out[self._output], dtype=np.float32), features

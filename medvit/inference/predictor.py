@@ -33,6 +33,7 @@ from medvit.inference import AUTO
 from medvit.inference.choice import SelfCheck, load_choice, save_choice, self_check
 from medvit.inference.engines import AUTO_TOLERANCE, Backend, available_backends, create_backend, sigmoid
 from medvit.inference.export import verified_engine
+from medvit.inference.features import FeatureSource
 from medvit.inference.fp32check import reference_inputs, verify
 from medvit.rundir import resolve_run_dir
 from medvit.runs import CALIBRATION, RunInfo, load_run
@@ -140,6 +141,7 @@ class Predictor:
         self.card = read_card(info.run_dir)
         self.not_reported = unreported(calibration, self.card)  # finding -> why it is never flagged
         self.ood = load_ood(info) if has_features(model) else None  # None: no out-of-distribution check
+        self.features = None if self.ood is None else FeatureSource(model, info, backend, self.ood)
 
     @classmethod
     def from_dir(cls, run_dir: str | os.PathLike | None = None, backend: str = AUTO) -> Predictor:
@@ -181,13 +183,15 @@ class Predictor:
         """
         cal, version, not_reported = self.follow_active_calibration()
         t0 = time.perf_counter()
-        logits = self.backend(x)
+        logits, features = self.backend.run(x)
         t1 = time.perf_counter()
         probs = cal.apply(logits)
         out = [make_table(self.findings, logits[i], probs[i], cal.thresholds, not_reported) for i in range(len(logits))]
         t2 = time.perf_counter()
         timings = {"forward": (t1 - t0) * 1e3, "calibrate": (t2 - t1) * 1e3}
-        warnings = ood_warnings(self.ood, self.model, x, ood_mask)  # a torch feature pass on checked images only
+        checked = ood_mask is None or any(ood_mask)
+        features = self.features(np.asarray(x), features) if self.features is not None and checked else None
+        warnings = ood_warnings(self.ood, self.model, x, ood_mask, features)
         if self.ood is not None:
             timings["ood"] = (time.perf_counter() - t2) * 1e3
         return [Prediction(t, self.info.model_name, self.info.weights_sha256, self.backend.name, cal.method != "none",

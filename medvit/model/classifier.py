@@ -132,6 +132,12 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(x))
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, pooled features) from one pass: the out-of-distribution check reads the features of the very
+        forward that served the logits, on any engine, instead of a second backbone pass."""
+        features = self.forward_features(x)
+        return self.head(features), features
+
     def group_matcher(self, coarse: bool = False):
         """timm layer-decay grouping: the backbone's groups, with the head in the last group."""
         layers = self._layers

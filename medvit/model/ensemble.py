@@ -30,3 +30,8 @@ class Ensemble(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The members' pooled features side by side (B, K*D): what the out-of-distribution check measures."""
         return torch.cat([m.forward_features(x) for m in self.members], dim=1)  # type: ignore[operator]
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean logits, features side by side) from one pass per member (`Classifier.forward_with_features`)."""
+        outs = [m.forward_with_features(x) for m in self.members]  # type: ignore[operator]
+        return torch.stack([o[0] for o in outs]).mean(dim=0), torch.cat([o[1] for o in outs], dim=1)
