@@ -35,6 +35,9 @@ if TYPE_CHECKING:  # imported where used: the PACS (highdicom) and Monitoring (m
     from medvit.pacs.sr import ResultProvenance
 
 _log = logging.getLogger("medvit.app")
+# Streamlit's wide layout keeps 5 rem on each side; at 1280-1600 px beside the sidebar the viewer and the findings
+# rows need that width more
+_PAGE_CSS = '<style>[data-testid="stMainBlockContainer"] { padding-left: 2rem; padding-right: 2rem; }</style>'
 
 
 @st.cache_resource(show_spinner="Loading the model…")
@@ -231,7 +234,8 @@ def main() -> None:
     if analysis is None:
         return
 
-    left, right = st.columns([1, 1], gap="large")
+    st.html(_PAGE_CSS)
+    left, right = st.columns([9, 11], gap="medium")  # the findings rows need ~650 px to sit on one line each
     with right:  # filled first: the findings reach the browser before a JPEG 2000 is decoded in full for display
         readings = findings_list(analysis, service.model_card, service.predictor.calibrated)
         if analysis.prediction is not None and store is not None:

@@ -35,6 +35,15 @@ MEANING = (
 )
 
 
+# Compact verdict buttons, and a verdict column that keeps room for all three ("uncertain" was cut off at 1600 px):
+# where the row is too narrow for it (a 1280 px window beside the sidebar) it wraps under the finding instead.
+_ROW_CSS = """<style>
+[class*="st-key-frow_"] [data-testid="stColumn"]:has([data-testid="stButtonGroup"]) { min-width: 11rem; }
+[class*="st-key-frow_"] [data-testid="stButtonGroup"] button { padding: 0.1rem 0.5rem; min-height: 2rem; }
+[class*="st-key-frow_"] [data-testid="stButtonGroup"] button p { font-size: 0.85rem; }
+</style>"""
+
+
 def _fmt(x: float) -> str:
     return f"{x:.{PROB_DECIMALS}f}"
 
@@ -56,7 +65,8 @@ def _flag(flag: bool, reported_: bool, reason: str) -> str:
     if not reported_:
         return f'<span title="{html.escape(reason)}" style="color:#868e96">not reported</span>'
     if flag:
-        return '<span style="background:#d9480f;color:white;padding:1px 6px;border-radius:4px">▲ flagged</span>'
+        return ('<span style="background:#d9480f;color:white;padding:1px 6px;border-radius:4px;white-space:nowrap">'
+                "▲ flagged</span>")  # fmt: skip
     return '<span style="color:#2b8a3e">below</span>'
 
 
@@ -79,12 +89,13 @@ def findings_list(analysis: Analysis, card: ModelCard | None, calibrated: bool) 
     hidden = len(table) - n_flagged
     show_all = st.toggle(f"Show all findings ({hidden} not flagged)", key=f"all_{key}", value=n_flagged == 0)
     readings = st.session_state.setdefault(_LABELS, {}).setdefault(key, {})
+    st.html(_ROW_CSS)
     for i, row in enumerate(table.itertuples(index=False)):
         if not (show_all or row.flag):
             continue
         evidence = card.findings.get(str(row.finding)) if card else None
         with st.container(key=f"frow_{i}_{key}"):
-            c1, c2, c3, c4, c5 = st.columns([1.7, 2.2, 1.1, 1.0, 3.4], vertical_alignment="center")
+            c1, c2, c3, c4, c5 = st.columns([1.45, 1.75, 1.25, 1.45, 3.1], gap="xsmall", vertical_alignment="center")
             name = html.escape(str(row.finding).replace("_", " "))
             c1.markdown(name if row.reported else f'<span style="color:#868e96">{name}</span>', unsafe_allow_html=True)
             c2.markdown(_bar(row.prob, row.threshold, bool(row.flag), bool(row.reported)), unsafe_allow_html=True)

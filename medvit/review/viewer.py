@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 import streamlit.components.v1 as components
+from streamlit.components.v1.custom_component import CustomComponent
 
 from medvit.data.dicom import XrayImage
 from medvit.review.display import (
@@ -32,7 +33,6 @@ from medvit.review.panels import _rows_height, reported
 from medvit.review.service import Analysis, ReviewService, SaliencyMethod
 
 FRONTEND = Path(__file__).with_name("viewer_frontend") / "build"
-_viewer = components.declare_component("medvit_viewer", path=str(FRONTEND))
 
 SALIENCY_METHOD = "saliency_method"  # session_state keys: the overlay shown ...
 SALIENCY_FINDING = "saliency_finding"  # ... and the finding whose Grad-CAM map it is
@@ -46,6 +46,13 @@ div[data-testid="stLayoutWrapper"]:has(> .st-key-medvit-viewer) {
   position: sticky; top: 3.75rem; z-index: 5; background: var(--background-color, #fff);
 }
 </style>"""
+
+
+def _viewer_component() -> CustomComponent:
+    """The viewer component, declared during a page run: Streamlit registers (and then serves) a component only
+    when it is declared by a running page, and the server's warm-up thread (`medvit.review.launch`) imports this
+    module before any session, where a module-level declaration was lost (the viewer's files gave 404)."""
+    return components.declare_component("medvit_viewer", path=str(FRONTEND))
 
 
 def select_saliency_finding(finding: str) -> None:
@@ -71,14 +78,24 @@ def _pixels(sha256: str, _image: XrayImage) -> tuple[PixelPayload, list[Preset]]
 
 
 def image_panel(service: ReviewService, analysis: Analysis) -> None:
-    """The sticky viewer with its saliency controls, then reader notes and the image metadata."""
+    """Reader notes and the image metadata, then the sticky viewer with its saliency controls.
+
+    The viewer comes last in its column: it sticks to the top while the findings beside it scroll, so anything
+    drawn after it in the same column would scroll under it and be hidden.
+    """
+    image = service.display_image(analysis)
+    for note in analysis.notes:
+        st.caption(f"ℹ️ {note}")
+    with st.expander("Image metadata", expanded=False):
+        rows = metadata_rows(image.meta)
+        st.dataframe(pd.DataFrame({"field": list(rows), "value": list(rows.values())}), hide_index=True,
+                     width="stretch", height=_rows_height(len(rows)))  # fmt: skip
     st.html(_STICKY_CSS)
     with st.container(key="medvit-viewer"):
-        image = service.display_image(analysis)
         payload, presets = _pixels(analysis.sha256, image)
         overlay, legend = _saliency(service, analysis, (payload.rows, payload.columns))
         meta = image.meta
-        _viewer(
+        _viewer_component()(
             pixels=payload.data, dtype=payload.dtype, rows=payload.rows, columns=payload.columns,
             image_key=analysis.sha256[:16], spacing=list(meta.pixel_spacing) if meta.pixel_spacing else None,
             invert=meta.inverted, modality=meta.modality or meta.source.upper(), lossy=meta.lossy,
@@ -91,12 +108,6 @@ def image_panel(service: ReviewService, analysis: Analysis) -> None:
             f"{analysis.name} — window C {first.center:g} / W {first.width:g} ({first.label.lower()}) at "
             f"{payload.columns} × {payload.rows} px, {payload.dtype} lossless; drag on the image to change it"
         )
-    for note in analysis.notes:
-        st.caption(f"ℹ️ {note}")
-    with st.expander("Image metadata", expanded=False):
-        rows = metadata_rows(meta)
-        st.dataframe(pd.DataFrame({"field": list(rows), "value": list(rows.values())}), hide_index=True,
-                     width="stretch", height=_rows_height(len(rows)))  # fmt: skip
 
 
 def _saliency(service: ReviewService, analysis: Analysis, shape: tuple[int, int]) -> tuple[bytes | None, dict | None]:
