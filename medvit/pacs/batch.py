@@ -4,8 +4,11 @@ The watcher (`medvit.pacs.watch`) claims a few rows in one transaction and hands
 back with its own outcome, and the watcher commits them together:
 
 - WADO-RS retrieval, decoding and preprocessing run in threads (HTTP waits; pydicom, numpy and OpenCV release
-  the GIL for most of the decoding). `read_image` decodes at the model's input size, as `medvit predict` does
-  (JPEG 2000 at a reduced wavelet level), unless the caller needs the full picture (the Secondary Capture).
+  the GIL for most of the decoding), and `Fetcher.ahead` starts them for the next batch's rows before they are
+  claimed, so that they overlap this batch's forward, SR builds and STOW. Retrieving is read-only: a row that
+  another watcher claims first only costs a wasted download. `read_image` decodes at the model's input size,
+  as `medvit predict` does (JPEG 2000 at a reduced wavelet level), unless the caller needs the full picture
+  (the Secondary Capture).
 - The batch goes through the model in one forward (`Predictor.predict_inputs`, as batch prediction does).
 - The SRs go back in one STOW-RS request. The response's FailedSOPSequence fails only the SRs it names; a
   request the PACS refuses as a whole (or a response that does not say which SR failed) is sent again one SR
@@ -20,8 +23,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
-from dataclasses import dataclass
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, replace
 
 import torch
 from pydicom.dataset import Dataset
@@ -44,9 +47,10 @@ class Result:
     row: PacsInstanceRow
     status: str = "pending"
     reason: str | None = None
-    source: Dataset | None = None  # the retrieved instance (its header heads the SR)
-    image: XrayImage | None = None
+    source: Dataset | None = None  # the retrieved instance's header (it heads the SR)
+    image: XrayImage | None = None  # kept only for a Secondary Capture
     x: torch.Tensor | None = None  # the model input
+    check: bool = False  # whether the image gets the out-of-distribution check (no body-part tag)
     sr: Dataset | None = None
 
     @property
@@ -57,21 +61,50 @@ class Result:
         self.status, self.reason = "failed", reason
 
 
-def score_batch(rows: Sequence[PacsInstanceRow], client: PacsClient, predictor: Predictor,
-                provenance: Callable[[Prediction], ResultProvenance], pool: Executor, *, full_resolution: bool = False
-                ) -> list[Result]:
-    """Retrieve, score and STOW the SRs of `rows`; every result leaves scored, refused or failed.
+class Fetcher:
+    """Retrieves and decodes rows in worker threads, keyed by SOP Instance UID, ahead of their claim when asked."""
+
+    def __init__(self, client: PacsClient, predictor: Predictor, pool: Executor, *, full_resolution: bool = False
+                 ) -> None:
+        """`full_resolution`: decode at full size (for a Secondary Capture) instead of the model's input size."""
+        self.client, self.predictor, self.pool = client, predictor, pool
+        self.min_side = None if full_resolution else predictor.input_side
+        self.keep_image = full_resolution
+        self._started: dict[str, Future[Result]] = {}
+
+    def ahead(self, rows: Sequence[PacsInstanceRow]) -> None:
+        """Start retrieving `rows` (not claimed yet); results nobody takes are dropped by `forget_others`."""
+        for row in rows:
+            if row.sop_instance_uid not in self._started:
+                self._started[row.sop_instance_uid] = self.pool.submit(_fetch, row, self)
+
+    def take(self, rows: Sequence[PacsInstanceRow]) -> list[Result]:
+        """The fetched `rows` (claimed now), waiting for those still in flight.
+
+        Raises:
+            PacsError: the PACS went away or refuses the credentials.
+        """
+        self.ahead(rows)
+        return [replace(self._started.pop(row.sop_instance_uid).result(), row=row) for row in rows]
+
+    def forget_others(self, keep: Sequence[PacsInstanceRow]) -> None:
+        """Drop what was fetched ahead for rows not in `keep` (another watcher claimed them, or they are gone)."""
+        wanted = {row.sop_instance_uid for row in keep}
+        for uid in [uid for uid in self._started if uid not in wanted]:
+            self._started.pop(uid).cancel()
+
+
+def score_batch(results: list[Result], client: PacsClient, predictor: Predictor,
+                provenance: Callable[[Prediction], ResultProvenance]) -> list[Result]:
+    """Score the fetched rows in one forward, build their SRs and STOW them; every result leaves scored,
+    refused or failed.
 
     Args:
         provenance: what the SR names for a prediction (model, weights, calibration in force, engine).
-        pool: the threads that retrieve and decode.
-        full_resolution: decode at full size (for a Secondary Capture) instead of the model's input size.
 
     Raises:
         PacsError: the PACS went away or refuses the credentials (nothing here is final: the batch stays pending).
     """
-    min_side = None if full_resolution else predictor.input_side
-    results = list(pool.map(lambda row: _fetch(row, client, predictor, min_side), rows))
     _score(predictor, provenance, [r for r in results if r.status == "pending"])
     built = [r for r in results if r.status == "pending"]
     if built:
@@ -79,18 +112,22 @@ def score_batch(rows: Sequence[PacsInstanceRow], client: PacsClient, predictor: 
     return results
 
 
-def _fetch(row: PacsInstanceRow, client: PacsClient, predictor: Predictor, min_side: int | None) -> Result:
+def _fetch(row: PacsInstanceRow, fetcher: Fetcher) -> Result:
     """WADO-retrieve, decode and preprocess one row (in a worker thread); PacsError propagates (outage)."""
     result = Result(row)
     ref = InstanceRef(row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid, row.modality)
     try:
-        result.source = client.retrieve_dataset(ref)
+        source = fetcher.client.retrieve_dataset(ref)
         try:
-            result.image = read_image(file_bytes(result.source), name=result.name, min_side=min_side)
-            result.x = predictor.preprocess(result.image)
+            image = read_image(file_bytes(source), name=result.name, min_side=fetcher.min_side)
+            result.x, result.check = fetcher.predictor.preprocess(image), needs_check(image.meta)
+            result.image = image if fetcher.keep_image else None
         except MedvitError as exc:  # unreadable or unsuitable: refused for good, no SR
             result.status, result.reason = "refused", str(exc)
             _log.info("%s refused: %s", result.name, exc)
+        if "PixelData" in source:  # only the header is needed from here on (the SR's and the SC's patient, study)
+            del source.PixelData
+        result.source = source
     except PacsRequestError as exc:
         result.fail(str(exc))
     except PacsError:
@@ -107,7 +144,7 @@ def _score(predictor: Predictor, provenance: Callable[[Prediction], ResultProven
         return
     try:
         preds = predictor.predict_inputs(torch.stack([r.x for r in results if r.x is not None]),
-                                         [needs_check(r.image.meta) for r in results if r.image is not None])
+                                         [r.check for r in results])
     except Exception as exc:  # noqa: BLE001 - a bug on one batch must not stop the service
         _log.exception("scoring a batch of %d failed", len(results))
         for r in results:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -42,17 +42,24 @@ def claim_batch(session: Session, max_attempts: int, skip: set[int], limit: int)
 
     `skip`: rows this watcher already tried in the current pass (a failure is retried on a later pass).
     """
+    return list(session.scalars(_claimable(max_attempts, skip, limit).with_for_update(skip_locked=True)))
+
+
+def peek_batch(session: Session, max_attempts: int, skip: set[int], limit: int) -> list[PacsInstanceRow]:
+    """The rows `claim_batch` would take next, without locking them: what is worth retrieving ahead of the claim
+    (another watcher may claim some first; the claim decides)."""
+    return list(session.scalars(_claimable(max_attempts, skip, limit)))
+
+
+def _claimable(max_attempts: int, skip: set[int], limit: int) -> Select[PacsInstanceRow]:
     query = (
         select(PacsInstanceRow)
         .where((PacsInstanceRow.status == "pending")
                | ((PacsInstanceRow.status == "failed") & (PacsInstanceRow.attempts < max_attempts)))
         .order_by(PacsInstanceRow.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
     )
-    if skip:
-        query = query.where(PacsInstanceRow.id.not_in(skip))
-    return list(session.scalars(query))
+    return query.where(PacsInstanceRow.id.not_in(skip)) if skip else query
 
 
 def status_counts(session: Session) -> dict[str, int]:

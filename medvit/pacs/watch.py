@@ -1,9 +1,9 @@
 """The scoring service: new CR/DX instances in the PACS -> Predictor -> a DICOM SR stored back, each exactly once.
 
 One pass: QIDO-find CR/DX instances and enqueue the unseen ones (`medvit.pacs.queue`); then, one transaction
-per batch, claim up to `batch_size` rows (FOR UPDATE SKIP LOCKED), retrieve them concurrently, score them in
-one forward and STOW their SRs in one request (`medvit.pacs.batch`), and record each row's outcome in the same
-transaction:
+per batch, claim up to `batch_size` rows (FOR UPDATE SKIP LOCKED), retrieve them concurrently (the next
+batch's retrieval starts while this one is scored), score them in one forward and STOW their SRs in one request
+(`medvit.pacs.batch`), and record each row's outcome in the same transaction:
 
 - **scored**, with the SR's SOP Instance UID;
 - **refused**, with the reason (lateral, non-chest, uniform, corrupt...): no SR, never retried;
@@ -36,9 +36,9 @@ from medvit.data.dicom import XrayImage
 from medvit.errors import ConfigError, PacsError, PacsRequestError
 from medvit.evaluate.versions import version_path
 from medvit.inference.predictor import Prediction, Predictor
-from medvit.pacs.batch import Result, score_batch
+from medvit.pacs.batch import Fetcher, Result, score_batch
 from medvit.pacs.client import PacsClient
-from medvit.pacs.queue import claim_batch, enqueue
+from medvit.pacs.queue import claim_batch, enqueue, peek_batch
 from medvit.pacs.sc import build_sc, saliency_overlay
 from medvit.pacs.sr import ResultProvenance
 from medvit.review.scoring import REASON_MAX, PacsInstanceRow
@@ -119,20 +119,26 @@ class Watcher:
         with Session(self.engine) as session, session.begin():
             summary.discovered = enqueue(session, refs)
         tried: set[int] = set()
-        with ThreadPoolExecutor(max_workers=min(self.batch_size, 4), thread_name_prefix="medvit-wado") as pool:
+        pool = ThreadPoolExecutor(max_workers=min(self.batch_size, 4), thread_name_prefix="medvit-wado")
+        fetcher = Fetcher(self.client, self.predictor, pool, full_resolution=self.secondary_capture)
+        try:
             while True:
                 with Session(self.engine, expire_on_commit=False) as session, session.begin():
                     rows = claim_batch(session, self.max_attempts, tried, self.batch_size)
+                    fetcher.forget_others(rows)
                     if not rows:
                         break
                     tried.update(row.id for row in rows)
-                    for result in score_batch(rows, self.client, self.predictor, self._provenance, pool,
-                                              full_resolution=self.secondary_capture):
+                    fetched = fetcher.take(rows)
+                    fetcher.ahead(peek_batch(session, self.max_attempts, tried, self.batch_size))
+                    for result in score_batch(fetched, self.client, self.predictor, self._provenance):
                         self._record(result)
                         setattr(summary, result.row.status, getattr(summary, result.row.status) + 1)
                 if self.after_instance is not None:
                     for row in rows:
                         self.after_instance(row)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         _log.info("pass: %d new instance(s); %d scored, %d refused, %d failed",
                   summary.discovered, summary.scored, summary.refused, summary.failed)
         return summary
