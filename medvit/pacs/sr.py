@@ -12,12 +12,14 @@ same result twice (a crash between STOW and the database commit) replaces one ob
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from medvit.findings import display_name
@@ -51,10 +53,20 @@ class ResultProvenance:
     engine: str  # the inference backend that ran (torch, onnx, ...)
 
 
+# The SR's concepts are built once and shared by every SR (the written bytes are the same): building highdicom's
+# CodedConcept datasets anew for each of an SR's ~50 items was a large part of the SR's cost.
+@functools.cache
 def _local(value: str, meaning: str):  # -> highdicom.sr.CodedConcept
     from highdicom.sr import CodedConcept
 
     return CodedConcept(value=value, scheme_designator=LOCAL_SCHEME, meaning=meaning)
+
+
+@functools.cache
+def _coded(code: Code):  # -> highdicom.sr.CodedConcept
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept.from_code(code)
 
 
 def sr_uids(source_sop_uid: str, weights_sha256: str) -> tuple[str, str]:
@@ -96,7 +108,7 @@ def build_sr(source: Dataset, table: pd.DataFrame, provenance: ResultProvenance,
     items = [
         TextContentItem(name=_local("DISCLAIMER", "Disclaimer"), value=REVIEWED_DISCLAIMER if verdicts else DISCLAIMER,
                         relationship_type=contains),
-        TextContentItem(name=codes.DCM.AlgorithmName, value=provenance.model_name, relationship_type=contains),
+        TextContentItem(name=_coded(codes.DCM.AlgorithmName), value=provenance.model_name, relationship_type=contains),
         TextContentItem(name=_local("WEIGHTS_SHA256", "Model weights SHA-256"), value=provenance.weights_sha256,
                         relationship_type=contains),
         TextContentItem(name=_local("CALIBRATION", "Calibration version"), value=provenance.calibration_version,
@@ -105,17 +117,17 @@ def build_sr(source: Dataset, table: pd.DataFrame, provenance: ResultProvenance,
                         relationship_type=contains),
         *([TextContentItem(name=_local("IMAGE_WARNING", WARNING_MEANING), value="; ".join(warnings),
                            relationship_type=contains)] if warnings else []),
-        ImageContentItem(name=codes.DCM.SourceOfMeasurement, referenced_sop_class_uid=source.SOPClassUID,
+        ImageContentItem(name=_coded(codes.DCM.SourceOfMeasurement), referenced_sop_class_uid=source.SOPClassUID,
                          referenced_sop_instance_uid=source.SOPInstanceUID, relationship_type=contains),
     ]
     for row in table.itertuples(index=False):
         item = NumContentItem(name=_local(str(row.finding), display_name(str(row.finding))), value=float(row.prob),
-                              unit=codes.UCUM.NoUnits, relationship_type=contains)
+                              unit=_coded(codes.UCUM.NoUnits), relationship_type=contains)
         item.ContentSequence = ContentSequence([
             NumContentItem(name=_local("THRESHOLD", "Operating threshold"), value=float(row.threshold),
-                           unit=codes.UCUM.NoUnits, relationship_type=props),
-            CodeContentItem(name=_local("FLAGGED", "Flagged"), value=codes.SCT.Yes if row.flag else codes.SCT.No,
-                            relationship_type=props),
+                           unit=_coded(codes.UCUM.NoUnits), relationship_type=props),
+            CodeContentItem(name=_local("FLAGGED", "Flagged"),
+                            value=_coded(codes.SCT.Yes if row.flag else codes.SCT.No), relationship_type=props),
             *([TextContentItem(name=_local("VERDICT", VERDICT_MEANING), value=verdicts[row.finding],
                                relationship_type=props)] if verdicts and row.finding in verdicts else []),
         ])
