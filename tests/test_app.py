@@ -280,6 +280,31 @@ def test_saliency_overlays_render(env):
     assert len(keys) == 3, "each map must change the overlay"
 
 
+def _sent_pixels(at: AppTest) -> int:
+    """Bytes of pixels the page sent the viewer in its last run (0: none)."""
+    (viewer,) = [e for e in at.get("component_instance") if "medvit_viewer" in e.proto.component_name]
+    return sum(len(a.bytes) for a in viewer.proto.special_args if a.key == "pixels")
+
+
+def test_pixels_travel_until_the_browser_holds_the_image(env):
+    """Streamlit re-sends a component's arguments whole when one changes: once the viewer says it holds the image
+    (its component value, as the frontend sets it), an overlay change sends no pixels; a viewer that asks for them
+    again (a new frame) gets them."""
+    from medvit.review.viewer import ROLLOUT, SALIENCY_METHOD, VIEWER_KEY
+
+    at = _app()
+    key = _viewer_args(at)["image_key"]
+    assert _sent_pixels(at) == 1955 * 1841 * 2  # RG1_UNCI, uint16
+    at.session_state[VIEWER_KEY] = {"image": key}  # what the frontend reports once it shows the image
+    at.selectbox(key=SALIENCY_METHOD).set_value(ROLLOUT).run()
+    _no_crash(at)
+    assert _viewer_args(at)["legend"]["title"] == "Attention rollout · all findings" and _sent_pixels(at) == 0
+    assert _viewer_args(at)["pixels"] is None
+    at.session_state[VIEWER_KEY] = {"image": None, "need": key}  # a new frame without them
+    at.run()
+    assert _sent_pixels(at) == 1955 * 1841 * 2
+
+
 def test_viewer_starts_at_the_dicom_voi(env):
     at = _app()
     args = _viewer_args(at)

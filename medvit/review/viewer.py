@@ -34,6 +34,7 @@ from medvit.review.service import Analysis, ReviewService, SaliencyMethod
 
 FRONTEND = Path(__file__).with_name("viewer_frontend") / "build"
 
+VIEWER_KEY = "medvit_viewer"  # the component's value: {"image": key} once the browser's viewer holds that image
 SALIENCY_METHOD = "saliency_method"  # session_state keys: the overlay shown ...
 SALIENCY_FINDING = "saliency_finding"  # ... and the finding whose Grad-CAM map it is
 _SALIENCY_IMAGE = "_saliency_image"  # the image the finding was chosen for: a new image starts on its top finding
@@ -95,19 +96,30 @@ def image_panel(service: ReviewService, analysis: Analysis) -> None:
         payload, presets = _pixels(analysis.sha256, image)
         overlay, legend = _saliency(service, analysis, (payload.rows, payload.columns))
         meta = image.meta
+        image_key = analysis.sha256[:16]
         _viewer_component()(
-            pixels=payload.data, dtype=payload.dtype, rows=payload.rows, columns=payload.columns,
-            image_key=analysis.sha256[:16], spacing=list(meta.pixel_spacing) if meta.pixel_spacing else None,
+            pixels=None if _browser_holds(image_key) else payload.data, dtype=payload.dtype, rows=payload.rows,
+            columns=payload.columns, image_key=image_key,
+            spacing=list(meta.pixel_spacing) if meta.pixel_spacing else None,
             invert=meta.inverted, modality=meta.modality or meta.source.upper(), lossy=meta.lossy,
             presets=[dataclasses.asdict(p) for p in presets],
             overlay=overlay, overlay_key=str(hash(overlay)) if overlay else "", legend=legend,
-            reserve=_RESERVED_PX, key="medvit_viewer", default=None,
+            reserve=_RESERVED_PX, key=VIEWER_KEY, default=None,
         )  # fmt: skip
         first = presets[0]
         st.caption(
             f"{analysis.name} — window C {first.center:g} / W {first.width:g} ({first.label.lower()}) at "
             f"{payload.columns} × {payload.rows} px, {payload.dtype} lossless; drag on the image to change it"
         )
+
+
+def _browser_holds(image_key: str) -> bool:
+    """Whether the browser's viewer already shows this image: it says so through the component's value once it has
+    the pixels, and from then on the page sends none. Streamlit re-sends a component's arguments whole when any of
+    them changes, so without this each overlay change sent the 7.2 MB payload again; a viewer that lost them (a new
+    frame) asks again, which resets the value."""
+    held = st.session_state.get(VIEWER_KEY)
+    return isinstance(held, dict) and held.get("image") == image_key
 
 
 def _saliency(service: ReviewService, analysis: Analysis, shape: tuple[int, int]) -> tuple[bytes | None, dict | None]:

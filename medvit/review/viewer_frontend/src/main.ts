@@ -22,7 +22,7 @@ import {
   WindowLevelTool,
   ZoomTool,
 } from "@cornerstonejs/tools";
-import { listen, type RenderArgs, setFrameHeight } from "./streamlit";
+import { listen, type RenderArgs, setComponentValue, setFrameHeight } from "./streamlit";
 
 const ENGINE = "medvit-engine";
 const VIEWPORT = "medvit-stack";
@@ -278,11 +278,17 @@ $("zoom-out").onclick = () => zoomBy(1 / ZOOM_STEP);
 
 listen(async (args) => {
   showOverlay(args);
-  layout(args);
   const lossy = args.lossy as string | null;
   $("lossy").style.display = lossy ? "inline" : "none";
   $("lossy").textContent = lossy ? `LOSSY: ${lossy}` : "";
+  layout(args); // after the badge and legend: they may add a line to the chrome above and below the image
   if (args.image_key === imageKey) return;
+  if (!args.pixels) {
+    // The page sends an image's pixels only until this frame says it holds them (a 7 MB payload must not travel
+    // again with every overlay change); a new frame (remounted) asks for them once.
+    setComponentValue({ image: null, need: args.image_key });
+    return;
+  }
   imageKey = String(args.image_key);
   presets = (args.presets as Preset[]) ?? [];
   baseInvert = Boolean(args.invert);
@@ -292,6 +298,7 @@ listen(async (args) => {
     ready ??= setUp();
     await ready;
     await showImage(args);
+    setComponentValue({ image: imageKey }); // the page stops sending these pixels
   } catch (error) {
     status.textContent = `The viewer could not show this image: ${error}`;
     console.error(error);

@@ -18,3 +18,8 @@ export function listen(onRender: (args: RenderArgs) => void): void {
 export function setFrameHeight(height: number): void {
   send("streamlit:setFrameHeight", { height });
 }
+
+/** The component's value on the Python side (`st.session_state[key]`); setting it reruns the page. */
+export function setComponentValue(value: unknown): void {
+  send("streamlit:setComponentValue", { value, dataType: "json" });
+}
