@@ -38,8 +38,8 @@ def warm_up() -> None:
     except Exception as e:  # noqa: BLE001 - the page reports it to the reader; the server must keep running
         _log.warning("warm-up failed (the first page run will try again): %s", e)
         return
-    _log.info("warm-up: model %s loaded in the server process in %.1f s", service.predictor.info.model_name,
-                 time.perf_counter() - t0)  # fmt: skip
+    model, seconds = service.predictor.info.model_name, time.perf_counter() - t0
+    _log.info("warm-up: model %s loaded in the server process in %.1f s", model, seconds)
 
 
 def main() -> None:
