@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from _nonchest import nonchest_crs
+from conftest import testdata as dicom_path
 
 from medvit.data.dicom import read_image
 from medvit.inference import features as feature_source
@@ -75,8 +76,9 @@ def test_served_features_feed_the_check_without_a_second_pass(hand, monkeypatch)
     assert len(reference) == 1 and reference[0].startswith("out of distribution")
     predictor = Predictor.from_dir(DEMO_RUN, backend="onnx")
     calls = _count_eager_passes(predictor, monkeypatch)
-    assert predictor.predict(hand).warnings == reference
-    assert calls == [0] and predictor.features is not None and predictor.features._source is predictor.backend
+    pred = predictor.predict(hand)
+    assert pred.warnings == reference and pred.backend == "onnx"
+    assert calls == [0] and predictor.features is not None and predictor.features.engine() is predictor.backend
 
 
 def test_features_too_far_from_fp32_take_the_fp32_graph_then_an_eager_pass(hand, monkeypatch):
@@ -87,13 +89,21 @@ def test_features_too_far_from_fp32_take_the_fp32_graph_then_an_eager_pass(hand,
     assert drift is not None and drift > 1e-3  # int8 features do move: the bound below rejects them
     monkeypatch.setattr(feature_source, "FEATURE_DRIFT", 1e-3)
     calls = _count_eager_passes(predictor, monkeypatch)
-    assert predictor.predict(hand).warnings == reference
-    assert calls == [0] and predictor.features._source.name == "onnx"  # the verified fp32 graph
+    pred = predictor.predict(hand)
+    assert pred.warnings == reference and calls == [0]
+    assert pred.backend == predictor.features.engine().name == "onnx"  # the verified fp32 graph scored it alone
+    chest = read_image(dicom_path("RG1_UNCI.dcm"), min_side=64)  # tagged CHEST: no check, the served engine
+    assert predictor.predict(chest).backend == "onnx-int8"
+    batch = np.stack([predictor.preprocess(im).numpy() for im in (hand, chest)])
+    mixed = predictor.predict_inputs(batch, [True, False])
+    assert [p.backend for p in mixed] == ["onnx", "onnx-int8"] and mixed[0].warnings == reference
+    assert np.allclose(mixed[0].table["prob"], pred.table["prob"], atol=1e-5)
 
     monkeypatch.setattr(feature_source, "unavailable_reason", lambda name: "not installed here")
     predictor.features = feature_source.FeatureSource(predictor.model, predictor.info, predictor.backend, predictor.ood)
-    assert predictor.predict(hand).warnings == reference
-    assert calls == [1] and predictor.features._source is None  # the check's own eager pass
+    pred = predictor.predict(hand)
+    assert pred.warnings == reference and pred.backend == "onnx-int8"
+    assert calls == [1] and predictor.features.engine() is None  # the check's own eager pass
 
 
 def test_a_graph_without_the_features_output_is_exported_again(tmp_path, monkeypatch):

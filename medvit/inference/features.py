@@ -4,8 +4,9 @@ The statistics (`medvit.evaluate.ood`) were fitted on eager fp32 features. The s
 features of the very pass that gives the logits, so where its distances stay within `FEATURE_DRIFT` of eager
 fp32's on the run's real images, the check costs nothing extra. An engine further off (int8 with 7-bit weights on
 AVX2 measured ~8% of the threshold on the demo) gets a second pass through the verified fp32 ONNX graph, which is
-several times faster than eager torch on a shared CPU; without ONNX Runtime, an eager fp32 pass. The choice is made
-once, at the first image that needs the check, and logged.
+several times faster than eager torch on a shared CPU, and then scores those images alone (its logits are verified
+against fp32 like any engine's): one pass instead of two. Without ONNX Runtime, an eager fp32 pass follows the
+served one. The choice is made once, at the first image that needs the check, and logged.
 """
 
 from __future__ import annotations
@@ -34,16 +35,13 @@ class FeatureSource:
         self._source: Backend | None = None
         self._chosen = False
 
-    def __call__(self, x: np.ndarray, served_features: np.ndarray | None) -> np.ndarray | None:
-        """Features of the batch `x`, given what the served pass returned; None: let the check run eager fp32."""
+    def engine(self) -> Backend | None:
+        """The engine whose pass gives checked images their logits and features: the served one when its features
+        are faithful, else the fp32 graph; None: the served engine, then the check's own eager pass."""
         with self._lock:
             if not self._chosen:
                 self._source, self._chosen = self._choose(), True
-        if self._source is None:
-            return None
-        if self._source is self.served:
-            return served_features
-        return self._source.run(x)[1]
+        return self._source
 
     def _choose(self) -> Backend | None:
         if self.served.name == "torch":  # eager fp32: exactly the features the statistics were fitted on
@@ -64,3 +62,21 @@ class FeatureSource:
                 return fp32
         _log.info("out-of-distribution check: a second, eager fp32 pass, since %s %s", self.served.name, why)
         return None
+
+
+def forward(served: Backend, checker: Backend | None, x: np.ndarray, mask: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """Logits of the batch `x`, the features of the checked rows (`mask`) when `checker` gives faithful ones (None:
+    the check makes its own pass), and the engine that scored each row."""
+    if checker is None or checker is served or not mask.any():
+        logits, features = served.run(x)
+        return logits, (features if checker is served else None), [served.name] * len(x)
+    checked_logits, checked_features = checker.run(x[mask])
+    assert checked_features is not None  # `_choose` only picks engines whose graphs have the output
+    logits = np.empty((len(x), checked_logits.shape[1]), np.float32)
+    logits[mask] = checked_logits
+    if not mask.all():
+        logits[~mask] = served.run(x[~mask])[0]
+    features = np.zeros((len(x), checked_features.shape[1]), np.float32)
+    features[mask] = checked_features
+    return logits, features, [checker.name if m else served.name for m in mask]

@@ -33,7 +33,7 @@ from medvit.inference import AUTO
 from medvit.inference.choice import SelfCheck, load_choice, save_choice, self_check
 from medvit.inference.engines import AUTO_TOLERANCE, Backend, available_backends, create_backend, sigmoid
 from medvit.inference.export import verified_engine
-from medvit.inference.features import FeatureSource
+from medvit.inference.features import FeatureSource, forward
 from medvit.inference.fp32check import reference_inputs, verify
 from medvit.rundir import resolve_run_dir
 from medvit.runs import CALIBRATION, RunInfo, load_run
@@ -180,23 +180,26 @@ class Predictor:
         """Predictions for a preprocessed batch (N, C, H, W); timings are per batch.
 
         `ood_mask`: which images get the out-of-distribution check (default all: preprocessed inputs carry no tags).
+        Checked images are scored by the engine whose features the check reads (`medvit.inference.features`), which
+        each Prediction's `backend` names.
         """
         cal, version, not_reported = self.follow_active_calibration()
         t0 = time.perf_counter()
-        logits, features = self.backend.run(x)
+        x = np.asarray(x, dtype=np.float32)
+        mask = np.ones(len(x), dtype=bool) if ood_mask is None else np.asarray(ood_mask, dtype=bool)
+        checker = self.features.engine() if self.features is not None and mask.any() else None
+        logits, features, engines = forward(self.backend, checker, x, mask)
         t1 = time.perf_counter()
         probs = cal.apply(logits)
         out = [make_table(self.findings, logits[i], probs[i], cal.thresholds, not_reported) for i in range(len(logits))]
         t2 = time.perf_counter()
         timings = {"forward": (t1 - t0) * 1e3, "calibrate": (t2 - t1) * 1e3}
-        checked = ood_mask is None or any(ood_mask)
-        features = self.features(np.asarray(x), features) if self.features is not None and checked else None
-        warnings = ood_warnings(self.ood, self.model, x, ood_mask, features)
+        warnings = ood_warnings(self.ood, self.model, x, mask, features)
         if self.ood is not None:
             timings["ood"] = (time.perf_counter() - t2) * 1e3
-        return [Prediction(t, self.info.model_name, self.info.weights_sha256, self.backend.name, cal.method != "none",
+        return [Prediction(t, self.info.model_name, self.info.weights_sha256, e, cal.method != "none",
                            version, dict(timings), warnings=w)
-                for t, w in zip(out, warnings, strict=True)]
+                for t, e, w in zip(out, engines, warnings, strict=True)]
 
     def follow_active_calibration(self) -> tuple[Calibration, str, dict[str, str]]:
         """The active calibration version, its name and the findings it leaves unreported, reloaded when
