@@ -194,7 +194,7 @@ class Predictor:
         out = [make_table(self.findings, logits[i], probs[i], cal.thresholds, not_reported) for i in range(len(logits))]
         t2 = time.perf_counter()
         timings = {"forward": (t1 - t0) * 1e3, "calibrate": (t2 - t1) * 1e3}
-        warnings = ood_warnings(self.ood, self.model, x, mask, features)
+        warnings = ood_warnings(self.ood, self.model, x, mask.tolist(), features)
         if self.ood is not None:
             timings["ood"] = (time.perf_counter() - t2) * 1e3
         return [Prediction(t, self.info.model_name, self.info.weights_sha256, e, cal.method != "none",
