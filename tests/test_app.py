@@ -601,20 +601,10 @@ def test_unexpected_failures_are_logged_and_shown_without_a_traceback(env, monke
 
 @pytest.fixture
 def pacs(tmp_path, monkeypatch):
-    """A real Orthanc (test_pacs.Orthanc: temp storage, authentication on, loopback only), stopped by its PID."""
-    from test_pacs import ORTHANC, PLUGINS, USER, Orthanc
+    """A real Orthanc (tests/_orthanc.py: temp storage, authentication on, loopback only), stopped by its PID."""
+    from _orthanc import running_orthanc
 
-    from medvit.pacs.client import PASSWORD_ENV, TOKEN_ENV, USER_ENV
-
-    if not ORTHANC.is_file() or not (PLUGINS / "libOrthancDicomWeb.so").is_file():
-        pytest.skip(f"Orthanc not installed ({ORTHANC}, DICOMweb plugin): apt-get install orthanc orthanc-dicomweb")
-    server = Orthanc(tmp_path / "orthanc")
-    server.start()
-    monkeypatch.setenv(USER_ENV, USER)
-    monkeypatch.setenv(PASSWORD_ENV, server.password)
-    monkeypatch.delenv(TOKEN_ENV, raising=False)
-    yield server
-    server.stop()
+    yield from running_orthanc(tmp_path / "orthanc", monkeypatch)
 
 
 def test_pacs_worklist_lists_scores_opens_and_stores_verdicts(env, pacs, monkeypatch, run_dir):
