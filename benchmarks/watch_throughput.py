@@ -17,8 +17,13 @@ before and after. Inside watch, each WADO-RS retrieve and each STOW-RS request i
 calls: retrieves overlap (threads), so their latency is reported per call, not as a share of the wall time.
 Target: the PACS round trip costs at most 25 %, i.e. watch throughput >= 0.8 x predict's.
 
-    python benchmarks/watch_throughput.py [--images 20] [--rounds 3] [--run RUN_DIR] [--backend auto]
-        [--batch-size 8]
+    python benchmarks/watch_throughput.py [--images 20] [--rounds 3] [--run RUN_DIR | --random-init CONFIG]
+        [--backend auto] [--batch-size 8]
+
+`--random-init configs/deit3_384_nih.yaml` measures the product architecture (DeiT3-B/16-384) without its
+weights, which cannot be downloaded here: the config's model with `pretrained: false`, written as a run folder
+by medvit's checkpoint code (temperature-1 calibration, thresholds 0.5). Throughput does not depend on the
+weights' values; pass an explicit `--backend` (e.g. onnx-int8) so that `auto`'s self-check is not measured.
 """
 
 from __future__ import annotations
@@ -104,11 +109,42 @@ def _timed_calls(obj: Any, name: str, bucket: list[float]) -> None:
     setattr(obj, name, wrapper)
 
 
+def random_init_run(config: Path, out: Path) -> Path:
+    """A run folder for `config`'s model with random weights (`pretrained: false`), via medvit's own code."""
+    import numpy as np
+    import torch
+    import yaml
+
+    from medvit.config import ModelConfig
+    from medvit.data.transforms import resolve_preprocessing
+    from medvit.evaluate.calibration import Calibration, Temperature
+    from medvit.findings import DEFAULT_FINDINGS
+    from medvit.model.classifier import build_model
+    from medvit.runs import model_build_args, save_weights, write_run_config
+
+    fields = yaml.safe_load(config.read_text())["model"]
+    name = fields["name"].split(".")[0]  # the architecture; its pretrained tag names weights we do not load
+    cfg = ModelConfig(**(fields | {"name": name, "pretrained": False, "weights_file": None}))
+    torch.manual_seed(0)
+    model = build_model(cfg, len(DEFAULT_FINDINGS)).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_config(out, {"data": {}}, list(DEFAULT_FINDINGS), resolve_preprocessing(model.backbone),
+                     model_build_args(cfg, len(DEFAULT_FINDINGS)))
+    save_weights(out / "model.safetensors", model)
+    k = len(DEFAULT_FINDINGS)
+    Calibration(tuple(DEFAULT_FINDINGS), tuple(Temperature(1.0) for _ in range(k)), np.full(k, 0.5),
+                "temperature").save(out / "calibration.json")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--run", default=None, help="run folder (default: the demo model)")
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--run", default=None, help="run folder (default: the demo model)")
+    model.add_argument("--random-init", type=Path, metavar="CONFIG",
+                       help="a training config whose model is measured with random weights")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--batch-size", type=int, default=8, help="watch's batch (predict runs batch 8)")
     args = parser.parse_args(argv)
@@ -125,10 +161,11 @@ def main(argv: list[str] | None = None) -> int:
 
     user, password = "medvit", secrets.token_urlsafe(16)
     os.environ[USER_ENV], os.environ[PASSWORD_ENV] = user, password
-    predictor = Predictor.from_dir(args.run, backend=args.backend)
-    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="medvit-watchbench-") as tmp:
         root = Path(tmp)
+        run = random_init_run(args.random_init, root / "run") if args.random_init else args.run
+        predictor = Predictor.from_dir(run, backend=args.backend)
+        load_start = os.getloadavg()[0]
         paths = make_copies(root / "in", args.images)
         proc, url = start_orthanc(root / "orthanc", user, password)
         try:
