@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from _orthanc import ORTHANC, PLUGINS, USER, Orthanc, running_orthanc  # noqa: F401 - test_app.py imports these from here
+from _orthanc import Orthanc, running_orthanc
 from conftest import PG_URL
 from conftest import testdata as dicom_path
 from PIL import Image
