@@ -103,10 +103,12 @@ class Watcher:
         )
 
     def _provenance(self, pred: Prediction) -> ResultProvenance:
-        """The provenance of `pred`: the predictor follows `medvit calibrate --activate`, so does what the SR names."""
+        """The provenance of `pred`: the predictor follows `medvit calibrate --activate`, so does what the SR names;
+        and the engine is the one that scored this image (an untagged one may go through the fp32 graph)."""
         if not self.provenance.calibration_version.startswith(f"{pred.calibration_version} "):
             self.provenance = replace(self.provenance, calibration_version=calibration_version(self.predictor))
-        return self.provenance
+        return self.provenance if pred.backend == self.provenance.engine else replace(self.provenance,
+                                                                                    engine=pred.backend)
 
     def run_pass(self) -> PassSummary:
         """Discover, then handle every claimable row once, a batch per transaction.
