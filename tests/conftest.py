@@ -6,6 +6,7 @@ import importlib.util
 import os
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -13,6 +14,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DEV = Path(os.environ.get("MEDVIT_DEV_DATA", ROOT.parent / "shared" / "data" / "cxr14-dev"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_medvit_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A MEDVIT_CACHE per test session, so per pytest-xdist worker: two workers never write the same exported graph
+    or backend choice at once, and no test passes on a graph an earlier run left in the user cache."""
+    folder = tmp_path_factory.mktemp("medvit-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDVIT_CACHE", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -1,86 +1,21 @@
 """A real browser against a real `medvit review` server: upload RG1_UNCI.dcm, wait for the findings, submit a review,
-find it in the database, save a screenshot.
-
-Chromium is Debian's (`apt-get install chromium`), passed to Playwright as the executable: Playwright's own
-browser download cannot work offline. Screenshots go to $MEDVIT_ARTIFACT_DIR (default: the test's tmp dir).
+find it in the database, save a screenshot. The server and Chromium come from _server.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _inference_run import make_tiny_run
+from _server import RESULT_MS, artifact_dir, launch, require_browser, review_server, shared_server  # noqa: F401
+from conftest import stored_reviews
+from conftest import testdata as dicom_path
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from _inference_run import make_tiny_run  # noqa: E402
-from conftest import stored_reviews  # noqa: E402
-from conftest import testdata as dicom_path  # noqa: E402
-
-CHROMIUM = os.environ.get("MEDVIT_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
-STARTUP_S = 180
-RESULT_MS = 180_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"medvit review exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"medvit review did not become healthy in {STARTUP_S} s:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture
-def server(tmp_path, dev_images):
-    """`medvit review` on a free localhost port, a tiny real run, a temp SQLite database; opens on a PNG."""
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} not found: `apt-get install -y chromium` (or set MEDVIT_CHROMIUM)")
-    pytest.importorskip("playwright.sync_api", reason="pip install playwright (the Python package only)")
-    run = make_tiny_run(tmp_path / "run")
-    db = f"sqlite:///{tmp_path / 'reviews.sqlite3'}"
-    port = _free_port()
-    env = dict(os.environ, MEDVIT_BACKEND="torch", MEDVIT_CACHE=str(tmp_path / "cache"))
-    log = tmp_path / "server.log"
-    first = sorted(dev_images.glob("*.png"))[0]  # start elsewhere, so the upload visibly changes the page
-    cmd = [sys.executable, "-m", "medvit", "review", "--run", str(run), "--port", str(port), "--db", db,
-           "--file", str(first)]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://localhost:{port}"
-    try:
-        _wait_healthy(url, proc, log)
-        yield url, db, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _rows(page) -> list[str]:
@@ -93,15 +28,14 @@ def test_review_queue_keys_edits_and_masking_in_a_real_browser(server, tmp_path,
     from playwright.sync_api import expect, sync_playwright
 
     url, db, log = server
-    artifacts = Path(os.environ.get("MEDVIT_ARTIFACT_DIR") or tmp_path / "artifacts")
-    artifacts.mkdir(parents=True, exist_ok=True)
+    artifacts = artifact_dir(tmp_path)
     dicom = Path(dicom_path("RG1_UNCI.dcm"))
     blank = tmp_path / "blank.png"
     from PIL import Image
 
     Image.new("L", (256, 256), 0).save(blank)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1600, "height": 1400})
         try:
             page.goto(url)
@@ -170,10 +104,9 @@ def test_worklist_next_and_previous_in_a_real_browser(worklist_server, tmp_path)
     from playwright.sync_api import expect, sync_playwright
 
     url = worklist_server
-    artifacts = Path(os.environ.get("MEDVIT_ARTIFACT_DIR") or tmp_path / "artifacts")
-    artifacts.mkdir(parents=True, exist_ok=True)
+    artifacts = artifact_dir(tmp_path)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1600, "height": 1200})
         try:
             page.goto(url)
@@ -193,31 +126,16 @@ def test_worklist_next_and_previous_in_a_real_browser(worklist_server, tmp_path)
 
 
 @pytest.fixture
-def worklist_server(tmp_path, dev_images):
+def worklist_server(tmp_path: Path, dev_images: Path) -> Iterator[str]:
     """`medvit review --worklist` over a CT (refused), RG1_UNCI.dcm and an NIH PNG."""
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} not found: `apt-get install -y chromium` (or set MEDVIT_CHROMIUM)")
-    pytest.importorskip("playwright.sync_api", reason="pip install playwright (the Python package only)")
+    require_browser()
     folder = tmp_path / "worklist"
     folder.mkdir()
     for name in ("CT_small.dcm", "RG1_UNCI.dcm"):
         os.symlink(dicom_path(name), folder / name)
     os.symlink(sorted(dev_images.glob("*.png"))[0], folder / "z_nih.png")
     run = make_tiny_run(tmp_path / "run")
-    port = _free_port()
     env = dict(os.environ, MEDVIT_BACKEND="torch", MEDVIT_CACHE=str(tmp_path / "cache"))
-    log = tmp_path / "server.log"
-    cmd = [sys.executable, "-m", "medvit", "review", "--run", str(run), "--port", str(port), "--db",
-           f"sqlite:///{tmp_path / 'reviews.sqlite3'}", "--worklist", str(folder)]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://localhost:{port}"
-    try:
-        _wait_healthy(url, proc, log)
+    args = ["--run", str(run), "--db", f"sqlite:///{tmp_path / 'reviews.sqlite3'}", "--worklist", str(folder)]
+    with review_server(args, env, tmp_path / "server.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()

@@ -3,7 +3,7 @@ certificate): nothing is shown before sign-in, a wrong password is refused, repe
 a reviewer can neither open Monitoring nor reveal identifiers, an admin can (and the reveal is audited), an
 idle session clears itself. Afterwards the database and the server log are searched for the test passwords.
 
-Chromium is Debian's, as in test_browser.py; screenshots go to $MEDVIT_ARTIFACT_DIR (default: the test's tmp dir).
+The server and Chromium come from _server.py; screenshots go to $MEDVIT_ARTIFACT_DIR (default: the test's tmp dir).
 """
 
 from __future__ import annotations
@@ -11,23 +11,19 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-import ssl
 import subprocess
 import sys
 import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_browser import CHROMIUM, CHROMIUM_ARGS, RESULT_MS, STARTUP_S, _free_port
+from _inference_run import make_tiny_run
+from _server import RESULT_MS, ROOT, artifact_dir, launch, require_browser, review_server
+from conftest import database_text, self_signed_cert
+from conftest import testdata as dicom_path
 
 pytestmark = pytest.mark.e2e
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
-from _inference_run import make_tiny_run  # noqa: E402
-from conftest import database_text, self_signed_cert  # noqa: E402
-from conftest import testdata as dicom_path  # noqa: E402
 
 PASSWORDS = {"rita": "rita-Canary-pw-1", "adam": "adam-Canary-pw-2", "lou": "lou-Canary-pw-3"}
 WRONG = "not-the-Canary-pw"
@@ -36,29 +32,10 @@ PATIENT_NAME = "CompressedSamples^RG1"  # RG1_UNCI.dcm's PatientName
 IMAGE = '[data-testid="stImage"], [data-testid="stCustomComponentV1"]'  # st.image or the viewer component
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, log: Path) -> None:
-    """Like test_browser's, over HTTPS with the test's self-signed certificate."""
-    context = ssl.create_default_context()
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"medvit review exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2, context=context) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"medvit review did not become healthy in {STARTUP_S} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture
-def site_server(tmp_path):
+def site_server(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
     """`medvit review` in site mode over HTTPS on a free localhost port, with three accounts made by `medvit users`."""
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} not found: `apt-get install -y chromium` (or set MEDVIT_CHROMIUM)")
-    pytest.importorskip("playwright.sync_api", reason="pip install playwright (the Python package only)")
+    require_browser()
     run = make_tiny_run(tmp_path / "run")
     db = f"sqlite:///{tmp_path / 'reviews.sqlite3'}"
     env = dict(os.environ, MEDVIT_BACKEND="torch", MEDVIT_CACHE=str(tmp_path / "cache"), MEDVIT_AUTH="accounts",
@@ -70,21 +47,9 @@ def site_server(tmp_path):
                            input=PASSWORDS[name] + "\n", text=True, stdout=out, stderr=subprocess.STDOUT,
                            check=True, timeout=120)  # fmt: skip
     cert, key = self_signed_cert(tmp_path / "tls")
-    port = _free_port()
-    cmd = [sys.executable, "-m", "medvit", "review", "--run", str(run), "--port", str(port),
-           "--file", dicom_path("RG1_UNCI.dcm"), "--tls-cert", str(cert), "--tls-key", str(key)]  # fmt: skip
-    with log.open("a") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"https://localhost:{port}"
-    try:
-        _wait_healthy(url, proc, log)
+    args = ["--run", str(run), "--file", dicom_path("RG1_UNCI.dcm"), "--tls-cert", str(cert), "--tls-key", str(key)]
+    with review_server(args, env, log, tls=True) as url:
         yield url, db, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _attempts(db: str) -> int:
@@ -125,10 +90,9 @@ def test_sign_in_roles_lockout_and_idle_expiry_in_a_real_browser(site_server, tm
     from playwright.sync_api import expect, sync_playwright
 
     url, db, log = site_server
-    artifacts = Path(os.environ.get("MEDVIT_ARTIFACT_DIR") or tmp_path / "artifacts")
-    artifacts.mkdir(parents=True, exist_ok=True)
+    artifacts = artifact_dir(tmp_path)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(p)
 
         def fresh_page():  # one browser context per person: its own Streamlit session
             context = browser.new_context(ignore_https_errors=True, viewport={"width": 1600, "height": 1400})

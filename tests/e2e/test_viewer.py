@@ -1,5 +1,5 @@
 """The review app's image viewer in a real browser: zoom, mouse-drag window/level, presets and reset, lossy marking,
-and the saliency layer with its colour scale. Same server fixture as test_browser.py (a real `medvit review`).
+and the saliency layer with its colour scale. One real `medvit review` server for both tests (_server.server).
 
 The viewer is a Cornerstone3D component in an iframe; its readouts carry the numbers the tests compare
 (`data-width`/`data-center` in the image's units, `data-scale` in screen pixels per image pixel).
@@ -8,29 +8,17 @@ Screenshots go to $MEDVIT_ARTIFACT_DIR.
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 from pathlib import Path
 
 import pydicom
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import test_browser  # noqa: E402
-from conftest import testdata as dicom_path  # noqa: E402
-from test_browser import CHROMIUM, CHROMIUM_ARGS, RESULT_MS  # noqa: E402
+from _server import RESULT_MS, artifact_dir, launch, shared_server  # noqa: F401 - the `server` fixture
+from conftest import testdata as dicom_path
 
 pytestmark = pytest.mark.e2e
-server = test_browser.server  # the same fixture: `medvit review` on a free port with a tiny run
 
 VIEWER = 'iframe[title*="medvit_viewer"]'
-
-
-def _artifacts(tmp_path: Path) -> Path:
-    out = Path(os.environ.get("MEDVIT_ARTIFACT_DIR") or tmp_path / "artifacts")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _open(page, url: str, file: str):
@@ -70,9 +58,9 @@ def test_zoom_window_level_presets_and_reset(server, tmp_path):
     dicom = dicom_path("RG1_UNCI.dcm")
     image = read_image(dicom)
     header, lung, mediastinum = window_presets(image, image.raw)
-    artifacts = _artifacts(tmp_path)
+    artifacts = artifact_dir(tmp_path)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1600, "height": 1100})
         try:
             frame = _open(page, url, dicom)
@@ -136,14 +124,14 @@ def test_lossy_marking_and_saliency_legend(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     url, _db, _log = server
-    artifacts = _artifacts(tmp_path)
+    artifacts = artifact_dir(tmp_path)
     lossy = tmp_path / "RG1_J2KR_lossy_tag.dcm"  # the same reversible J2K, tagged as once lossy-compressed
     ds = pydicom.dcmread(dicom_path("RG1_J2KR.dcm"))
     ds.LossyImageCompression = "01"
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(lossy)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1600, "height": 1100})
         try:
             frame = _open(page, url, dicom_path("RG1_J2KR.dcm"))
