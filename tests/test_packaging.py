@@ -122,7 +122,7 @@ def test_wheel_installed_in_a_fresh_venv_predicts_and_finds_its_app(tmp_path: Pa
     for key in ("medvit", "app", "demo", "prompts"):
         assert Path(probe[key]).is_relative_to(installed), f"{key} came from {probe[key]}, not the wheel"
         assert Path(probe[key]).exists(), probe[key]
-    assert Path(probe["app"]) == installed / "review" / "app.py"
+    assert Path(probe["app"]) == installed / "review" / "page.py"  # the page script `medvit review` runs
     assert probe["n_prompt_findings"] > 0
     assert probe["revision"] is not None, "the review store found no Alembic migrations in the wheel"
     _run([str(python.parent / "medvit"), "review", "--help"], work, env)
