@@ -84,7 +84,8 @@ def test_review_queue_keys_edits_and_masking_in_a_real_browser(server, tmp_path,
             expect(page.get_by_text("no DICOM header")).to_be_visible(timeout=RESULT_MS)
             expect(page.get_by_text("CompressedSamples^RG1")).to_have_count(0)
 
-            uploader.set_input_files(str(blank))  # a blank image is refused, with no findings
+            expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=RESULT_MS)  # the page run is over:
+            uploader.set_input_files(str(blank))  # an upload during a run can be lost. A blank image is refused
             expect(page.get_by_text("uniform").first).to_be_visible(timeout=RESULT_MS)
             expect(rows).to_have_count(0)
             page.screenshot(path=str(artifacts / "review_blank_refused.png"))
