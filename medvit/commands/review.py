@@ -146,8 +146,10 @@ def run(args: argparse.Namespace) -> int:
     scheme = "https" if "--server.sslCertFile" in cmd else "http"
     print(f"medvit review: {scheme}://{args.host}:{args.port}  (Ctrl+C to stop)", flush=True)
     child = subprocess.Popen(cmd, env=env)
-    # SIGTERM (a service manager, `kill`) must stop the Streamlit server too, not orphan it on the port
-    previous = signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+    # SIGTERM (a service manager, `kill`) must stop the Streamlit server too, not orphan it on the port: leave the
+    # wait, so that `_stop` terminates the child and kills it after 20 s (a server still importing torch in its
+    # warm-up thread was seen to outlive SIGTERM for over 30 s, after which a supervisor kills this process)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return child.wait()
     except KeyboardInterrupt:  # Ctrl+C reaches the child through the terminal's process group as well
@@ -155,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop(child)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _stop(child: subprocess.Popen) -> None:
