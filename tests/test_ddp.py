@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from medvit._io import load_tensors, read_json
-from medvit.config import load_config
 from medvit.train.resume import LAST
-from medvit.train.supervised import fit
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 # Per-rank randomness (augmentation, MixUp pairing, dropout, drop-path) cannot match a single process: off.
@@ -23,19 +21,27 @@ SAME = ["data.augment.enabled=false", "model.drop_path_rate=0.0", "model.head_dr
         "train.epochs=2", "train.batch_size=8"]
 
 
+def _train(out: Path, overrides: list[str], launcher: list[str], env: dict[str, str] | None = None
+           ) -> subprocess.CompletedProcess:
+    """`medvit train` on the smoke config in its own process(es): training in the pytest process itself segfaulted
+    it in full-suite runs (after many other tests' native threads and libraries), never alone."""
+    cmd = [*launcher, "-m", "medvit", "train", "-c", str(SMOKE), "--out", str(out)]
+    for o in overrides:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_single_process(dev_subset_csv: Path, dev_images: Path, tmp_path: Path) -> None:
     overrides = [f"data.labels_csv={dev_subset_csv}", f"data.images_root={dev_images}", *SAME]
-    single = fit(load_config(SMOKE, overrides), out_dir=tmp_path / "single")
+    single = tmp_path / "single"
+    _train(single, overrides, [sys.executable])
 
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "medvit", "train", "-c", str(SMOKE), "--out", str(ddp)]
-    for o in overrides:
-        cmd += ["--set", o]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = _train(ddp, overrides, torchrun, {**os.environ, "OMP_NUM_THREADS": "1"})
     assert "world size 2" in proc.stderr
     assert read_json(ddp / "train_summary.json")["world_size"] == 2
 
@@ -47,7 +53,8 @@ def test_two_process_ddp_matches_single_process(dev_subset_csv: Path, dev_images
             compared += 1
     assert compared > 50
     # training really moved the weights, so the match is not trivially the initialisation
-    init = fit(load_config(SMOKE, overrides + ["train.epochs=1", "train.lr=1e-12"]), out_dir=tmp_path / "init")
+    init = tmp_path / "init"
+    _train(init, overrides + ["train.epochs=1", "train.lr=1e-12"], [sys.executable])
     moved = load_tensors(init / LAST)
     assert not torch.allclose(moved["model.head.fc2.weight"], a["model.head.fc2.weight"], atol=1e-4)
     with (single / "metrics.csv").open() as f1, (ddp / "metrics.csv").open() as f2:
