@@ -18,7 +18,7 @@ import numpy as np
 from torch import nn
 
 from medvit.evaluate.ood import FEATURE_DRIFT, OodStats
-from medvit.inference.engines import Backend, unavailable_reason
+from medvit.inference.engines import Backend, TorchBackend, unavailable_reason
 from medvit.inference.export import verified_engine
 from medvit.inference.fp32check import feature_drift, reference_inputs
 from medvit.runs import RunInfo
@@ -47,7 +47,8 @@ class FeatureSource:
         if self.served.name == "torch":  # eager fp32: exactly the features the statistics were fitted on
             return self.served if callable(getattr(self.model, "forward_with_features", None)) else None
         inputs = reference_inputs(self.info.config, self.info.preprocessing, n=2)
-        drift = feature_drift(self.served, self.model, inputs, self.stats)
+        reference = TorchBackend(self.model).run(inputs)[1]  # eager fp32, once for both candidates
+        drift = feature_drift(self.served, self.model, inputs, self.stats, reference=reference)
         if drift is not None and drift <= FEATURE_DRIFT:
             _log.info("out-of-distribution check: %s's own features (%.1f%% of the threshold from eager fp32)",
                       self.served.name, 100 * drift)
@@ -55,9 +56,9 @@ class FeatureSource:
         why = "has no features output" if drift is None else f"is {drift:.1%} of the threshold from eager fp32"
         if unavailable_reason("onnx") is None:
             fp32 = verified_engine(self.model, self.info, "onnx", inputs)
-            fp32_drift = feature_drift(fp32, self.model, inputs, self.stats)
+            fp32_drift = feature_drift(fp32, self.model, inputs, self.stats, reference=reference)
             if fp32_drift is not None and fp32_drift <= FEATURE_DRIFT:
-                _log.info("out-of-distribution check: a second pass through the fp32 ONNX graph, since %s %s",
+                _log.info("out-of-distribution check: untagged images scored by the fp32 ONNX graph, since %s %s",
                           self.served.name, why)
                 return fp32
         _log.info("out-of-distribution check: a second, eager fp32 pass, since %s %s", self.served.name, why)

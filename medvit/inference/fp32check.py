@@ -67,14 +67,16 @@ def verify(candidate: Backend, model: nn.Module, inputs: np.ndarray, tolerance: 
     return Verification(float(np.max(np.abs(out - ref2))), max_prob_diff(out, ref2), len(inputs), tolerance)
 
 
-def feature_drift(candidate: Backend, model: nn.Module, inputs: np.ndarray, stats: OodStats) -> float | None:
+def feature_drift(candidate: Backend, model: nn.Module, inputs: np.ndarray, stats: OodStats, *,
+                  reference: np.ndarray | None = None) -> float | None:
     """How far `candidate`'s out-of-distribution distances on `inputs` stray from eager fp32's, as a share of the
     threshold (max |d - d_fp32| / threshold): a flag can only flip for an image that close to it. None when the
-    candidate's graph has no features output."""
+    candidate's graph has no features output. `reference`: eager fp32 features of `inputs`, when already computed."""
     features = candidate.run(inputs)[1]
     if features is None:
         return None
-    reference = TorchBackend(model).run(inputs)[1]
+    if reference is None:
+        reference = TorchBackend(model).run(inputs)[1]
     if reference is None:
         return None
     return float(np.max(np.abs(stats.distance(features) - stats.distance(reference))) / stats.threshold)
