@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from _inference_run import make_tiny_run
@@ -90,3 +93,32 @@ def test_self_check_rejects_drifting_and_failing_backends(run, monkeypatch):
 def test_unknown_backend_is_a_config_error(run):
     with pytest.raises(ConfigError, match="unknown backend"):
         Predictor.from_dir(run, backend="tensorrt")
+
+
+_OUT_OF_ORDER = """
+import os, signal, sys
+import torch
+from medvit.inference.openvino import OpenVinoBackend, convert_onnx
+d = sys.argv[1]
+model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).eval()
+torch.onnx.export(model, (torch.zeros(1, 3, 2, 2),), f"{d}/m.onnx", dynamo=False)
+convert_onnx(f"{d}/m.onnx", f"{d}/m.xml")
+first, second = OpenVinoBackend(f"{d}/m.xml"), OpenVinoBackend(f"{d}/m.xml")
+del first  # freed before the engine made after it, as when `auto` keeps the second engine it checked
+del second
+signal.signal(signal.SIGUSR1, lambda *_: print("handled"))
+os.kill(os.getpid(), signal.SIGUSR1)
+print("ok")
+"""
+
+
+def test_openvino_engines_freed_out_of_order_leave_signal_handling_intact(tmp_path):
+    """OpenVINO's CPU plugin swaps the thread's signal stack per Core and puts the old one back when freed. With a Core
+    per engine, engines freed out of creation order left a freed stack installed, and the next handled signal (here
+    SIGUSR1; in the test suite, the SIGCHLD of a finished subprocess) killed the process with SIGSEGV."""
+    if "openvino" not in available_backends():
+        pytest.skip(f"openvino: {engines.unavailable_reason('openvino')}")
+    proc = subprocess.run([sys.executable, "-c", _OUT_OF_ORDER, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.stdout.split() == ["handled", "ok"]

@@ -23,8 +23,7 @@ SAME = ["data.augment.enabled=false", "model.drop_path_rate=0.0", "model.head_dr
 
 def _train(out: Path, overrides: list[str], launcher: list[str], env: dict[str, str] | None = None
            ) -> subprocess.CompletedProcess:
-    """`medvit train` on the smoke config in its own process(es): training in the pytest process itself segfaulted
-    it in full-suite runs (after many other tests' native threads and libraries), never alone."""
+    """`medvit train` on the smoke config in its own process(es), as a user runs it."""
     cmd = [*launcher, "-m", "medvit", "train", "-c", str(SMOKE), "--out", str(out)]
     for o in overrides:
         cmd += ["--set", o]

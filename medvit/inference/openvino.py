@@ -7,6 +7,7 @@ images (see `fp32check.reference_inputs`). Both are held to the same fp32 self-c
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -24,7 +25,12 @@ _log = logging.getLogger(__name__)
 BIN_SUFFIX = ".bin"  # an IR is model.xml (graph) + model.bin (weights), written side by side
 
 
+@functools.cache
 def _core():  # noqa: ANN202 - openvino is an optional dependency (the `fast` extra)
+    """The process's one OpenVINO Core. Each Core's CPU plugin installs its own signal stack on the calling thread
+    (sigaltstack, for AMX) and puts back the one it found when it is destroyed: two Cores destroyed out of creation
+    order left a freed stack installed, and the next Python signal handler (Ctrl-C, SIGTERM, SIGCHLD) then killed
+    the process with SIGSEGV. One Core per process, alive until exit, never unwinds out of order."""
     import openvino as ov
 
     return ov, ov.Core()
