@@ -44,6 +44,27 @@ def launch(playwright: Any) -> Any:
     return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
+def upload(page: Any, path: Path | str) -> None:
+    """Pick a file in the sidebar uploader as a reader does (click the drop zone, choose in the file dialog) and wait
+    until its chip lists it, by the full name on its remove button (the chip's text is shortened). Streamlit's
+    uploader sometimes ignores a file chosen just after a page run (seen in CI: the previous file stayed listed and
+    the test waited in vain); a choice that does not appear within 15 s is made again, up to 3 times. Setting the
+    hidden input's files directly was ignored on every retry."""
+    from playwright.sync_api import expect
+
+    chip = page.locator('[data-testid="stFileUploader"]').get_by_role("button", name=f"Remove {Path(path).name}")
+    for attempt in range(3):
+        with page.expect_file_chooser() as chooser:  # as a reader does: click the drop zone, pick the file
+            page.get_by_test_id("stFileUploaderDropzone").click()
+        chooser.value.set_files(str(path))
+        try:
+            expect(chip).to_be_visible(timeout=15_000)
+            return
+        except AssertionError:
+            if attempt == 2:
+                raise
+
+
 def artifact_dir(tmp_path: Path) -> Path:
     """$MEDVIT_ARTIFACT_DIR (CI keeps it), else a folder in the test's tmp dir."""
     out = Path(os.environ.get("MEDVIT_ARTIFACT_DIR") or tmp_path / "artifacts")

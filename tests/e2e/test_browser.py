@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from _inference_run import make_tiny_run
-from _server import RESULT_MS, artifact_dir, launch, require_browser, review_server, shared_server  # noqa: F401
+from _server import RESULT_MS, artifact_dir, launch, require_browser, review_server, shared_server, upload  # noqa: F401
 from conftest import stored_reviews
 from conftest import testdata as dicom_path
 
@@ -42,7 +42,7 @@ def test_review_queue_keys_edits_and_masking_in_a_real_browser(server, tmp_path,
             expect(page.get_by_text("not a diagnostic device")).to_be_visible(timeout=RESULT_MS)
             uploader = page.locator('[data-testid="stFileUploader"] input[type="file"]')
             expect(uploader).to_be_attached(timeout=RESULT_MS)  # drawn once the model is loaded
-            uploader.set_input_files(dicom)
+            upload(page, dicom)
             expect(page.get_by_text("RG1_UNCI.dcm").first).to_be_visible(timeout=RESULT_MS)
             expect(page.get_by_role("heading", name="Findings")).to_be_visible(timeout=RESULT_MS)
             # this image's rows (keyed frow_<i>_<sha256[:12]>): the first image's stay on screen while the page reruns
@@ -80,12 +80,12 @@ def test_review_queue_keys_edits_and_masking_in_a_real_browser(server, tmp_path,
             page.get_by_text("Patient identifiers", exact=True).click()  # reveal on this image...
             page.get_by_text("Show patient identifiers").click()
             expect(page.get_by_text("CompressedSamples^RG1")).to_be_attached(timeout=RESULT_MS)  # a data grid cell
-            uploader.set_input_files(str(sorted(dev_images.glob("*.png"))[0]))  # ...and the next one is masked
+            upload(page, sorted(dev_images.glob("*.png"))[0])  # ...and the next one is masked
             expect(page.get_by_text("no DICOM header")).to_be_visible(timeout=RESULT_MS)
             expect(page.get_by_text("CompressedSamples^RG1")).to_have_count(0)
 
             expect(page.get_by_test_id("stStatusWidget")).to_have_count(0, timeout=RESULT_MS)  # the page run is over:
-            uploader.set_input_files(str(blank))  # an upload during a run can be lost. A blank image is refused
+            upload(page, blank)  # a blank image is refused
             expect(page.get_by_text("uniform").first).to_be_visible(timeout=RESULT_MS)
             expect(rows).to_have_count(0)
             page.screenshot(path=str(artifacts / "review_blank_refused.png"))

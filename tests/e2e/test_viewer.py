@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from _server import RESULT_MS, artifact_dir, launch, shared_server  # noqa: F401 - the `server` fixture
+from _server import RESULT_MS, artifact_dir, launch, shared_server, upload  # noqa: F401 - the `server` fixture
 from conftest import testdata as dicom_path
 
 pytestmark = pytest.mark.e2e
@@ -27,7 +27,7 @@ def _open(page, url: str, file: str):
 
     page.goto(url)
     expect(page.get_by_text("not a diagnostic device")).to_be_visible(timeout=RESULT_MS)
-    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files(file)
+    upload(page, file)
     expect(page.get_by_text(f"{Path(file).name} — window")).to_be_visible(timeout=RESULT_MS)
     frame = page.frame_locator(VIEWER)
     expect(frame.locator("#status")).to_have_text("", timeout=RESULT_MS)
