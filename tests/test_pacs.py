@@ -29,7 +29,7 @@ from medvit.data.dicom import read_image
 from medvit.errors import ImageReadError, PacsError, UnsupportedImageError
 from medvit.findings import display_name
 from medvit.inference.predictor import Predictor
-from medvit.pacs.client import PASSWORD_ENV, PacsClient
+from medvit.pacs.client import AS_STORED, PASSWORD_ENV, PacsClient
 from medvit.pacs.sr import DISCLAIMER, LOCAL_SCHEME, read_sr_findings, sr_texts
 from medvit.pacs.watch import Watcher
 from medvit.review.scoring import PacsInstanceRow
@@ -86,7 +86,7 @@ def _srs(server: Orthanc) -> list[pydicom.Dataset]:
     out = []
     for item in found:
         study, series, sop = (item[t]["Value"][0] for t in ("0020000D", "0020000E", "00080018"))
-        out.append(client._client.retrieve_instance(study, series, sop))
+        out.append(client._client.retrieve_instance(study, series, sop, media_types=AS_STORED))
     return out
 
 

@@ -14,7 +14,7 @@ from _orthanc import Orthanc, running_orthanc
 from conftest import testdata as dicom_path
 
 from medvit.cli import main
-from medvit.pacs.client import PacsClient
+from medvit.pacs.client import AS_STORED, PacsClient
 from medvit.pacs.sc import COMMENT, INSTANCE_NUMBER
 from medvit.pacs.sr import SERIES_NUMBER, WARNING_MEANING, read_sr_findings, sr_texts
 from medvit.resources import DEMO_RUN
@@ -29,12 +29,13 @@ def orthanc(tmp_path, monkeypatch):
 
 
 def _result_series(server: Orthanc) -> dict[str, list[pydicom.Dataset]]:
-    """{source SOP Instance UID: the instances of its result series}, read back over WADO-RS with pydicom."""
+    """{source SOP Instance UID: the instances of its result series}, read back over WADO-RS with pydicom, as stored:
+    asking Orthanc to transcode them (the default request) crashed it once in a full test run."""
     client = PacsClient(server.dicomweb)._client
     out: dict[str, list[pydicom.Dataset]] = {}
     for item in client.search_for_series(search_filters={"SeriesNumber": str(SERIES_NUMBER)}):
         study, series = (item[t]["Value"][0] for t in ("0020000D", "0020000E"))
-        instances = client.retrieve_series(study, series)
+        instances = client.retrieve_series(study, series, media_types=AS_STORED)
         sr = next(ds for ds in instances if ds.SOPClassUID == SR_STORAGE)
         source = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
         out[source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID] = instances

@@ -75,6 +75,10 @@ def session_from_env(*, verify: bool | str | None = None) -> requests.Session:
     return session
 
 
+# WADO-RS media type for "the instance in the transfer syntax the PACS stored it in": no transcoding on the server
+AS_STORED = (("application/dicom", "*"),)
+
+
 class PacsClient:
     """QIDO / WADO / STOW against one DICOMweb root (e.g. ``http://pacs:8042/dicom-web``)."""
 
@@ -107,7 +111,7 @@ class PacsClient:
         """The instance as dicomweb-client parsed it, in the transfer syntax the PACS stored it in."""
         return self._call(
             "retrieve", lambda: self._client.retrieve_instance(
-                ref.study_uid, ref.series_uid, ref.sop_uid, media_types=(("application/dicom", "*"),))
+                ref.study_uid, ref.series_uid, ref.sop_uid, media_types=AS_STORED)
         )
 
     def retrieve(self, ref: InstanceRef) -> bytes:
