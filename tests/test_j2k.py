@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import subprocess
+import sys
 
 import conftest
 import numpy as np
@@ -10,7 +14,7 @@ import pytest
 from _inference_run import make_tiny_run
 
 from medvit.data.dicom import read_image
-from medvit.data.j2k import reduction_level
+from medvit.data.j2k import THREADS_ENV, reduction_level
 from medvit.data.transforms import build_transforms
 from medvit.inference.predictor import Predictor
 
@@ -65,3 +69,18 @@ def test_findings_table_from_the_reduced_decode_matches_the_full_decode(tmp_path
     full = predictor.predict(read_image(path)).table
     reduced = predictor.predict(read_image(path, min_side=predictor.input_side)).table
     assert np.abs(full["prob"] - reduced["prob"]).max() <= 0.02  # the engines' tolerance (AUTO_TOLERANCE)
+
+
+def test_threaded_decode_gives_the_single_threaded_pixels():
+    """OpenJPEG runs on OPJ_NUM_THREADS threads (set at import unless the user chose): the same pixels as one."""
+    assert int(os.environ[THREADS_ENV]) >= 1
+    path = conftest.testdata("RG1_J2KR.dcm")
+    threaded = read_image(path, min_side=384)
+    assert threaded.meta.decode_level >= 1
+    script = ("import hashlib, sys; from medvit.data.dicom import read_image; "
+              "p = read_image(sys.argv[1], min_side=384).pixels; "
+              "print(p.shape, p.dtype, hashlib.sha256(p.tobytes()).hexdigest())")
+    one = subprocess.run([sys.executable, "-c", script, str(path)], check=True, capture_output=True, text=True,
+                         env={**os.environ, THREADS_ENV: "1"}, timeout=300).stdout.split("\n")[-2]
+    p = np.ascontiguousarray(threaded.pixels)
+    assert one == f"{p.shape} {p.dtype} {hashlib.sha256(p.tobytes()).hexdigest()}"
