@@ -12,6 +12,7 @@ import pytest
 from _nonchest import nonchest_crs
 from _orthanc import Orthanc, running_orthanc
 from conftest import testdata as dicom_path
+from pydicom.uid import ExplicitVRLittleEndian
 
 from medvit.cli import main
 from medvit.pacs.client import AS_STORED, PacsClient
@@ -29,8 +30,7 @@ def orthanc(tmp_path, monkeypatch):
 
 
 def _result_series(server: Orthanc) -> dict[str, list[pydicom.Dataset]]:
-    """{source SOP Instance UID: the instances of its result series}, read back over WADO-RS with pydicom, as stored:
-    asking Orthanc to transcode them (the default request) crashed it once in a full test run."""
+    """{source SOP Instance UID: the instances of its result series}, read back over WADO-RS with pydicom, as stored."""
     client = PacsClient(server.dicomweb)._client
     out: dict[str, list[pydicom.Dataset]] = {}
     for item in client.search_for_series(search_filters={"SeriesNumber": str(SERIES_NUMBER)}):
@@ -76,6 +76,10 @@ def test_watch_stores_the_saliency_secondary_capture_beside_the_sr(orthanc, tmp_
         assert sc.PhotometricInterpretation == "RGB" and rgb.dtype == np.uint8 and rgb.shape[2] == 3
         assert max(rgb.shape[:2]) == 1024 and rgb.std() > 5  # a picture, not a blank
         assert len(read_sr_findings(sr)) == 14
+    viewer = PacsClient(orthanc.dicomweb)._client  # what a viewer asks: WADO-RS without a transfer syntax
+    for instances in series.values():  # stored in DICOMweb's default syntax: no transcoding (Orthanc's GDCM crashed)
+        assert {str(ds.file_meta.TransferSyntaxUID) for ds in instances} == {ExplicitVRLittleEndian}
+        assert len(viewer.retrieve_series(instances[0].StudyInstanceUID, instances[0].SeriesInstanceUID)) == 2
     # the chest is tagged CHEST: trusted, no warning; the untagged hand is out of distribution
     assert WARNING_MEANING not in sr_texts(
         next(ds for ds in series[chest.SOPInstanceUID] if ds.SOPClassUID == SR_STORAGE)

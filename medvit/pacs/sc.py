@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from medvit.data.dicom import XrayImage
 from medvit.inference.predictor import Predictor
@@ -67,6 +67,9 @@ def build_sc(source: Dataset, rgb: np.ndarray, weights_sha256: str) -> Dataset:
         manufacturer="medvit",
         patient_orientation=("L", "F"),
         series_description=SERIES_DESCRIPTION,
+        # DICOMweb's default transfer syntax: a viewer that asks WADO-RS without one gets the stored bytes. Stored in
+        # highdicom's default (implicit VR), Orthanc had to transcode it, and its GDCM plugin crashed doing so.
+        transfer_syntax_uid=ExplicitVRLittleEndian,
     )
     sc.ImageComments = COMMENT
     sc.BurnedInAnnotation = "NO"
