@@ -132,6 +132,12 @@ def test_an_admin_reveals_identifiers_with_an_audit_row_and_opens_monitoring(sit
     assert "CompressedSamples^RG1" in frames[0]["value"].tolist()
     [reveal] = audit.events(site.engine, event="reveal_identifiers")
     assert (reveal.actor, reveal.target) == ("adam", "1.3.6.1.4.1.5962.1.1.9.1.3.20040826185059.5457")
+    at.run()  # a rerun with the identifiers still shown is no new reveal
+    assert len(audit.events(site.engine, event="reveal_identifiers")) == 1
+    toggle = next(t for t in at.toggle if t.key == toggle.key)
+    toggle.set_value(False).run()  # masked again, then revealed again: a second reveal, recorded
+    next(t for t in at.toggle if t.key == toggle.key).set_value(True).run()
+    assert len(audit.events(site.engine, event="reveal_identifiers")) == 2
     at.sidebar.radio(key="page").set_value("Monitoring").run()
     _no_crash(at)
     assert any(h.value == "Monitoring" for h in at.header)

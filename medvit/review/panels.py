@@ -25,6 +25,7 @@ BANNER = (
 )
 ZERO_SHOT_DOCS = "docs/zeroshot.md"  # where setting up a CLIP model for the app is explained
 MASK = "•••••"
+_AUDITED = "_audited"  # suffix of the session key that marks a reveal as already audited
 
 
 @contextmanager
@@ -69,15 +70,27 @@ def patient_panel(
             key = f"show_phi_{image_key}"
             show = st.toggle("Show patient identifiers", value=False, key=key, help=hint,
                              on_change=_revealed(on_reveal, key))  # fmt: skip
+            if not show:  # drawn masked: the next switch-on is a new reveal
+                st.session_state.pop(key + _AUDITED, None)
         values = list(identifiers.values()) if show else [MASK] * len(identifiers)
         st.dataframe(pd.DataFrame({"field": list(identifiers), "value": values}), hide_index=True, width="stretch")
 
 
 def _revealed(on_reveal: Callable[[], None] | None, key: str) -> Callable[[], None] | None:
-    """The toggle's change callback: `on_reveal` when it was switched on (callbacks run before the page)."""
+    """The toggle's change callback: `on_reveal` once per switch-on (callbacks run before the page).
+
+    A browser test saw one reveal audited twice, 6 s apart (most likely Streamlit calling the callback again when a
+    rerun interrupted the run the change started), so a marker in the session, cleared whenever the page draws the
+    toggle off, keeps it to one event per reveal."""
     if on_reveal is None:
         return None
-    return lambda: on_reveal() if st.session_state.get(key) else None
+
+    def changed() -> None:
+        if st.session_state.get(key) and not st.session_state.get(key + _AUDITED):
+            st.session_state[key + _AUDITED] = True
+            on_reveal()
+
+    return changed
 
 
 def history_panel(store: ReviewStore, analysis: Analysis, own_only: str | None = None) -> None:
