@@ -28,7 +28,8 @@ _log = logging.getLogger(__name__)
 
 J2K_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
 THREADS_ENV = "OPJ_NUM_THREADS"
-os.environ.setdefault(THREADS_ENV, str(len(os.sched_getaffinity(0))))
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not on macOS
+os.environ.setdefault(THREADS_ENV, str(_CPUS))
 _MAX_LEVEL = 5  # JPEG 2000 codestreams of radiographs are usually written with 5 decomposition levels
 
 
