@@ -16,24 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _random_base_run(folder: Path) -> Path:
-    """A DeiT3-B/16-384 run folder with random weights, written through the real checkpoint code."""
-    import torch
-
-    from medvit.config import ModelConfig
-    from medvit.data.transforms import resolve_preprocessing
-    from medvit.findings import DEFAULT_FINDINGS
-    from medvit.model.classifier import build_model
-    from medvit.runs import model_build_args, save_weights, write_run_config
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(name="deit3_base_patch16_384", pretrained=False, freeze_stem=False, freeze_blocks=0)
-    net = build_model(cfg, len(DEFAULT_FINDINGS)).eval()
-    write_run_config(folder, {}, list(DEFAULT_FINDINGS), resolve_preprocessing(net.backbone),
-                     model_build_args(cfg, len(DEFAULT_FINDINGS)))
-    save_weights(folder / "model.safetensors", net)
-    return folder
+from _random_run import random_init_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="medvit-throughput-") as tmp:
         tmp_dir = Path(tmp)
-        run = _random_base_run(tmp_dir / "run") if args.random_base else args.run
+        base = {"name": "deit3_base_patch16_384", "freeze_stem": False, "freeze_blocks": 0}
+        run = random_init_run(base, tmp_dir / "run") if args.random_base else args.run
         predictor = Predictor.from_dir(run, backend=args.backend)
         folder = tmp_dir / "in"
         folder.mkdir()

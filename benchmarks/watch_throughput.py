@@ -44,6 +44,8 @@ from typing import Any
 
 import pydicom
 import requests
+import yaml
+from _random_run import random_init_run
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
@@ -109,34 +111,6 @@ def _timed_calls(obj: Any, name: str, bucket: list[float]) -> None:
     setattr(obj, name, wrapper)
 
 
-def random_init_run(config: Path, out: Path) -> Path:
-    """A run folder for `config`'s model with random weights (`pretrained: false`), via medvit's own code."""
-    import numpy as np
-    import torch
-    import yaml
-
-    from medvit.config import ModelConfig
-    from medvit.data.transforms import resolve_preprocessing
-    from medvit.evaluate.calibration import Calibration, Temperature
-    from medvit.findings import DEFAULT_FINDINGS
-    from medvit.model.classifier import build_model
-    from medvit.runs import model_build_args, save_weights, write_run_config
-
-    fields = yaml.safe_load(config.read_text())["model"]
-    name = fields["name"].split(".")[0]  # the architecture; its pretrained tag names weights we do not load
-    cfg = ModelConfig(**(fields | {"name": name, "pretrained": False, "weights_file": None}))
-    torch.manual_seed(0)
-    model = build_model(cfg, len(DEFAULT_FINDINGS)).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out, {"data": {}}, list(DEFAULT_FINDINGS), resolve_preprocessing(model.backbone),
-                     model_build_args(cfg, len(DEFAULT_FINDINGS)))
-    save_weights(out / "model.safetensors", model)
-    k = len(DEFAULT_FINDINGS)
-    Calibration(tuple(DEFAULT_FINDINGS), tuple(Temperature(1.0) for _ in range(k)), np.full(k, 0.5),
-                "temperature").save(out / "calibration.json")
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=20)
@@ -163,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ[USER_ENV], os.environ[PASSWORD_ENV] = user, password
     with tempfile.TemporaryDirectory(prefix="medvit-watchbench-") as tmp:
         root = Path(tmp)
-        run = random_init_run(args.random_init, root / "run") if args.random_init else args.run
+        run = (random_init_run(yaml.safe_load(args.random_init.read_text())["model"], root / "run", calibrated=True)
+               if args.random_init else args.run)
         predictor = Predictor.from_dir(run, backend=args.backend)
         load_start = os.getloadavg()[0]
         paths = make_copies(root / "in", args.images)
