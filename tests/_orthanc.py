@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,18 +19,13 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from conftest import free_port
 
 from medvit.pacs.client import PASSWORD_ENV, TOKEN_ENV, USER_ENV
 
 ORTHANC = Path("/usr/sbin/Orthanc")
 PLUGINS = Path("/usr/share/orthanc/plugins")
 USER = "medvit"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Orthanc:
@@ -43,7 +37,7 @@ class Orthanc:
     def __init__(self, root: Path, lua: str | None = None) -> None:
         self.root, self.password = root, secrets.token_urlsafe(16)
         root.mkdir(parents=True, exist_ok=True)
-        self.http_port, self.dicom_port = _free_port(), _free_port()
+        self.http_port, self.dicom_port = free_port(), free_port()
         scripts = []
         if lua is not None:
             (root / "filter.lua").write_text(lua)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import sys
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DEV = Path(os.environ.get("MEDVIT_DEV_DATA", ROOT.parent / "shared" / "data" / "cxr14-dev"))
+
+
+def free_port() -> int:
+    """A port the OS just handed out on 127.0.0.1, so parallel test workers never share one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -9,7 +9,7 @@ import pandas as pd
 import pydicom
 import pytest
 from _inference_run import make_tiny_run
-from conftest import stored_reviews
+from conftest import free_port, stored_reviews
 from conftest import testdata as dicom_path
 from PIL import Image
 from streamlit.testing.v1 import AppTest
@@ -456,15 +456,12 @@ def test_the_server_warm_up_loads_the_service_the_first_page_run_uses(env, monke
 def test_medvit_review_loads_the_model_in_the_server_before_any_session(run_dir, tmp_path):
     """The real `medvit review` process: its log says the model is loaded while no browser has connected (only the
     health endpoint is polled, which opens no session)."""
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = tmp_path / "server.log"
     env = dict(os.environ, MEDVIT_BACKEND="torch", MEDVIT_CACHE=str(tmp_path / "cache"))
     cmd = [sys.executable, "-m", "medvit", "review", "--run", str(run_dir), "--port", str(port), "--db",

@@ -14,7 +14,6 @@ import ast
 import contextlib
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 from medvit._io import load_tensors
 from medvit.cli import main as cli_main
@@ -144,12 +144,6 @@ def test_medvit_review_binds_to_localhost_by_default_and_caps_uploads(tmp_path):
     assert cmd[cmd.index("--server.maxUploadSize") + 1] == env["MEDVIT_MAX_UPLOAD_MB"] == "5"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listening(port: int) -> set[str]:
     """Local addresses with a LISTEN socket on `port`, from /proc/net/tcp{,6} (Linux)."""
     found = set()
@@ -185,7 +179,7 @@ def _start_server(cmd: list[str], env: dict[str, str], port: int) -> subprocess.
 @pytest.mark.parametrize("launch", ["medvit review", "streamlit run apps/review.py"])
 def test_the_running_app_listens_on_loopback_only(launch, tiny_run, tmp_path):
     """Start the real server both documented ways and look at the sockets it actually opened."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MEDVIT_RUN": str(tiny_run), "MEDVIT_DB_URL": f"sqlite:///{tmp_path / 'r.sqlite3'}"}
     if launch == "medvit review":
         cmd = [sys.executable, "-m", "medvit", "review", "--port", str(port), "--run", str(tiny_run)]
@@ -204,7 +198,7 @@ def test_the_running_app_listens_on_loopback_only(launch, tiny_run, tmp_path):
 
 def test_sigterm_to_medvit_review_stops_its_streamlit_server(tiny_run, tmp_path):
     """A service manager stops `medvit review` with SIGTERM to its PID: the Streamlit child must go too."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MEDVIT_DB_URL": f"sqlite:///{tmp_path / 'r.sqlite3'}"}
     cmd = [sys.executable, "-m", "medvit", "review", "--port", str(port), "--run", str(tiny_run)]
     proc = _start_server(cmd, env, port)

@@ -8,7 +8,6 @@ download cannot work offline. Screenshots go to $MEDVIT_ARTIFACT_DIR (default: t
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 
 import pytest
 from _inference_run import make_tiny_run
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("MEDVIT_CHROMIUM", "/usr/bin/chromium")
@@ -70,13 +70,6 @@ def artifact_dir(tmp_path: Path) -> Path:
     out = Path(os.environ.get("MEDVIT_ARTIFACT_DIR") or tmp_path / "artifacts")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def free_port() -> int:
-    """A port the OS just handed out on 127.0.0.1, so parallel test workers never share one."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, context: ssl.SSLContext | None) -> None:
