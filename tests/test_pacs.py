@@ -251,6 +251,41 @@ def test_one_batch_gives_each_row_its_own_outcome(tmp_path, monkeypatch, predict
         server_gen.close()
 
 
+def test_the_next_batch_is_scored_while_this_batchs_srs_are_stored(orthanc, predictor, tmp_path, monkeypatch):
+    """The model does not wait for the PACS: batch 2's forward runs (in the scorer thread) during batch 1's STOW,
+    and every row is scored once."""
+    sources = [_copy("RG1_UNCI.dcm") for _ in range(4)]
+    for ds in sources:
+        orthanc.upload(ds)
+    store = ReviewStore(f"sqlite:///{tmp_path / 'reviews.sqlite3'}")
+    client = PacsClient(orthanc.dicomweb)
+    forwards: list[tuple[str, int]] = []
+    second_forward = threading.Event()
+    predict_inputs, store_many = predictor.predict_inputs, client.store_many
+
+    def counted_forward(x, ood_mask=None):
+        forwards.append((threading.current_thread().name, len(x)))
+        out = predict_inputs(x, ood_mask)
+        if len(forwards) == 2:
+            second_forward.set()
+        return out
+
+    stow_waited: list[bool] = []
+
+    def stow_after_next_forward(datasets):
+        if not stow_waited:  # the first STOW returns only once batch 2 is scored (or never, without scoring ahead)
+            stow_waited.append(second_forward.wait(timeout=60))
+        return store_many(datasets)
+
+    monkeypatch.setattr(predictor, "predict_inputs", counted_forward)
+    client.store_many = stow_after_next_forward  # type: ignore[method-assign]
+    summary = Watcher(client, predictor, store.engine, batch_size=2).run_pass()
+    assert stow_waited == [True]
+    assert summary.scored == 4 and orthanc.count("SR") == 4
+    assert [n for _, n in forwards] == [2, 2] and all(name.startswith("medvit-forward") for name, _ in forwards)
+    store.close()
+
+
 class _Crash(BaseException):
     """The watcher process dying (not an error it handles)."""
 

@@ -4,12 +4,14 @@ The watcher (`medvit.pacs.watch`) claims a few rows in one transaction and hands
 back with its own outcome, and the watcher commits them together:
 
 - WADO-RS retrieval, decoding and preprocessing run in threads (HTTP waits; pydicom, numpy and OpenCV release
-  the GIL for most of the decoding), and `Fetcher.ahead` starts them for the next batch's rows before they are
-  claimed, so that they overlap this batch's forward, SR builds and STOW. Retrieving is read-only: a row that
-  another watcher claims first only costs a wasted download. `read_image` decodes at the model's input size,
-  as `medvit predict` does (JPEG 2000 at a reduced wavelet level), unless the caller needs the full picture
-  (the Secondary Capture).
-- The batch goes through the model in one forward (`Predictor.predict_inputs`, as batch prediction does).
+  the GIL for most of the decoding), and `Fetcher.ahead` starts them for the next batches' rows before they are
+  claimed. `read_image` decodes at the model's input size, as `medvit predict` does (JPEG 2000 at a reduced
+  wavelet level), unless the caller needs the full picture (the Secondary Capture).
+- Each batch goes through the model in one forward (`Predictor.predict_inputs`, as batch prediction does). Given
+  a `scorer` (one thread), `ahead` queues that forward too, so the next batch is scored while this one's SRs are
+  built and stored: the model never waits for the PACS. Both are read-only: a row that another watcher claims
+  first only costs a wasted download and forward. Without a scorer (the Secondary Capture's saliency uses the
+  model's hooks in the calling thread) the forward runs when the batch is taken.
 - The SRs go back in one STOW-RS request. The response's FailedSOPSequence fails only the SRs it names; a
   request the PACS refuses as a whole (or a response that does not say which SR failed) is sent again one SR
   per request, so that each row still gets its own outcome.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, Future
+from concurrent.futures import CancelledError, Executor, Future
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,8 +51,9 @@ class Result:
     reason: str | None = None
     source: Dataset | None = None  # the retrieved instance's header (it heads the SR)
     image: XrayImage | None = None  # kept only for a Secondary Capture
-    x: torch.Tensor | None = None  # the model input
+    x: torch.Tensor | None = None  # the model input, until it is scored
     check: bool = False  # whether the image gets the out-of-distribution check (no body-part tag)
+    pred: Prediction | None = None
     sr: Dataset | None = None
 
     @property
@@ -62,36 +65,53 @@ class Result:
 
 
 class Fetcher:
-    """Retrieves and decodes rows in worker threads, keyed by SOP Instance UID, ahead of their claim when asked."""
+    """Retrieves and decodes rows in worker threads, keyed by SOP Instance UID, ahead of their claim when asked;
+    with a `scorer`, it also scores them ahead, one forward per group of rows that `ahead` was given."""
 
-    def __init__(self, client: PacsClient, predictor: Predictor, pool: Executor, *, full_resolution: bool = False
-                 ) -> None:
-        """`full_resolution`: decode at full size (for a Secondary Capture) instead of the model's input size."""
-        self.client, self.predictor, self.pool = client, predictor, pool
+    def __init__(self, client: PacsClient, predictor: Predictor, pool: Executor, *, full_resolution: bool = False,
+                 scorer: Executor | None = None) -> None:
+        """
+        Args:
+            full_resolution: decode at full size (for a Secondary Capture) instead of the model's input size.
+            scorer: a single-thread executor for the forwards (None: the batch is scored when it is taken).
+        """
+        self.client, self.predictor, self.pool, self.scorer = client, predictor, pool, scorer
         self.min_side = None if full_resolution else predictor.input_side
         self.keep_image = full_resolution
         self._started: dict[str, Future[Result]] = {}
+        self._scored: dict[str, Future[None]] = {}
 
     def ahead(self, rows: Sequence[PacsInstanceRow]) -> None:
-        """Start retrieving `rows` (not claimed yet); results nobody takes are dropped by `forget_others`."""
-        for row in rows:
-            if row.sop_instance_uid not in self._started:
-                self._started[row.sop_instance_uid] = self.pool.submit(_fetch, row, self)
+        """Start retrieving (and, with a scorer, scoring) `rows`, not claimed yet; results nobody takes are
+        dropped by `forget_others`."""
+        new = [row for row in rows if row.sop_instance_uid not in self._started]
+        for row in new:
+            self._started[row.sop_instance_uid] = self.pool.submit(_fetch, row, self)
+        if self.scorer is not None and new:
+            scored = self.scorer.submit(_forward_fetched, self.predictor,
+                                        [self._started[row.sop_instance_uid] for row in new])
+            self._scored.update((row.sop_instance_uid, scored) for row in new)
 
     def take(self, rows: Sequence[PacsInstanceRow]) -> list[Result]:
-        """The fetched `rows` (claimed now), waiting for those still in flight.
+        """The fetched (and scored, with a scorer) `rows`, claimed now, waiting for those still in flight.
 
         Raises:
             PacsError: the PACS went away or refuses the credentials.
         """
         self.ahead(rows)
-        return [replace(self._started.pop(row.sop_instance_uid).result(), row=row) for row in rows]
+        fetched = [self._started.pop(row.sop_instance_uid).result() for row in rows]
+        for row in rows:
+            scored = self._scored.pop(row.sop_instance_uid, None)
+            if scored is not None:
+                scored.result()
+        return [replace(result, row=row) for result, row in zip(fetched, rows, strict=True)]
 
     def forget_others(self, keep: Sequence[PacsInstanceRow]) -> None:
         """Drop what was fetched ahead for rows not in `keep` (another watcher claimed them, or they are gone)."""
         wanted = {row.sop_instance_uid for row in keep}
         for uid in [uid for uid in self._started if uid not in wanted]:
             self._started.pop(uid).cancel()
+            self._scored.pop(uid, None)
 
 
 def score_batch(results: list[Result], client: PacsClient, predictor: Predictor,
@@ -138,8 +158,20 @@ def _fetch(row: PacsInstanceRow, fetcher: Fetcher) -> Result:
     return result
 
 
-def _score(predictor: Predictor, provenance: Callable[[Prediction], ResultProvenance], results: list[Result]) -> None:
-    """One forward for the decoded rows, then one SR each (a failure fails the rows it touches, not the batch)."""
+def _forward_fetched(predictor: Predictor, fetches: list[Future[Result]]) -> None:
+    """Score a group of rows fetched ahead, in the scorer thread. A fetch that failed or was cancelled is left
+    out: `take` raises its outage, and a dropped row is not wanted."""
+    results = []
+    for fetch in fetches:
+        try:
+            results.append(fetch.result())
+        except (CancelledError, PacsError):
+            continue
+    _forward(predictor, [r for r in results if r.status == "pending"])
+
+
+def _forward(predictor: Predictor, results: list[Result]) -> None:
+    """One forward for decoded rows: each gets its prediction, or fails (a bug fails the rows, not the service)."""
     if not results:
         return
     try:
@@ -151,9 +183,18 @@ def _score(predictor: Predictor, provenance: Callable[[Prediction], ResultProven
             r.fail(f"{type(exc).__name__}: {exc}")
         return
     for r, pred in zip(results, preds, strict=True):
+        r.pred, r.x = pred, None
+
+
+def _score(predictor: Predictor, provenance: Callable[[Prediction], ResultProvenance], results: list[Result]) -> None:
+    """Score the rows not scored ahead, then build one SR each (a failure fails the rows it touches)."""
+    _forward(predictor, [r for r in results if r.pred is None])
+    for r in results:
+        if r.status != "pending" or r.pred is None:
+            continue
         try:
             assert r.source is not None  # retrieved, or it would not be pending
-            r.sr = build_sr(r.source, pred.table, provenance(pred), pred.warnings)
+            r.sr = build_sr(r.source, r.pred.table, provenance(r.pred), r.pred.warnings)
         except Exception as exc:  # noqa: BLE001
             _log.exception("%s failed", r.name)
             r.fail(f"{type(exc).__name__}: {exc}")

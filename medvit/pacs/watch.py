@@ -1,9 +1,11 @@
 """The scoring service: new CR/DX instances in the PACS -> Predictor -> a DICOM SR stored back, each exactly once.
 
 One pass: QIDO-find CR/DX instances and enqueue the unseen ones (`medvit.pacs.queue`); then, one transaction
-per batch, claim up to `batch_size` rows (FOR UPDATE SKIP LOCKED), retrieve them concurrently (the next
-batch's retrieval starts while this one is scored), score them in one forward and STOW their SRs in one request
-(`medvit.pacs.batch`), and record each row's outcome in the same transaction:
+per batch, claim up to `batch_size` rows (FOR UPDATE SKIP LOCKED), retrieve them concurrently, score them in one
+forward and STOW their SRs in one request (`medvit.pacs.batch`), and record each row's outcome in the same
+transaction. The next two batches' rows are retrieved and scored ahead of their claim in background threads,
+so the model works on batch k+1 while batch k's SRs are built and stored (read-only work: another watcher may
+claim some of those rows first, which only wastes it). Each row ends:
 
 - **scored**, with the SR's SOP Instance UID;
 - **refused**, with the reason (lateral, non-chest, uniform, corrupt...): no SR, never retried;
@@ -122,17 +124,21 @@ class Watcher:
             summary.discovered = enqueue(session, refs)
         tried: set[int] = set()
         pool = ThreadPoolExecutor(max_workers=min(self.batch_size, 4), thread_name_prefix="medvit-wado")
-        fetcher = Fetcher(self.client, self.predictor, pool, full_resolution=self.secondary_capture)
+        # the Secondary Capture's saliency runs the model with hooks in this thread: no forward beside it then
+        scorer = None if self.secondary_capture else ThreadPoolExecutor(1, thread_name_prefix="medvit-forward")
+        fetcher = Fetcher(self.client, self.predictor, pool, full_resolution=self.secondary_capture, scorer=scorer)
+        ahead = self.batch_size * (1 if scorer is None else 2)  # scored ahead: the next batch's fetch overlaps too
         try:
             while True:
                 with Session(self.engine, expire_on_commit=False) as session, session.begin():
                     rows = claim_batch(session, self.max_attempts, tried, self.batch_size)
-                    fetcher.forget_others(rows)
+                    tried.update(row.id for row in rows)
+                    upcoming = peek_batch(session, self.max_attempts, tried, ahead) if rows else []
+                    fetcher.forget_others([*rows, *upcoming])
                     if not rows:
                         break
-                    tried.update(row.id for row in rows)
                     fetched = fetcher.take(rows)
-                    fetcher.ahead(peek_batch(session, self.max_attempts, tried, self.batch_size))
+                    fetcher.ahead(upcoming)
                     for result in score_batch(fetched, self.client, self.predictor, self._provenance):
                         self._record(result)
                         setattr(summary, result.row.status, getattr(summary, result.row.status) + 1)
@@ -141,6 +147,8 @@ class Watcher:
                         self.after_instance(row)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            if scorer is not None:
+                scorer.shutdown(wait=True, cancel_futures=True)
         _log.info("pass: %d new instance(s); %d scored, %d refused, %d failed",
                   summary.discovered, summary.scored, summary.refused, summary.failed)
         return summary
