@@ -286,15 +286,22 @@ def _sent_pixels(at: AppTest) -> int:
     return sum(len(a.bytes) for a in viewer.proto.special_args if a.key == "pixels")
 
 
-def test_pixels_travel_until_the_browser_holds_the_image(env):
-    """Streamlit re-sends a component's arguments whole when one changes: once the viewer says it holds the image
-    (its component value, as the frontend sets it), an overlay change sends no pixels; a viewer that asks for them
-    again (a new frame) gets them."""
+def test_pixels_travel_once_per_image(env):
+    """Streamlit re-sends a component's arguments whole when one changes: the pixels go once per image, even when the
+    page runs again before the viewer reports that it holds them (the engine check's rerun did, at every page open);
+    a viewer that asks for them again (a new frame) gets them, once per request."""
     from medvit.review.viewer import ROLLOUT, SALIENCY_METHOD, VIEWER_KEY
 
     at = _app()
     key = _viewer_args(at)["image_key"]
     assert _sent_pixels(at) == 1955 * 1841 * 2  # RG1_UNCI, uint16
+    at.run()  # a page run while the viewer is still loading them
+    assert _sent_pixels(at) == 0 and _viewer_args(at)["image_key"] == key
+    at.session_state[VIEWER_KEY] = {"image": None, "need": key}  # the frame lost them (remounted)
+    at.run()
+    assert _sent_pixels(at) == 1955 * 1841 * 2
+    at.run()  # the same request is answered once
+    assert _sent_pixels(at) == 0
     at.session_state[VIEWER_KEY] = {"image": key}  # what the frontend reports once it shows the image
     at.selectbox(key=SALIENCY_METHOD).set_value(ROLLOUT).run()
     _no_crash(at)

@@ -35,6 +35,7 @@ from medvit.review.service import Analysis, ReviewService, SaliencyMethod
 FRONTEND = Path(__file__).with_name("viewer_frontend") / "build"
 
 VIEWER_KEY = "medvit_viewer"  # the component's value: {"image": key} once the browser's viewer holds that image
+_SENT = "_medvit_viewer_sent"  # session_state: (image key, why) of the last pixels this session's page sent
 SALIENCY_METHOD = "saliency_method"  # session_state keys: the overlay shown ...
 SALIENCY_FINDING = "saliency_finding"  # ... and the finding whose Grad-CAM map it is
 _SALIENCY_IMAGE = "_saliency_image"  # the image the finding was chosen for: a new image starts on its top finding
@@ -98,7 +99,7 @@ def image_panel(service: ReviewService, analysis: Analysis) -> None:
         meta = image.meta
         image_key = analysis.sha256[:16]
         _viewer_component()(
-            pixels=None if _browser_holds(image_key) else payload.data, dtype=payload.dtype, rows=payload.rows,
+            pixels=payload.data if _send_pixels(image_key) else None, dtype=payload.dtype, rows=payload.rows,
             columns=payload.columns, image_key=image_key,
             spacing=list(meta.pixel_spacing) if meta.pixel_spacing else None,
             invert=meta.inverted, modality=meta.modality or meta.source.upper(), lossy=meta.lossy,
@@ -113,13 +114,27 @@ def image_panel(service: ReviewService, analysis: Analysis) -> None:
         )
 
 
-def _browser_holds(image_key: str) -> bool:
-    """Whether the browser's viewer already shows this image: it says so through the component's value once it has
-    the pixels, and from then on the page sends none. Streamlit re-sends a component's arguments whole when any of
-    them changes, so without this each overlay change sent the 7.2 MB payload again; a viewer that lost them (a new
-    frame) asks again, which resets the value."""
-    held = st.session_state.get(VIEWER_KEY)
-    return isinstance(held, dict) and held.get("image") == image_key
+def _send_pixels(image_key: str) -> bool:
+    """Whether this page run sends the image's pixels: once per image and session, and again only when a viewer
+    frame asks for them.
+
+    Streamlit re-sends a component's arguments whole when any of them changes, and a page often runs again before
+    the viewer has loaded the image (the rerun at the engine check's end, the value change itself): sending pixels
+    until the browser said it held them put 7.2 MB on the wire twice when the page opened. The viewer reports
+    `{"image": key}` once it shows them, and a frame that lost them (remounted) answers `{"image": null, "need": key}`,
+    which is answered once.
+    """
+    value = st.session_state.get(VIEWER_KEY)
+    value = value if isinstance(value, dict) else {}
+    sent = st.session_state.get(_SENT)
+    if value.get("image") == image_key:
+        st.session_state[_SENT] = (image_key, "held")
+        return False
+    why = "need" if value.get("need") == image_key else "new"
+    if sent is not None and sent[0] == image_key and (why == "new" or sent[1] == "need"):
+        return False  # sent already; the viewer is still loading them
+    st.session_state[_SENT] = (image_key, why)
+    return True
 
 
 def _saliency(service: ReviewService, analysis: Analysis, shape: tuple[int, int]) -> tuple[bytes | None, dict | None]:
