@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,21 @@ def test_cli_starts_without_torch():
     code = "import sys, medvit.cli; print(sorted({'torch', 'numpy', 'pandas'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_review_start_up_imports_no_fitting_libraries(tmp_path):
+    # The app applies calibrators and the out-of-distribution check and never fits them: scikit-learn and SciPy's
+    # stats and optimisers are imported by the fits only (about 2.5 s of the server's start-up; docs/app.md).
+    # What the server does before its first table: import the page module, load the model, score the example.
+    code = (
+        "import sys; from pydicom.data import get_testdata_file; from medvit.review import app; "
+        "service = app.get_service(None); path = get_testdata_file('RG1_UNCI.dcm'); "
+        "assert service.analyze(open(path, 'rb').read(), 'RG1_UNCI.dcm').prediction is not None; "
+        "print(sorted({'sklearn', 'scipy.stats', 'scipy.optimize'} & set(sys.modules)))"
+    )
+    env = {**os.environ, "MEDVIT_DB_URL": f"sqlite:///{tmp_path / 'reviews.sqlite3'}", "MEDVIT_BACKEND": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 @pytest.mark.parametrize("command", ["predict", "bench", "export", "train", "watch"])

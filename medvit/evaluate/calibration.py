@@ -29,8 +29,6 @@ from typing import Any
 
 import numpy as np
 from scipy.special import expit
-from sklearn.metrics import precision_recall_curve, roc_curve
-from sklearn.model_selection import GroupKFold
 
 from medvit._io import atomic_write_bytes
 from medvit.errors import CheckpointError, DatasetError
@@ -107,6 +105,8 @@ def _parse_candidate(name: str) -> tuple[str, float]:
 
 
 def _group_folds(groups: np.ndarray, n_folds: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import GroupKFold  # fit-time only, like every scikit-learn use here
+
     return GroupKFold(n_splits=min(n_folds, len(np.unique(groups)))).split(groups, groups=groups)
 
 
@@ -140,10 +140,14 @@ def choose_threshold(
         pos = np.sort(p[y == 1])[::-1]
         return float(pos[math.ceil(target_sensitivity * n_pos) - 1]), None
     if rule == "youden":
+        from sklearn.metrics import roc_curve
+
         fpr, tpr, thr = roc_curve(y, p)
         best = int(np.argmax(tpr[1:] - fpr[1:])) + 1  # thr[0] is +inf (nothing flagged)
         return float(thr[best]), None
     if rule == "f1":
+        from sklearn.metrics import precision_recall_curve
+
         prec, rec, thr = precision_recall_curve(y, p)
         f1 = 2 * prec[:-1] * rec[:-1] / np.maximum(prec[:-1] + rec[:-1], 1e-12)
         return float(thr[int(np.argmax(f1))]), None

@@ -3,6 +3,8 @@
 Each is a monotone map from one finding's logit to a calibrated probability, stored as plain numbers (no pickles):
 temperature p = sigmoid(z / T); Platt p = sigmoid(a z + b) (scikit-learn LogisticRegression on the logit);
 isotonic = scikit-learn IsotonicRegression kept as its breakpoints and applied with np.interp.
+Applying them needs NumPy and `scipy.special` only: the fits import scikit-learn and SciPy's optimisers when they
+run, so that the review app's start-up (which applies calibrators, never fits them) does not wait for those imports.
 Choosing among them (cross-validation), thresholds and the calibration.json file are `medvit.calibrate`'s job.
 """
 
@@ -14,10 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from scipy.optimize import brentq, minimize_scalar
 from scipy.special import expit, logit, logsumexp
-from sklearn.isotonic import IsotonicRegression
-from sklearn.linear_model import LogisticRegression
 
 from medvit.errors import CheckpointError
 
@@ -94,6 +93,8 @@ def _bce_sum(z: np.ndarray, y: np.ndarray) -> float:
 
 
 def _fit_log_t(objective: Callable[[float], float]) -> float:
+    from scipy.optimize import minimize_scalar
+
     res = minimize_scalar(objective, bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-5})
     return float(res.x)
 
@@ -149,6 +150,8 @@ def fit_platt(z: np.ndarray, y: np.ndarray) -> Platt:
     is impossible (one class) or would reverse the model's ranking (negative slope)."""
     n_pos = int(np.sum(y == 1))
     if 0 < n_pos < len(y):
+        from sklearn.linear_model import LogisticRegression
+
         lr = LogisticRegression(C=1.0, solver="newton-cg").fit(z.reshape(-1, 1), y.astype(int))
         a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
         if a > 0:
@@ -166,6 +169,9 @@ def fit_platt_shared_slope(z: np.ndarray, y: np.ndarray) -> list[Platt]:
     LogisticRegression on long-format rows [logit, one-hot finding]: rare findings borrow the slope from
     common ones and only estimate their prevalence. A finding with one class gets its smoothed prevalence.
     """
+    from scipy.optimize import brentq
+    from sklearn.linear_model import LogisticRegression
+
     k = z.shape[1]
     rows, cols = np.nonzero(~np.isnan(y))
     x = np.zeros((len(rows), 1 + k))
@@ -193,6 +199,8 @@ def fit_platt_shared_slope(z: np.ndarray, y: np.ndarray) -> list[Platt]:
 
 def fit_isotonic(z: np.ndarray, y: np.ndarray) -> Isotonic:
     """Isotonic regression of the label on the logit, kept as its breakpoints."""
+    from sklearn.isotonic import IsotonicRegression
+
     iso = IsotonicRegression(y_min=ISOTONIC_EPS, y_max=1 - ISOTONIC_EPS, increasing=True, out_of_bounds="clip")
     iso.fit(z, y)
     return Isotonic(tuple(map(float, iso.X_thresholds_)), tuple(map(float, iso.y_thresholds_)))

@@ -17,8 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import rankdata
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 _log = logging.getLogger(__name__)
 
@@ -49,6 +47,8 @@ def undefined_reason(labels: np.ndarray) -> str | None:
 
 def auroc(probs: np.ndarray, labels: np.ndarray) -> float | None:
     """Area under the ROC curve, or None when only one class is present."""
+    from sklearn.metrics import roc_auc_score  # here, not at import: the review app's start-up needs none of it
+
     if undefined_reason(labels) is not None:
         return None
     return float(roc_auc_score(labels, probs))
@@ -67,6 +67,8 @@ def mean_auroc(labels: np.ndarray, scores: np.ndarray, findings: Sequence[str]) 
 
 def auprc(probs: np.ndarray, labels: np.ndarray) -> float | None:
     """Average precision (area under the precision-recall curve), or None when only one class is present."""
+    from sklearn.metrics import average_precision_score
+
     if undefined_reason(labels) is not None:
         return None
     return float(average_precision_score(labels, probs))
@@ -80,6 +82,8 @@ def fast_auroc(probs: np.ndarray, labels: np.ndarray) -> float | None:
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return None
+    from scipy.stats import rankdata
+
     ranks = rankdata(probs)
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 

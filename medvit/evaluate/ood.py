@@ -26,8 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
-from sklearn.covariance import LedoitWolf
-from sklearn.model_selection import KFold
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -107,6 +105,9 @@ def fit_ood(
     features: np.ndarray, weights_sha256: str, *, quantile: float = QUANTILE, folds: int = FOLDS, seed: int = 0
 ) -> OodStats:
     """Fit the statistics on (N, D) training features; the threshold comes from out-of-fold distances."""
+    from sklearn.covariance import LedoitWolf  # fit-time only: applying the check needs NumPy alone
+    from sklearn.model_selection import KFold
+
     x = np.asarray(features, dtype=np.float64)
     if len(x) < 2 * folds:
         raise ValueError(f"{len(x)} training images are too few for out-of-distribution statistics")
