@@ -3,9 +3,10 @@
 One pass: QIDO-find CR/DX instances and enqueue the unseen ones (`medvit.pacs.queue`); then, one transaction
 per batch, claim up to `batch_size` rows (FOR UPDATE SKIP LOCKED), retrieve them concurrently, score them in one
 forward and STOW their SRs in one request (`medvit.pacs.batch`), and record each row's outcome in the same
-transaction. The next two batches' rows are retrieved and scored ahead of their claim in background threads,
-so the model works on batch k+1 while batch k's SRs are built and stored (read-only work: another watcher may
-claim some of those rows first, which only wastes it). Each row ends:
+transaction. The next two batches' rows are retrieved and scored ahead of their claim in background threads
+(with a Secondary Capture, only the next batch is retrieved ahead), so the model works on batch k+1 while batch k's
+SRs are built and stored (read-only work: another watcher may claim some of those rows first, which only wastes
+it). Each row ends:
 
 - **scored**, with the SR's SOP Instance UID;
 - **refused**, with the reason (lateral, non-chest, uniform, corrupt...): no SR, never retried;
