@@ -190,10 +190,10 @@ def _score(predictor: Predictor, provenance: Callable[[Prediction], ResultProven
     """Score the rows not scored ahead, then build one SR each (a failure fails the rows it touches)."""
     _forward(predictor, [r for r in results if r.pred is None])
     for r in results:
-        if r.status != "pending" or r.pred is None:
+        if r.status != "pending":
             continue
         try:
-            assert r.source is not None  # retrieved, or it would not be pending
+            assert r.source is not None and r.pred is not None  # retrieved and scored, or it would not be pending
             r.sr = build_sr(r.source, r.pred.table, provenance(r.pred), r.pred.warnings)
         except Exception as exc:  # noqa: BLE001
             _log.exception("%s failed", r.name)
