@@ -35,7 +35,7 @@ from medvit.review.service import Analysis, ReviewService, SaliencyMethod
 FRONTEND = Path(__file__).with_name("viewer_frontend") / "build"
 
 VIEWER_KEY = "medvit_viewer"  # the component's value: {"image": key} once the browser's viewer holds that image
-_SENT = "_medvit_viewer_sent"  # session_state: (image key, why) of the last pixels this session's page sent
+_SENT = "_medvit_viewer_sent"  # session_state: (image key, asked by a new frame?) of the pixels last sent
 SALIENCY_METHOD = "saliency_method"  # session_state keys: the overlay shown ...
 SALIENCY_FINDING = "saliency_finding"  # ... and the finding whose Grad-CAM map it is
 _SALIENCY_IMAGE = "_saliency_image"  # the image the finding was chosen for: a new image starts on its top finding
@@ -126,14 +126,13 @@ def _send_pixels(image_key: str) -> bool:
     """
     value = st.session_state.get(VIEWER_KEY)
     value = value if isinstance(value, dict) else {}
-    sent = st.session_state.get(_SENT)
     if value.get("image") == image_key:
-        st.session_state[_SENT] = (image_key, "held")
+        st.session_state.pop(_SENT, None)  # held: a later request from a new frame is answered
         return False
-    why = "need" if value.get("need") == image_key else "new"
-    if sent is not None and sent[0] == image_key and (why == "new" or sent[1] == "need"):
-        return False  # sent already; the viewer is still loading them
-    st.session_state[_SENT] = (image_key, why)
+    request = (image_key, value.get("need") == image_key)
+    if st.session_state.get(_SENT) == request:
+        return False  # sent already for this request; the viewer is still loading them
+    st.session_state[_SENT] = request
     return True
 
 
