@@ -66,7 +66,7 @@ def test_graph_features_match_eager_fp32(kind, tmp_path):
     logits, features = engine.run(x)
     with torch.inference_mode():
         ref_logits, ref_features = model(torch.as_tensor(x)), model.forward_features(torch.as_tensor(x))
-    assert features is not None and features.shape == tuple(ref_features.shape) == (3, 3 * 128)
+    assert features is not None and features.shape == tuple(ref_features.shape) == (len(x), 3 * 128)
     assert np.abs(features - ref_features.numpy()).max() < 1e-4
     assert np.abs(logits - ref_logits.numpy()).max() < 1e-4
 

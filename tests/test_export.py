@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -125,6 +126,14 @@ def test_reference_images_fall_back_to_pydicom_data(tmp_path, cxr_dicom):
     config = {"data": {"labels_csv": str(tmp_path / "gone.csv"), "images_root": str(tmp_path)}}
     assert fp32check.reference_images(config) == [cxr_dicom]
     assert fp32check.reference_images(None) == [cxr_dicom]
+
+
+def test_every_check_includes_the_chest_dicom_beside_the_runs_own_images(run, cxr_dicom):
+    """A PACS sends windowed DICOMs, which the run's PNGs need not cover: the CR is checked first, always."""
+    config = load_model(run)[1].config
+    paths = fp32check.reference_images(config, n=3)
+    assert paths[0] == cxr_dicom and len(paths) == 4
+    assert all(Path(p).parent == Path(config["data"]["images_root"]) for p in paths[1:])
 
 
 def test_exported_onnx_files_carry_findings_preprocessing_and_the_weights_hash(run):
