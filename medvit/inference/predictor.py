@@ -30,8 +30,8 @@ from medvit.evaluate.ood import has_features, load_ood, needs_check, ood_warning
 from medvit.evaluate.reporting import read_card, unreported
 from medvit.evaluate.versions import UNCALIBRATED, active_name, load_active
 from medvit.inference import AUTO
-from medvit.inference.choice import SelfCheck, load_choice, save_choice, self_check
-from medvit.inference.engines import AUTO_TOLERANCE, Backend, available_backends, create_backend, sigmoid
+from medvit.inference.choice import SelfCheck, auto_candidates, load_choice, save_choice, self_check
+from medvit.inference.engines import AUTO_TOLERANCE, Backend, create_backend, sigmoid
 from medvit.inference.export import verified_engine
 from medvit.inference.features import FeatureSource, forward
 from medvit.inference.fp32check import reference_inputs, verify
@@ -101,7 +101,7 @@ def _auto_backend(model: nn.Module, info: RunInfo) -> tuple[Backend, SelfCheck |
     key = f"{info.weights_sha256}:{machine_fingerprint()}"
     cached = load_choice(key)
     input_size = info.preprocessing["input_size"]
-    if cached and cached.get("backend") in available_backends():
+    if cached and cached.get("backend") in auto_candidates():
         _log.info("backend %s (self-check of %s cached)", cached["backend"], cached.get("date", "?"))
         return create_backend(cached["backend"], model, input_size=input_size,
                               graph_provider=_graph_provider(model, info)), None
