@@ -89,6 +89,21 @@ def test_window_matches_pydicom_scaled_by_its_output_range(cr, cr_ds):
     np.testing.assert_allclose(cr.pixels, 1.0 - ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("name, min_side", [("RG1_UNCI.dcm", None), ("RG1_J2KR.dcm", 384)])
+def test_a_parsed_dataset_reads_as_its_file_does_and_is_left_unchanged(name, min_side):
+    """The PACS path decodes the retrieved dataset itself (no second parse): the same image, level and warnings."""
+    path = dcm_file(name)
+    ds = pydicom.dcmread(path)
+    before = copy.deepcopy(ds)
+    got = dicom.read_dataset(ds, name=name, min_side=min_side)
+    want = read_image(path, name=name, min_side=min_side)
+    assert np.array_equal(got.pixels, want.pixels) and got.meta == want.meta
+    assert ds == before and ds.PixelData == before.PixelData
+    ct = pydicom.dcmread(dcm_file("CT_small.dcm"))
+    with pytest.raises(UnsupportedImageError, match=r"^CT_small\.dcm: Modality CT"):
+        dicom.read_dataset(ct, name="CT_small.dcm")
+
+
 def test_lossless_jpeg2000_decodes_to_identical_pixels():
     unc = read_image(dcm_file("RG1_UNCR.dcm"))
     j2k = read_image(dcm_file("RG1_J2KR.dcm"))

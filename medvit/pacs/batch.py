@@ -5,8 +5,9 @@ back with its own outcome, and the watcher commits them together:
 
 - WADO-RS retrieval, decoding and preprocessing run in threads (HTTP waits; pydicom, numpy and OpenCV release
   the GIL for most of the decoding), and `Fetcher.ahead` starts them for the next batches' rows before they are
-  claimed. `read_image` decodes at the model's input size, as `medvit predict` does (JPEG 2000 at a reduced
-  wavelet level), unless the caller needs the full picture (the Secondary Capture).
+  claimed. `read_dataset` decodes the retrieved dataset where it is (no second parse) at the model's input
+  size, as `medvit predict` does (JPEG 2000 at a reduced wavelet level), unless the caller needs the full picture
+  (the Secondary Capture).
 - Each batch goes through the model in one forward (`Predictor.predict_inputs`, as batch prediction does). Given
   a `scorer` (one thread), `ahead` queues that forward too, so the next batch is scored while this one's SRs are
   built and stored: the model never waits for the PACS. Both are read-only: a row that another watcher claims
@@ -31,11 +32,11 @@ from dataclasses import dataclass, replace
 import torch
 from pydicom.dataset import Dataset
 
-from medvit.data.dicom import XrayImage, read_image
+from medvit.data.dicom import XrayImage, read_dataset
 from medvit.errors import MedvitError, PacsError, PacsRequestError
 from medvit.evaluate.ood import needs_check
 from medvit.inference.predictor import Prediction, Predictor
-from medvit.pacs.client import InstanceRef, PacsClient, file_bytes
+from medvit.pacs.client import InstanceRef, PacsClient
 from medvit.pacs.sr import ResultProvenance, build_sr
 from medvit.review.scoring import PacsInstanceRow
 
@@ -139,7 +140,7 @@ def _fetch(row: PacsInstanceRow, fetcher: Fetcher) -> Result:
     try:
         source = fetcher.client.retrieve_dataset(ref)
         try:
-            image = read_image(file_bytes(source), name=result.name, min_side=fetcher.min_side)
+            image = read_dataset(source, name=result.name, min_side=fetcher.min_side)
             result.x, result.check = fetcher.predictor.preprocess(image), needs_check(image.meta)
             result.image = image if fetcher.keep_image else None
         except MedvitError as exc:  # unreadable or unsuitable: refused for good, no SR
