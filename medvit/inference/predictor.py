@@ -113,7 +113,8 @@ def _auto_backend(model: nn.Module, info: RunInfo) -> tuple[Backend, SelfCheck |
 
 
 def _check_against_fp32(model: nn.Module, info: RunInfo, engine: Backend) -> None:
-    """An explicitly chosen backend is checked too (two real images): fast must never mean silently wrong."""
+    """An explicitly chosen backend is checked too (the chest CR and one of the run's images): fast must never mean
+    silently wrong."""
     check = verify(engine, model, reference_inputs(info.config, info.preprocessing, n=1), AUTO_TOLERANCE)
     if not check.ok:
         raise CheckpointError(
