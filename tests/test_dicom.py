@@ -157,7 +157,9 @@ def test_apply_window_round_trips_every_linear_rendering(cr, cr_ds):
     rgb = read_image(dcm_file("SC_rgb.dcm"))
     for img in (cr, minmax, rgb):
         m = img.meta
+        raw = img.raw.copy()
         np.testing.assert_array_equal(apply_window(img.raw, m.window_center, m.window_width, m.inverted), img.pixels)
+        np.testing.assert_array_equal(img.raw, raw)  # windowing works in place on its own copy, never on raw
     # re-windowing really changes the picture: a narrow window saturates more pixels
     narrow = apply_window(cr.raw, 15000, 5000, True)
     assert ((narrow == 0) | (narrow == 1)).mean() > ((cr.pixels == 0) | (cr.pixels == 1)).mean() + 0.2

@@ -177,10 +177,15 @@ def apply_window(
         out = (x - np.float32(center)) / np.float32(width) + np.float32(0.5)
     elif width == 1:  # LINEAR with width 1 is a threshold at center - 0.5
         out = (x > np.float32(center - 0.5)).astype(np.float32)
-    else:
-        out = (x - np.float32(center - 0.5)) / np.float32(width - 1) + np.float32(0.5)
-    out = np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
-    return (1.0 - out).astype(np.float32) if invert else out
+    else:  # in place after the first operation: the same float32 steps, one array instead of five (3.6 Mpx CR)
+        out = np.subtract(x, np.float32(center - 0.5))
+        out /= np.float32(width - 1)
+        out += np.float32(0.5)
+    out = out.astype(np.float32, copy=False)
+    np.clip(out, 0.0, 1.0, out=out)
+    if invert:
+        np.subtract(np.float32(1.0), out, out=out)
+    return out
 
 
 def luma(rgb: np.ndarray) -> np.ndarray:
