@@ -17,7 +17,7 @@ before and after. Inside watch, each WADO-RS retrieve and each STOW-RS request i
 calls: retrieves overlap (threads), so their latency is reported per call, not as a share of the wall time.
 Target: the PACS round trip costs at most 25 %, i.e. watch throughput >= 0.8 x predict's.
 
-    python benchmarks/watch_throughput.py [--images 20] [--rounds 3] [--run RUN_DIR | --random-init CONFIG]
+    python benchmarks/watch_throughput.py [--images 48] [--rounds 3] [--run RUN_DIR | --random-init CONFIG]
         [--backend auto] [--batch-size 8]
 
 `--random-init configs/deit3_384_nih.yaml` measures the product architecture (DeiT3-B/16-384) without its
@@ -113,7 +113,9 @@ def _timed_calls(obj: Any, name: str, bucket: list[float]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=20)
+    parser.add_argument("--images", type=int, default=48,
+                        help="copies per round (at 16, starting predict's decoding workers made it slower than "
+                             "the one-by-one loop)")
     parser.add_argument("--rounds", type=int, default=3)
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--run", default=None, help="run folder (default: the demo model)")
