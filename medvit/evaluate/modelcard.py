@@ -65,7 +65,8 @@ def _details(cfg: dict[str, Any], model: dict[str, Any], pre: dict[str, Any], fi
         f"- **Initialisation:** trained {pretrained}; "
         f"{mcfg.get('freeze_blocks', 0)} leading blocks frozen during training.",
         f"- **Input:** {pre.get('input_size')} (grey radiograph replicated to 3 channels), "
-        f"mean {pre.get('mean')}, std {pre.get('std')}, {pre.get('interpolation')} resize with letterbox padding.",
+        f"mean {pre.get('mean')}, std {pre.get('std')}, {pre.get('interpolation')} resize "
+        f"{'(area filter when shrinking) ' if pre.get('antialias') else ''}with letterbox padding.",
         f"- **Outputs:** one probability per finding: {', '.join(findings)}.",
         f"- **Files:** `{CONFIG}` (architecture, findings, preprocessing), `{WEIGHTS}` (weights), "
         + (f"`{TIMM_BACKBONE}` (the backbone alone, under timm's key names), " if timm_loadable else "")

@@ -240,6 +240,7 @@ def resolve_hf_preprocessing(processor: Any, config: Any) -> dict[str, Any]:
         "mean": three(processor.image_mean, 0.0),
         "std": three(processor.image_std, 1.0),
         "interpolation": interpolation if interpolation in _RESAMPLE.values() else "bicubic",
+        "antialias": True,  # the processors' PIL resize filters over the whole footprint when shrinking
     }
 
 
