@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import subprocess
@@ -10,11 +11,15 @@ import sys
 
 import conftest
 import numpy as np
+import pydicom
 import pytest
 from _inference_run import make_tiny_run
+from PIL import Image
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless
 
 from medvit.data.dicom import read_image
-from medvit.data.j2k import MAX_LEVEL, THREADS_ENV, reduction_level
+from medvit.data.j2k import MAX_LEVEL, THREADS_ENV, cod_segment, reduction_level
 from medvit.data.transforms import build_transforms
 from medvit.inference.predictor import Predictor
 
@@ -55,6 +60,25 @@ def test_reduced_decode_matches_full_decode_then_resize(side):
     assert diff.mean() <= MEAN_INPUT_TOLERANCE, diff.mean()
     # not trivially equal: the reduced decode really is a different (smaller) image
     assert reduced.pixels.size * 3 < full.pixels.size
+
+
+@pytest.mark.parametrize(("resolutions", "level"), [(2, 1), (6, 2)])
+def test_the_level_stops_at_the_codestreams_own_decomposition_levels(tmp_path, resolutions, level):
+    """A codestream written with 1 wavelet level is decoded at level 1, not in full after a failed level 2."""
+    ds = pydicom.dcmread(conftest.testdata("RG1_UNCI.dcm"))
+    buf = io.BytesIO()  # OpenJPEG's own encoder (through Pillow), lossless
+    Image.fromarray(ds.pixel_array.astype(np.uint16)).save(buf, format="JPEG2000", irreversible=False,
+                                                            num_resolutions=resolutions, no_jp2=True)
+    assert cod_segment(buf.getvalue())[9] == resolutions - 1
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    path = tmp_path / "j2k.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    image = read_image(path, min_side=384)
+    assert image.meta.decode_level == level
+    assert image.pixels.shape == tuple(math.ceil(s / 2**level) for s in ds.pixel_array.shape)
+    assert np.array_equal(read_image(path).pixels, read_image(conftest.testdata("RG1_UNCI.dcm")).pixels)
 
 
 def test_uncompressed_files_ignore_min_side():

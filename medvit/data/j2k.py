@@ -37,6 +37,32 @@ os.environ.setdefault(THREADS_ENV, str(_CPUS))
 MAX_LEVEL = 2
 
 
+_SOC_SIZ = b"\xff\x4f\xff\x51"  # start of codestream, then the image and tile size marker
+_COD, _SOT = 0xFF52, 0xFF90
+
+
+def cod_segment(frame: bytes) -> bytes | None:
+    """The main header's COD marker segment, from its marker on; None without one (or truncated).
+
+    Bytes 9 and 13 are the number of wavelet decomposition levels and the transform (0: irreversible 9/7):
+    marker(2) Lcod(2) Scod(1) SGcod(4) levels(1) code-block w(1) h(1) style(1) transform(1).
+    """
+    start = frame.find(_SOC_SIZ)
+    if start < 0:
+        return None
+    pos = start + 2
+    while pos + 4 <= len(frame):
+        marker = int.from_bytes(frame[pos : pos + 2], "big")
+        length = int.from_bytes(frame[pos + 2 : pos + 4], "big")
+        if marker == _COD:
+            segment = frame[pos : pos + 2 + length]
+            return segment if len(segment) >= 14 else None
+        if marker == _SOT:  # tile data starts: the main header had no COD
+            return None
+        pos += 2 + length
+    return None
+
+
 def reduction_level(rows: int, columns: int, min_side: int) -> int:
     """The coarsest level (at most `MAX_LEVEL`) whose longer side is still >= `min_side` (0: decode in full)."""
     level = 0
@@ -48,9 +74,10 @@ def reduction_level(rows: int, columns: int, min_side: int) -> int:
 def decode_reduced(ds: Dataset, syntax: UID, min_side: int) -> tuple[np.ndarray, int] | None:
     """Single-frame greyscale JPEG 2000 pixels at the coarsest sufficient level, and that level.
 
-    Returns None when the full decode should be used: not J2K, colour, signed, already small, or a
-    codestream that cannot be reduced (fewer levels than asked); the caller's full decode then reports
-    any real corruption.
+    The level is capped at the decomposition levels the codestream was written with (its COD marker), since
+    OpenJPEG cannot go below them. Returns None when the full decode should be used: not J2K, colour, signed,
+    already small, or a codestream that cannot be reduced; the caller's full decode then reports any real
+    corruption.
     """
     if syntax not in J2K_SYNTAXES or int(ds.get("SamplesPerPixel", 1)) != 1 or int(ds.PixelRepresentation) != 0:
         return None
@@ -60,6 +87,10 @@ def decode_reduced(ds: Dataset, syntax: UID, min_side: int) -> tuple[np.ndarray,
         return None
     try:
         frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+        cod = cod_segment(frame)
+        level = min(level, cod[9]) if cod is not None else level
+        if level == 0:
+            return None
         with Image.open(BytesIO(frame)) as im:
             # Pillow sizes a reduced image by rounding, OpenJPEG by the ceiling (1841 / 4: 460 against 461), and
             # a buffer of the wrong size is refused. Declaring the size as a multiple of 2**level makes Pillow's

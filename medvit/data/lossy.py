@@ -25,12 +25,12 @@ from pydicom.uid import (
     MPEGTransferSyntaxes,
 )
 
+from medvit.data.j2k import cod_segment
+
 _log = logging.getLogger(__name__)
 
 _ALWAYS_LOSSY = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, *MPEGTransferSyntaxes})
 _MAYBE_LOSSY_J2K = frozenset({JPEG2000, JPEG2000MC, HTJ2K})  # the codestream says which
-_SOC_SIZ = b"\xff\x4f\xff\x51"  # start of codestream, then the image and tile size marker
-_COD, _SOT = 0xFF52, 0xFF90
 
 
 def lossy_compression(ds: Dataset) -> str | None:
@@ -54,15 +54,5 @@ def lossy_compression(ds: Dataset) -> str | None:
 
 def j2k_irreversible(frame: bytes) -> bool:
     """True when a JPEG 2000 codestream's COD marker selects the irreversible 9/7 wavelet (lossy)."""
-    start = frame.find(_SOC_SIZ)
-    if start < 0:
-        return False
-    pos = start + 2
-    while pos + 4 <= len(frame):
-        marker = int.from_bytes(frame[pos : pos + 2], "big")
-        if marker == _COD:  # Lcod(2) Scod(1) SGcod(4) levels(1) xcb(1) ycb(1) style(1) transform(1)
-            return pos + 13 < len(frame) and frame[pos + 13] == 0
-        if marker == _SOT:  # tile data starts: the main header had no COD
-            return False
-        pos += 2 + int.from_bytes(frame[pos + 2 : pos + 4], "big")
-    return False
+    cod = cod_segment(frame)
+    return cod is not None and cod[13] == 0
