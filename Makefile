@@ -24,7 +24,7 @@ predict: $(STAMP)
 	$(BIN)/medvit predict "$$($(BIN)/python -c 'from pydicom.data import get_testdata_file as g; print(g("RG1_UNCI.dcm"))')"
 
 # `make test` (CI's command): two pytest-xdist workers, one file per worker, in collection order; the full suite takes
-# ~9-12 min on the 2-core AMD EPYC (~20-26 min serially; 15.5-17 min on a slower day), 7.5-8 min on an AMX Xeon.
+# ~9-12 min on the 2-core AMD EPYC (~20-26 min serially; 15.5-17 min on a slower day), 7-8 min on an AMX Xeon.
 # test-fast skips the slow and browser tests.
 XDIST := -n 2 --dist loadfile --no-loadscope-reorder
 
