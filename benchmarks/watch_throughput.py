@@ -13,8 +13,10 @@ that this script starts on 127.0.0.1 and stops by its PID. One Predictor (the de
   STOW-RS request, the database commit (fresh SQLite each round).
 
 The rounds alternate (predict, serial, watch) `--rounds` times; medians are reported, with the load average
-before and after. Inside watch, each WADO-RS retrieve and each STOW-RS request is timed by wrapping the client's
-calls: retrieves overlap (threads), so their latency is reported per call, not as a share of the wall time.
+before and after, and the CPU seconds per image of medvit (with its reaped child processes) and of Orthanc with
+the number of cores they kept busy. Inside watch, each WADO-RS retrieve and each STOW-RS request is timed by
+wrapping the client's calls: retrieves overlap (threads), so their latency is reported per call, not as a share
+of the wall time.
 Target: the PACS round trip costs at most 25 %, i.e. watch throughput >= 0.8 x predict's.
 
     python benchmarks/watch_throughput.py [--images 48] [--rounds 3] [--run RUN_DIR | --random-init CONFIG]
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import secrets
 import socket
 import statistics
@@ -111,6 +114,16 @@ def _timed_calls(obj: Any, name: str, bucket: list[float]) -> None:
     setattr(obj, name, wrapper)
 
 
+def _cpu_s(orthanc: subprocess.Popen) -> dict[str, float]:
+    """CPU seconds used so far by this process (with its reaped children: predict's decoding workers) and by Orthanc."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # /proc/PID/stat fields 14-15: user and system time in clock ticks (after the ")" that ends the command name)
+    ticks = Path(f"/proc/{orthanc.pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
+    return {"medvit": own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime,
+            "orthanc": sum(map(int, ticks)) / os.sysconf("SC_CLK_TCK")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48,
@@ -160,20 +173,26 @@ def main(argv: list[str] | None = None) -> int:
             _timed_calls(client, "retrieve_dataset", retrieve_s)
             _timed_calls(client, "store_many", store_s)
             times: dict[str, list[float]] = {"predict": [], "serial": [], "watch": []}
+            cpu: dict[str, list[dict[str, float]]] = {name: [] for name in times}
+
+            def timed(name: str, fn: Callable[[], Any]) -> Any:
+                c0, t0 = _cpu_s(proc), time.perf_counter()
+                out = fn()
+                times[name].append(time.perf_counter() - t0)
+                c1 = _cpu_s(proc)
+                cpu[name].append({who: c1[who] - c0[who] for who in c0})
+                return out
+
             for k in range(args.rounds):
-                t0 = time.perf_counter()
-                summary = predict_files(predictor, paths, lambda rows: None, batch_size=8, progress=False)
-                times["predict"].append(time.perf_counter() - t0)
+                summary = timed("predict", lambda: predict_files(predictor, paths, lambda rows: None, batch_size=8,
+                                                                 progress=False))
                 assert summary.n_predicted == len(paths), summary
-                t0 = time.perf_counter()
-                for p in paths:
-                    predictor.predict(read_image(p, min_side=predictor.input_side))
-                times["serial"].append(time.perf_counter() - t0)
+                timed("serial", lambda: [predictor.predict(read_image(p, min_side=predictor.input_side))
+                                         for p in paths])
                 store = ReviewStore(f"sqlite:///{root / f'review{k}.db'}")
                 try:
-                    t0 = time.perf_counter()
-                    result = Watcher(client, predictor, store.engine, batch_size=args.batch_size).run_pass()
-                    times["watch"].append(time.perf_counter() - t0)
+                    watcher = Watcher(client, predictor, store.engine, batch_size=args.batch_size)
+                    result = timed("watch", watcher.run_pass)
                 finally:
                     store.close()
                 assert result.scored == len(paths), result
@@ -202,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_s": {name: n / s for name, s in med.items()},
         "watch_vs_predict": med["predict"] / med["watch"],
         "watch_vs_serial_predict": med["serial"] / med["watch"],
+        # CPU ms per image (medians over rounds) and cores kept busy: whether watch waits or competes for the CPU
+        "cpu_ms_per_image": {name: {who: 1e3 * statistics.median(r[who] for r in rounds) / n for who in rounds[0]}
+                             for name, rounds in cpu.items()},
+        "cores_busy": {name: statistics.median(sum(r.values()) / t for r, t in zip(rounds, times[name], strict=True))
+                       for name, rounds in cpu.items()},
         "ms_per_call": {"retrieve": 1e3 * statistics.median(retrieve_s),
                         "store_request": 1e3 * statistics.median(store_s)},
         "store_share_of_watch": sum(store_s) / sum(times["watch"]),
